@@ -1,0 +1,292 @@
+"""The records that flow between stages (Prompt, Sample, Verdict, Pair) and their files.
+
+Every record carries stable ids (`prompt_id`, `sample_id`) so any stage can be re-run alone and
+joined back. Files are jsonl; prompts may also come from parquet or a saved `datasets` directory.
+Finished files are written under a temporary name and renamed, so a killed run never leaves a
+file that looks finished; stages that produce output incrementally use `ResumableJsonl`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from PIL import Image
+
+
+class RecordError(ValueError):
+    """Bad input data; the message names the file, the line or record id, and the problem."""
+
+
+@dataclass
+class Prompt:
+    """An image+text prompt, optionally with the gold annotations a reference judge can use."""
+
+    prompt_id: str
+    question: str
+    images: list[str] = field(default_factory=list)  # image file paths
+    task: str = "open"  # describe | count | exists | color | open
+    reference_answer: str | None = None
+    objects: list[str] | None = None  # gold object list, e.g. ["red square", "blue circle"]
+
+
+@dataclass
+class Sample:
+    """One sampled answer: the full text plus the parsed reasoning and final answer."""
+
+    sample_id: str
+    prompt_id: str
+    text: str
+    reasoning: str
+    answer: str
+    answer_parsed: bool  # False when the template's final-answer marker was not found
+    num_tokens: int
+    finish_reason: str  # "stop" or "length" (truncated)
+    policy: str = ""  # the model (and adapter) that produced it
+
+
+@dataclass
+class Verdict:
+    """A judge's verdict on one sample. A failed verdict keeps its reason and has no score."""
+
+    sample_id: str
+    prompt_id: str
+    judge: str
+    status: str  # "ok" | "failed"
+    score: float | None
+    scores: dict[str, float] = field(default_factory=dict)
+    rationale: str = ""
+    error: str | None = None
+
+
+R = TypeVar("R", Prompt, Sample, Verdict)
+
+
+def sample_id(prompt_id: str, index: int) -> str:
+    """The stable id of the `index`-th sample of a prompt."""
+    return f"{prompt_id}#s{index}"
+
+
+# ---------------------------------------------------------------------------------------------
+# jsonl
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) from a jsonl file; a bad line is an error naming file and line."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _from_dict(cls: type[R], obj: dict[str, Any], where: str) -> R:
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = required - obj.keys()
+    if missing:
+        raise RecordError(f"{where}: missing key(s) {sorted(missing)} for a {cls.__name__} record")
+    return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+def read_records(path: str | Path, cls: type[R]) -> list[R]:
+    """Read a jsonl file of `cls` records; errors name the file and line."""
+    return [_from_dict(cls, obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """Write records atomically: to a temporary name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(to_dict(r), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class ResumableJsonl:
+    """An output file written record by record, that survives a kill and resumes.
+
+    Records go to `<name>.partial` (flushed and fsynced per `append`), next to a `<name>.key`
+    holding the fingerprint of the inputs and settings. Opening it again with the same
+    fingerprint keeps the complete lines already written (a torn last line is dropped);
+    another fingerprint starts over. `finish()` renames the partial file to its final name.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str, id_key: str):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.keyfile = self.path.with_name(self.path.name + ".key")
+        self.id_key = id_key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict[str, dict[str, Any]] = {}
+        same = self.keyfile.exists() and self.keyfile.read_text().strip() == fingerprint
+        if same and self.partial.exists():
+            self.done = self._read_complete_lines()
+        self.keyfile.write_text(fingerprint)
+        # Rewrite only the complete lines, so appends never follow a torn line.
+        with self.partial.open("w", encoding="utf-8") as f:
+            for obj in self.done.values():
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._f = self.partial.open("a", encoding="utf-8")
+
+    def _read_complete_lines(self) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        for line in self.partial.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break  # torn write from a kill
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[obj[self.id_key]] = obj
+        return done
+
+    def append(self, records: Iterable[Any]) -> None:
+        for r in records:
+            obj = to_dict(r)
+            self.done[obj[self.id_key]] = obj
+            self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def finish(self) -> Path:
+        self._f.close()
+        os.replace(self.partial, self.path)
+        self.keyfile.unlink(missing_ok=True)
+        return self.path
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts from user files
+
+
+def _save_image_bytes(data: bytes, image_dir: Path) -> str:
+    """Store image bytes under their content hash (as PNG) and return the path."""
+    digest = hashlib.sha256(data).hexdigest()[:24]
+    out = image_dir / f"{digest}.png"
+    if not out.exists():
+        image_dir.mkdir(parents=True, exist_ok=True)
+        img = Image.open(io.BytesIO(data))
+        tmp = out.with_name(out.name + ".tmp")
+        img.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    return str(out)
+
+
+def _image_ref(value: Any, base_dir: Path, image_dir: Path, where: str) -> str:
+    """Normalise one image reference (path, bytes, base64, datasets dict, PIL) to a file path."""
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return _save_image_bytes(buf.getvalue(), image_dir)
+    if isinstance(value, (bytes, bytearray)):
+        return _save_image_bytes(bytes(value), image_dir)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            raw = value["bytes"]
+            return _save_image_bytes(raw if isinstance(raw, bytes) else base64.b64decode(raw), image_dir)
+        if value.get("path"):
+            value = value["path"]
+        else:
+            raise RecordError(f"{where}: image entry has neither 'bytes' nor 'path'")
+    if isinstance(value, str):
+        if value.startswith("data:image/"):
+            return _save_image_bytes(base64.b64decode(value.split(",", 1)[1]), image_dir)
+        p = Path(value)
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+    raise RecordError(f"{where}: unsupported image value of type {type(value).__name__}")
+
+
+def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where: str) -> Prompt:
+    row = dict(row)
+    if "image" in row and "images" not in row:
+        row["images"] = [row.pop("image")] if row["image"] is not None else []
+    images = row.get("images") or []
+    if not isinstance(images, list):
+        images = [images]
+    pid = row.get("prompt_id", "?")
+    row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})") for v in images]
+    if "prompt_id" in row:
+        row["prompt_id"] = str(row["prompt_id"])
+    return _from_dict(Prompt, row, where)
+
+
+def read_prompts(source: str | Path, image_dir: str | Path) -> list[Prompt]:
+    """Read prompts from a jsonl file, a parquet file, or a saved `datasets` directory.
+
+    Images may be paths (relative to the file), bytes, base64 data URLs, `datasets` Image dicts
+    or PIL images; embedded images are written to `image_dir` so every record carries paths.
+    Duplicate prompt ids are an error, since every later stage joins on them.
+    """
+    source, image_dir = Path(source), Path(image_dir)
+    if not source.exists():
+        raise RecordError(f"{source}: prompts file or directory not found")
+    if source.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(source))
+        rows = ((i, r) for i, r in enumerate(ds))
+        base, fmt = source, "row"
+    elif source.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = ((i, r) for i, r in enumerate(pq.read_table(source).to_pylist()))
+        base, fmt = source.parent, "row"
+    else:
+        rows = iter_jsonl(source)
+        base, fmt = source.parent, "line"
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for n, row in rows:
+        where = f"{source}:{n}" if fmt == "line" else f"{source} row {n}"
+        p = _prompt_from_row(row, base, image_dir, where)
+        if p.prompt_id in seen:
+            raise RecordError(f"{where}: duplicate prompt_id {p.prompt_id!r}")
+        seen.add(p.prompt_id)
+        prompts.append(p)
+    return prompts
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (used in stage fingerprints)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
