@@ -1,0 +1,161 @@
+"""The `alignkit` command: run a whole recipe, or one stage of it, plus small data/model tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help=(
+        "alignkit: RLAIF preference alignment for vision-language models.\n\n"
+        "A recipe (YAML) describes the loop: prompts -> sample K chain-of-thought answers -> judge them "
+        "-> build preference pairs -> DPO with LoRA. `alignkit run RECIPE` runs every stage into the "
+        "recipe's output_dir; each stage command runs just that stage. Finished stages are skipped "
+        "and killed stages resume. Any recipe key can be overridden as section.key=value."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+
+RecipeArg = Annotated[
+    str, typer.Argument(help="Recipe YAML path, or the name of a built-in recipe (see `alignkit recipes`).")
+]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Overrides as section.key=value, e.g. sample.num_samples=8 judge.backend=openai."),
+]
+
+
+def _recipe_path(recipe: str) -> Path:
+    from alignkit.resources import builtin_dir
+
+    path = Path(recipe)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return builtin_dir("recipes") / f"{recipe}.yaml"
+
+
+def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> None:
+    from alignkit.judge.rubric import RubricError
+    from alignkit.recipe import RecipeError, load_recipe
+    from alignkit.records import RecordError
+    from alignkit.runner import Runner, StageInputError
+
+    try:
+        cfg = load_recipe(_recipe_path(recipe), overrides or [])
+        runner = Runner(cfg, console)
+        runner.run(stages)
+    except (RecipeError, RecordError, RubricError, StageInputError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    _print_outputs(runner.paths)
+
+
+def _print_outputs(paths) -> None:
+    table = Table(title="outputs", show_header=False)
+    for label, p in [
+        ("run directory", paths.root),
+        ("resolved recipe", paths.recipe),
+        ("samples", paths.samples),
+        ("verdicts", paths.verdicts),
+        ("pairs (TRL preference format)", paths.pairs),
+        ("adapter (PEFT)", paths.adapter),
+    ]:
+        if p.exists():
+            table.add_row(label, str(p))
+    console.print(table)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    stages: Annotated[
+        Optional[str], typer.Option(help="Comma-separated stages to run (default: the recipe's `stages`).")
+    ] = None,
+) -> None:
+    """Run a recipe's stages in order (prompts, sample, judge, pairs, train) into its output_dir."""
+    _run(recipe, overrides, stages.split(",") if stages else None)
+
+
+def _stage_command(name: str, doc: str) -> None:
+    def command(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+        _run(recipe, overrides, [name])
+
+    command.__doc__ = doc
+    app.command(name=name)(command)
+
+
+_stage_command("prompts", "Materialise the recipe's prompts (file or synthetic world) into the run directory.")
+_stage_command("sample", "Sample K chain-of-thought answers per prompt with the vLLM or transformers backend.")
+_stage_command(
+    "judge",
+    "Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached). "
+    "Verdicts are cached: a re-run never pays twice. Judges are YAML files (see `alignkit judges`).",
+)
+_stage_command("pairs", "Build chosen/rejected preference pairs (TRL format) from the judged samples.")
+_stage_command("train", "Train the policy with DPO + LoRA on the pairs; writes a PEFT adapter to train/adapter.")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes (usable by name: `alignkit run quickstart`)."""
+    from alignkit.resources import builtin_dir
+
+    for p in sorted(builtin_dir("recipes").glob("*.yaml")):
+        first = p.read_text().splitlines()[0] if p.read_text() else ""
+        console.print(f"[bold]{p.stem}[/]  {p}  {first}")
+
+
+@app.command()
+def judges() -> None:
+    """List the built-in judges (name them in a recipe as judge.rubric=NAME)."""
+    from alignkit.judge.rubric import load_rubric
+    from alignkit.resources import builtin_dir
+
+    for p in sorted(builtin_dir("judges").glob("*.yaml")):
+        console.print(f"[bold]{p.stem}[/]  {load_rubric(str(p)).description}")
+
+
+@app.command("make-shapes")
+def make_shapes(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write prompts.jsonl and images/ into.")],
+    num_prompts: Annotated[int, typer.Option(help="How many prompts.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same world.")] = 0,
+) -> None:
+    """Write a synthetic shapes-world prompt set (images + questions with gold annotations)."""
+    from alignkit.records import write_jsonl
+    from alignkit.testing.shapes import make_shapes_prompts
+
+    prompts = make_shapes_prompts(out_dir, num_prompts, seed=seed)
+    console.print(f"wrote {len(prompts)} prompts to {write_jsonl(out_dir / 'prompts.jsonl', prompts)}")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    name: Annotated[str, typer.Argument(help="tiny:qwen2-vl or tiny:llava")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to save the model, processor and tokenizer in.")],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-weight VLM offline (for tests and trying alignkit without downloads)."""
+    from alignkit.testing.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
+
+    builders = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava}
+    if name not in builders:
+        console.print(f"[red]error:[/] unknown tiny model {name!r}; choose one of {sorted(builders)}")
+        raise typer.Exit(2)
+    console.print(f"saved {builders[name](out_dir, seed=seed)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

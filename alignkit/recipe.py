@@ -1,0 +1,225 @@
+"""The recipe: one YAML file parsed once into typed sections, with `section.key=value` overrides.
+
+Errors name the key, the file and (when the key is in the file) its line. Secrets never live in a
+recipe: API keys are read from the environment variable the recipe names (`judge.api_key_env`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("prompts", "sample", "judge", "pairs", "train")
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message names the file, the key and what is wrong."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(Section):
+    model: str = "tiny:qwen2-vl"
+    """Hub id, local path, or a tiny model built offline: `tiny:qwen2-vl`, `tiny:llava`."""
+    adapter: str | None = None
+    """A PEFT adapter directory to sample from (e.g. the previous round's checkpoint)."""
+
+
+class SyntheticConfig(Section):
+    world: Literal["shapes"] = "shapes"
+    num_prompts: int = Field(16, ge=1)
+    seed: int = 0
+    tasks: list[Literal["describe", "count", "exists", "color"]] = ["describe", "count", "exists", "color"]
+
+
+class DataConfig(Section):
+    prompts: str | None = None
+    """Prompts as jsonl, parquet, or a saved `datasets` directory (relative to the recipe file)."""
+    synthetic: SyntheticConfig | None = None
+    """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.prompts is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of data.prompts or data.synthetic")
+        return self
+
+
+class VllmConfig(Section):
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=1)
+    """On GPU the share of GPU memory; on CPU the share of host RAM kept for the KV cache."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int | None = 2048
+
+
+class SampleConfig(Section):
+    backend: Literal["vllm", "transformers"] = "vllm"
+    num_samples: int = Field(4, ge=1)
+    """K answers per prompt."""
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    template: str = "cot"
+    """Chain-of-thought template: `cot`, `think`, `plain`, or a template YAML file."""
+    batch_size: int = Field(8, ge=1)
+    chunk_size: int = Field(16, ge=1)
+    """Prompts per chunk written to disk; a killed run resumes from the last finished chunk."""
+    vllm: VllmConfig = VllmConfig()
+
+
+class JudgeConfig(Section):
+    backend: Literal["reference", "openai"] = "reference"
+    """`reference` scores against the prompts' gold annotations; `openai` calls an LLM judge."""
+    rubric: str = "overall"
+    """A built-in judge in judges/ (`overall`, `hallucination`, `correctness`) or a YAML path."""
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes here)."""
+    concurrency: int = Field(8, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    image_max_side: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _openai_needs_model(self) -> "JudgeConfig":
+        if self.backend == "openai" and not self.model:
+            raise ValueError("judge.model is required when judge.backend is 'openai'")
+        return self
+
+
+class PairsConfig(Section):
+    strategy: Literal["best_worst", "threshold"] = "best_worst"
+    min_margin: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    method: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature (0.1, as in the DPO paper and TRL)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    max_length: int | None = 512
+    save_steps: int = Field(50, ge=1)
+
+
+class Recipe(Section):
+    output_dir: str
+    """Run directory (relative to the current directory)."""
+    seed: int = 0
+    stages: list[Literal["prompts", "sample", "judge", "pairs", "train"]] = list(STAGES)
+    policy: PolicyConfig = PolicyConfig()
+    data: DataConfig
+    sample: SampleConfig = SampleConfig()
+    judge: JudgeConfig = JudgeConfig()
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r}: expected section.key=value")
+    dotted, value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {override!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted keys of a YAML mapping to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str, key_lines: dict[str, int]) -> str:
+    out = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        line = key_lines.get(key)
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+        out.append(f"{where}: {key or '(recipe)'}: {msg}")
+    return "\n".join(out)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML file, apply overrides, and validate it into a `Recipe`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections")
+    for o in overrides:
+        apply_override(raw, o)
+    # Relative data paths are relative to the recipe file, so a recipe runs from any directory.
+    prompts = (raw.get("data") or {}).get("prompts") if isinstance(raw.get("data"), dict) else None
+    if isinstance(prompts, str) and not Path(prompts).is_absolute():
+        raw["data"]["prompts"] = str((path.parent / prompts).resolve())
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        source = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+        raise RecipeError(_format_errors(e, source, _key_lines(text))) from None
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """A copy of a resolved recipe with secrets removed (credentials embedded in URLs)."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
+    return value
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, secrets removed; saved in the run directory."""
+    return yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)

@@ -1,0 +1,275 @@
+"""Runs a recipe's stages in order in one run directory, skipping work that is already done.
+
+Each stage has a fingerprint: a hash of its settings and of the bytes of its input files. A stage
+whose output exists under the same fingerprint is skipped. A stage killed midway resumes: jsonl
+stages keep their finished records (see `records.ResumableJsonl`), the judge never re-sends a
+cached request, and training resumes from its last checkpoint.
+
+Run directory:
+    recipe.yaml        the resolved recipe, secrets removed
+    stages.json        fingerprint and summary of each finished stage
+    prompts.jsonl      images/ (prompt images)
+    samples.jsonl      verdicts.jsonl   judge_cache.sqlite   pairs.jsonl
+    train/             checkpoints/, metrics.jsonl, adapter/ (the PEFT adapter + processor)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from alignkit.recipe import STAGES, Recipe, resolved_yaml
+from alignkit.records import Prompt, Sample, Verdict, file_digest, read_prompts, read_records, write_jsonl
+
+
+class StageInputError(RuntimeError):
+    """A stage was asked to run before the stage that makes its input."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each stage writes inside a run directory."""
+
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
+    def prompts(self) -> Path:
+        return self.root / "prompts.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def verdicts(self) -> Path:
+        return self.root / "verdicts.jsonl"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.root / "judge_cache.sqlite"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs.jsonl"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "train" / "adapter"
+
+
+def fingerprint(stage: str, settings: dict[str, Any], inputs: list[Path]) -> str:
+    """Hash of a stage's settings and the content of its input files."""
+    payload = {"stage": stage, "settings": settings, "inputs": {p.name: file_digest(p) for p in inputs}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class Runner:
+    """Runs the stages of one recipe; keeps per-stage state in `stages.json`."""
+
+    def __init__(self, recipe: Recipe, console: Console | None = None):
+        self.recipe = recipe
+        self.paths = RunPaths(Path(recipe.output_dir))
+        self.console = console or Console()
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = json.loads(self.paths.state.read_text()) if self.paths.state.exists() else {}
+
+    def _save_state(self) -> None:
+        tmp = self.paths.state.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.paths.state)
+
+    def _stage(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        inputs: list[Path],
+        output: Path,
+        work: Callable[[str], dict[str, Any]],
+    ) -> dict[str, Any]:
+        missing = [p for p in inputs if not p.exists()]
+        if missing:
+            raise StageInputError(
+                f"stage '{name}' needs {', '.join(str(p) for p in missing)}; run the earlier stages first "
+                f"(alignkit run RECIPE, or the stage command that writes it)"
+            )
+        fp = fingerprint(name, settings, inputs)
+        last = self.state.get(name, {})
+        if output.exists() and last.get("fingerprint") == fp and last.get("status") == "done":
+            self.console.print(f"[green]✓[/] {name}: up to date, skipped ({output})")
+            return last["summary"]
+        if last.get("fingerprint") not in (None, fp) and output.is_dir():
+            shutil.rmtree(output)  # checkpoints or results of other inputs or settings are stale
+        self.state[name] = {"fingerprint": fp, "status": "running"}
+        self._save_state()
+        self.console.rule(f"[bold]{name}")
+        start = time.monotonic()
+        summary = work(fp)
+        summary["seconds"] = round(time.monotonic() - start, 2)
+        self.state[name] = {"fingerprint": fp, "status": "done", "summary": summary}
+        self._save_state()
+        self.console.print(f"[green]✓[/] {name}: {json.dumps(summary, default=str)}")
+        return summary
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def prompts(self) -> dict[str, Any]:
+        data = self.recipe.data
+        inputs = [Path(data.prompts)] if data.prompts and Path(data.prompts).is_file() else []
+
+        def work(fp: str) -> dict[str, Any]:
+            if data.synthetic is not None:
+                from alignkit.testing.shapes import make_shapes_prompts
+
+                syn = data.synthetic
+                prompts = make_shapes_prompts(
+                    self.paths.root, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks)
+                )
+            else:
+                prompts = read_prompts(data.prompts, self.paths.root / "images")
+            write_jsonl(self.paths.prompts, prompts)
+            return {"num_prompts": len(prompts)}
+
+        return self._stage("prompts", data.model_dump(), inputs, self.paths.prompts, work)
+
+    def sample(self) -> dict[str, Any]:
+        from alignkit.sample import run_sample
+
+        cfg, policy = self.recipe.sample, self.recipe.policy
+        settings = {"sample": cfg.model_dump(), "policy": policy.model_dump(), "seed": self.recipe.seed}
+
+        def work(fp: str) -> dict[str, Any]:
+            return run_sample(
+                read_records(self.paths.prompts, Prompt),
+                self.paths.samples,
+                fingerprint=fp,
+                backend=cfg.backend,
+                model=policy.model,
+                adapter=policy.adapter,
+                num_samples=cfg.num_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=self.recipe.seed,
+                template=cfg.template,
+                batch_size=cfg.batch_size,
+                chunk_size=cfg.chunk_size,
+                vllm_options=cfg.vllm.model_dump(),
+            )
+
+        return self._stage("sample", settings, [self.paths.prompts], self.paths.samples, work)
+
+    def judge(self) -> dict[str, Any]:
+        from alignkit.judge import run_judge
+        from alignkit.judge.rubric import load_rubric
+
+        cfg = self.recipe.judge
+        # The rubric's content is part of the fingerprint: editing a judge prompt re-runs the stage
+        # (and the verdict cache keeps every verdict the edit did not affect).
+        settings = {"judge": cfg.model_dump(), "rubric_hash": load_rubric(cfg.rubric).content_hash}
+
+        def work(fp: str) -> dict[str, Any]:
+            return run_judge(
+                read_records(self.paths.prompts, Prompt),
+                read_records(self.paths.samples, Sample),
+                self.paths.verdicts,
+                fingerprint=fp,
+                backend=cfg.backend,
+                rubric=cfg.rubric,
+                model=cfg.model,
+                base_url=cfg.base_url,
+                api_key_env=cfg.api_key_env,
+                concurrency=cfg.concurrency,
+                timeout=cfg.timeout,
+                max_retries=cfg.max_retries,
+                image_max_side=cfg.image_max_side,
+                cache_path=self.paths.judge_cache,
+            )
+
+        inputs = [self.paths.prompts, self.paths.samples]
+        return self._stage("judge", settings, inputs, self.paths.verdicts, work)
+
+    def pairs(self) -> dict[str, Any]:
+        from alignkit.pairs import build_pairs
+        from alignkit.sample.templates import load_template
+
+        cfg, template = self.recipe.pairs, self.recipe.sample.template
+        settings = {"pairs": cfg.model_dump(), "template": template}
+
+        def work(fp: str) -> dict[str, Any]:
+            prompts = read_records(self.paths.prompts, Prompt)
+            tmpl = load_template(template)
+            pairs, summary = build_pairs(
+                prompts,
+                read_records(self.paths.samples, Sample),
+                read_records(self.paths.verdicts, Verdict),
+                {p.prompt_id: tmpl.render(p.question) for p in prompts},
+                strategy=cfg.strategy,
+                min_margin=cfg.min_margin,
+            )
+            write_jsonl(self.paths.pairs, pairs)
+            return summary
+
+        inputs = [self.paths.prompts, self.paths.samples, self.paths.verdicts]
+        return self._stage("pairs", settings, inputs, self.paths.pairs, work)
+
+    def train(self) -> dict[str, Any]:
+        from alignkit.train.dpo import train_dpo
+
+        cfg = self.recipe.train
+        settings = {"train": cfg.model_dump(), "model": self.recipe.policy.model, "seed": self.recipe.seed}
+
+        def work(fp: str) -> dict[str, Any]:
+            adapter = train_dpo(
+                self.paths.pairs,
+                self.paths.train,
+                model=self.recipe.policy.model,
+                beta=cfg.beta,
+                learning_rate=cfg.learning_rate,
+                num_epochs=cfg.num_epochs,
+                max_steps=cfg.max_steps,
+                batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum,
+                lora_r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                max_length=cfg.max_length,
+                save_steps=cfg.save_steps,
+                seed=self.recipe.seed,
+            )
+            return {"adapter": str(adapter)}
+
+        return self._stage("train", settings, [self.paths.pairs], self.paths.train, work)
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def run(self, stages: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Run `stages` (default: the recipe's) in pipeline order; return each stage's summary."""
+        wanted = stages or list(self.recipe.stages)
+        unknown = [s for s in wanted if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        tmp = self.paths.recipe.with_suffix(".yaml.tmp")
+        tmp.write_text(resolved_yaml(self.recipe))
+        os.replace(tmp, self.paths.recipe)
+        return {name: getattr(self, name)() for name in STAGES if name in wanted}
