@@ -1,0 +1,138 @@
+"""The `reference` judge: scores a sample against its prompt's gold annotations, offline.
+
+hallucination = share of the object mentions in the sample's FULL text (reasoning and answer)
+that are not among the prompt's gold objects. The reasoning counts because a chain of thought
+that invents a purple triangle is hallucinating even when its final answer is right, and the
+pairs built from these verdicts train on the whole response. Objects the question itself names
+are not counted ("No, there is no purple triangle" answers the question, it claims nothing).
+
+correctness = for `describe` prompts, the share of gold objects the answer names (recall);
+otherwise a normalised match of the final answer with the reference answer (case, punctuation,
+digit words, yes/no synonyms; for count/exists/color the first number/yes-no/colour decides).
+
+The combined score uses the judge file's weights (judges/overall.yaml by default), so the
+reference and LLM judges agree on how the two scores trade off.
+"""
+
+from __future__ import annotations
+
+import re
+
+from alignkit.judge.rubric import JudgeError, Rubric
+from alignkit.objects import COLOR_WORDS, find_mentions, is_present, parse_object
+from alignkit.records import Prompt, Sample, Verdict
+
+FIELDS = ("hallucination", "correctness")
+_NUMBER_WORDS = {
+    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
+}  # fmt: skip
+_YES_NO = {"yes": "yes", "yeah": "yes", "yep": "yes", "true": "yes", "no": "no", "nope": "no", "false": "no"}
+
+
+class NoReference(Exception):
+    """The prompt lacks the gold annotation a score needs."""
+
+
+def check_rubric(rubric: Rubric) -> None:
+    """The reference judge computes hallucination and correctness only."""
+    for s in rubric.scores:
+        if s.name not in FIELDS:
+            raise JudgeError(
+                f"{rubric.path}: scores.{s.name}: the reference judge computes only {list(FIELDS)}; "
+                "use judge.backend=openai for other scores"
+            )
+
+
+def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample) -> Verdict:
+    """One verdict; scores in [0, 1] (hallucination: higher is worse), combined with the rubric's weights."""
+    judge = f"reference/{rubric.name}"
+    scores: dict[str, float] = {}
+    notes: list[str] = []
+    try:
+        for s in rubric.scores:
+            value, note = (hallucination if s.name == "hallucination" else correctness)(prompt, sample)
+            scores[s.name] = value
+            notes.append(note)
+    except NoReference as e:
+        return Verdict(sample.sample_id, prompt.prompt_id, judge, "failed", None, error=f"no_reference: {e}")
+    return Verdict(
+        sample.sample_id, prompt.prompt_id, judge, "ok", rubric.combine(scores), scores, " ".join(notes)
+    )
+
+
+def hallucination(prompt: Prompt, sample: Sample) -> tuple[float, str]:
+    """(share of unsupported object mentions, explanation)."""
+    if prompt.objects is None:
+        raise NoReference(f"prompt {prompt.prompt_id} has no gold objects, needed for hallucination")
+    asked = find_mentions(prompt.question)
+    asked_names = {m.name for m in asked}
+    asked_shapes = {m.shape for m in asked}
+    counted = [
+        m
+        for m in find_mentions(sample.text)
+        if m.name not in asked_names and not (m.color is None and m.shape in asked_shapes)
+    ]
+    if not counted:
+        return 0.0, "Hallucination: no object mentions to check."
+    unsupported = [m for m in counted if not is_present(m, prompt.objects)]
+    if not unsupported:
+        return 0.0, f"Hallucination: all {len(counted)} object mentions are in the image."
+    names = list(dict.fromkeys(m.name for m in unsupported))
+    what = ", ".join(names)
+    verb = "is" if len(names) == 1 else "are"
+    return (
+        len(unsupported) / len(counted),
+        f"Hallucination: {len(unsupported)} of {len(counted)} object mentions unsupported; "
+        f"mentions {what}, which {verb} not in the image.",
+    )
+
+
+def correctness(prompt: Prompt, sample: Sample) -> tuple[float, str]:
+    """(correctness in [0, 1], explanation)."""
+    if prompt.task == "describe" and prompt.objects is not None:
+        gold = list(dict.fromkeys(parse_object(g).name for g in prompt.objects))
+        if not gold:
+            return 1.0, "Correctness: the image has no objects to name."
+        named = {m.name for m in find_mentions(sample.answer) if m.color}
+        missed = [g for g in gold if g not in named]
+        note = f"Correctness: names {len(gold) - len(missed)} of {len(gold)} objects"
+        return 1.0 - len(missed) / len(gold), note + (f"; misses {', '.join(missed)}." if missed else ".")
+    if prompt.reference_answer is None:
+        raise NoReference(
+            f"prompt {prompt.prompt_id} (task {prompt.task!r}) has no reference_answer"
+            + (" and no objects" if prompt.task == "describe" else "")
+            + ", needed for correctness"
+        )
+    ok = answers_match(sample.answer, prompt.reference_answer, prompt.task)
+    verdict = "matches" if ok else "does not match"
+    return float(ok), f"Correctness: final answer {sample.answer.strip()!r} {verdict} the reference {prompt.reference_answer!r}."
+
+
+def normalise(text: str) -> list[str]:
+    """Lower-case word tokens, punctuation dropped, number words as digits, yes/no synonyms folded."""
+    words = re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())
+    return [_YES_NO.get(w, _NUMBER_WORDS.get(w, w)) for w in words]
+
+
+def answers_match(answer: str, reference: str, task: str) -> bool:
+    """Whether a final answer agrees with the reference answer (see the module docstring)."""
+    got, want = normalise(answer), normalise(reference)
+    key = _KEYS.get(task)
+    if key is not None and key(want) is not None:
+        return key(got) == key(want)
+    if not want:
+        return not got
+    n = len(want)
+    return any(got[i : i + n] == want for i in range(len(got) - n + 1))
+
+
+def _first(tokens: list[str], pred) -> str | None:
+    return next((t for t in tokens if pred(t)), None)
+
+
+_KEYS = {
+    "count": lambda toks: _first(toks, lambda t: t.replace(".", "", 1).isdigit()),
+    "exists": lambda toks: _first(toks, lambda t: t in ("yes", "no")),
+    "color": lambda toks: (c := _first(toks, lambda t: t in COLOR_WORDS)) and COLOR_WORDS[c],
+}

@@ -1,0 +1,87 @@
+"""Reading a pairs file into the `datasets.Dataset` that TRL's `DPOTrainer` trains on.
+
+A pairs line is TRL's conversational preference format (`prompt`, `chosen`, `rejected` as lists
+of messages, `images` as file paths) plus alignkit's extras (ids, scores, margin, rationales),
+which the trainer does not need and which are dropped here. Bad data fails here, naming file and
+line, rather than deep inside the collator in the middle of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignkit.records import RecordError, iter_jsonl
+
+COLUMNS = ("prompt", "chosen", "rejected", "images")
+
+
+def _content_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    """Message content as a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RecordError(f"{where}: content must be a string or a list of parts")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            # A placeholder: the images themselves come from the `images` column, in order.
+            parts.append({"type": "image"})
+        else:
+            raise RecordError(f"{where}: content parts must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+    return parts
+
+
+def _messages(value: Any, where: str, num_images: int = 0) -> list[dict[str, Any]]:
+    """Normalise a conversation; like TRL, a first user message given as a string gets the images."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"{where}: expected a non-empty list of messages")
+    messages = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise RecordError(f"{where}[{i}]: a message needs 'role' and 'content'")
+        parts = _content_parts(msg["content"], f"{where}[{i}]")
+        if num_images and msg["role"] == "user" and isinstance(msg["content"], str):
+            parts = [{"type": "image"}] * num_images + parts
+            num_images = 0
+        messages.append({"role": msg["role"], "content": parts})
+    return messages
+
+
+def _row(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    missing = [k for k in COLUMNS if k not in obj]
+    if missing:
+        raise RecordError(f"{where}: missing key(s) {missing} for a preference pair")
+    images = obj["images"]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise RecordError(f"{where}: 'images' must be a list of image file paths")
+    for p in images:
+        if not Path(p).is_file():
+            raise RecordError(f"{where}: image file not found: {p}")
+    prompt = _messages(obj["prompt"], f"{where}: prompt", num_images=len(images))
+    placeholders = sum(part["type"] == "image" for m in prompt for part in m["content"])
+    if placeholders != len(images):
+        raise RecordError(f"{where}: the prompt has {placeholders} image placeholder(s) for {len(images)} image(s)")
+    return {
+        "prompt": prompt,
+        "chosen": _messages(obj["chosen"], f"{where}: chosen"),
+        "rejected": _messages(obj["rejected"], f"{where}: rejected"),
+        "images": images,
+    }
+
+
+def load_preference_dataset(path: str | Path):
+    """The pairs file as a `Dataset` with columns prompt/chosen/rejected/images (decoded as RGB PIL)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: pairs file not found")
+    rows = [_row(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    if not rows:
+        raise RecordError(f"{path}: no preference pairs (the file is empty)")
+    ds = datasets.Dataset.from_list(rows)
+    return ds.cast_column("images", datasets.List(datasets.Image(mode="RGB")))
