@@ -1,8 +1,7 @@
-"""Counting a judge run's outcomes, shown live on a tqdm bar and returned as the summary."""
+"""Counting a judge run's outcomes (shown live on a tqdm bar) and its requests and tokens."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -16,7 +15,6 @@ class Tally:
 
     ok: int = 0
     failed: int = 0
-    failed_reasons: Counter[str] = field(default_factory=Counter)
     cached: int = 0
     requests: int = 0  # chat requests this run sent (the openai client's own retries not counted)
     prompt_tokens: int = 0
@@ -35,8 +33,8 @@ class Tally:
             self.ok += 1
         else:
             self.failed += 1
-            self.failed_reasons[(verdict.error or "unknown").split(":", 1)[0]] += 1
         self.cached += cached
         if self._bar is not None:
-            self._bar.set_postfix(done=self.ok, failed=self.failed, cached=self.cached, refresh=False)
+            stats = {"done": self.ok, "failed": self.failed, "cached": self.cached}
+            self._bar.set_postfix(ordered_dict=stats, refresh=False)
             self._bar.update(1)

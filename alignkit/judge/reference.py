@@ -106,7 +106,8 @@ def correctness(prompt: Prompt, sample: Sample) -> tuple[float, str]:
         )
     ok = answers_match(sample.answer, prompt.reference_answer, prompt.task)
     verdict = "matches" if ok else "does not match"
-    return float(ok), f"Correctness: final answer {sample.answer.strip()!r} {verdict} the reference {prompt.reference_answer!r}."
+    note = f"Correctness: final answer {sample.answer.strip()!r} {verdict} the reference {prompt.reference_answer!r}."
+    return float(ok), note
 
 
 def normalise(text: str) -> list[str]:

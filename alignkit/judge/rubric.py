@@ -288,7 +288,8 @@ def _parse_scores(raw: Any, schema: dict[str, Any], err: Any) -> tuple[ScoreFiel
         if not isinstance(spec, dict) or set(spec) - {"range", "weight", "higher_is_better"}:
             raise err(key, "must be a mapping with keys range, weight, higher_is_better")
         rng = spec.get("range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(_is_type(v, "number") for v in rng) and rng[0] < rng[1]):
+        numbers = isinstance(rng, list) and len(rng) == 2 and all(_is_type(v, "number") for v in rng)
+        if not (numbers and rng[0] < rng[1]):
             raise err(f"{key}.range", "must be [low, high] numbers with low < high")
         for bound, value in (("minimum", rng[0]), ("maximum", rng[1])):
             if bound in prop and prop[bound] != value:

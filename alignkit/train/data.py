@@ -9,9 +9,12 @@ line, rather than deep inside the collator in the middle of training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignkit.records import RecordError, iter_jsonl
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 COLUMNS = ("prompt", "chosen", "rejected", "images")
 
@@ -51,13 +54,13 @@ def _messages(value: Any, where: str, num_images: int = 0) -> list[dict[str, Any
     return messages
 
 
-def _row(obj: dict[str, Any], where: str) -> dict[str, Any]:
+def _row(obj: dict[str, Any], base_dir: Path, where: str) -> dict[str, Any]:
     missing = [k for k in COLUMNS if k not in obj]
     if missing:
         raise RecordError(f"{where}: missing key(s) {missing} for a preference pair")
-    images = obj["images"]
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    if not isinstance(obj["images"], list) or not all(isinstance(p, str) for p in obj["images"]):
         raise RecordError(f"{where}: 'images' must be a list of image file paths")
+    images = [str(base_dir / p) for p in obj["images"]]  # relative paths are relative to the pairs file
     for p in images:
         if not Path(p).is_file():
             raise RecordError(f"{where}: image file not found: {p}")
@@ -73,14 +76,14 @@ def _row(obj: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def load_preference_dataset(path: str | Path):
+def load_preference_dataset(path: str | Path) -> Dataset:
     """The pairs file as a `Dataset` with columns prompt/chosen/rejected/images (decoded as RGB PIL)."""
     import datasets
 
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: pairs file not found")
-    rows = [_row(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    rows = [_row(obj, path.parent, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
     if not rows:
         raise RecordError(f"{path}: no preference pairs (the file is empty)")
     ds = datasets.Dataset.from_list(rows)

@@ -119,7 +119,7 @@ def train_dpo(
     policy, processor = load_policy(model_path)
     peft_config = lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
     ckpt_dir, metrics = out_dir / "checkpoints", out_dir / "metrics.jsonl"
-    bf16 = policy.dtype == torch.bfloat16
+    on_gpu = torch.cuda.is_available()
     args = DPOConfig(
         output_dir=str(ckpt_dir),
         beta=beta,
@@ -134,16 +134,21 @@ def train_dpo(
         save_total_limit=2,
         logging_steps=logging_steps,
         seed=seed,
-        bf16=bf16,
+        bf16=policy.dtype == torch.bfloat16,
+        # TRL turns checkpointing on to save GPU memory; on CPU it only made steps ~3x slower.
+        gradient_checkpointing=on_gpu,
+        dataloader_pin_memory=on_gpu,
         report_to="none",
     )
 
     # resume point: anything that changes what is learned invalidates old checkpoints
-    settings = dict(model=model_path, beta=beta, lr=learning_rate, batch_size=batch_size, grad_accum=grad_accum,
-                    lora=[lora_r, lora_alpha, lora_dropout, target_modules], max_length=max_length, seed=seed)  # fmt: skip
-    fingerprint = hashlib.sha256(
-        json.dumps([file_digest(pairs_path), settings], sort_keys=True).encode()
-    ).hexdigest()
+    settings = {
+        "pairs": file_digest(pairs_path),
+        "model": model_path,
+        "dpo": [beta, learning_rate, batch_size, grad_accum, max_length, seed],
+        "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     resume_from = _resume_point(ckpt_dir, fingerprint, metrics)
 
     # train

@@ -1,0 +1,156 @@
+"""The sampling stage: K chain-of-thought answers per prompt, written as resumable Sample records.
+
+Prompts are processed in fixed chunks (by position in the prompt list), each with its own seed.
+A chunk that is only partly on disk after a kill is generated again in full and only its missing
+prompts are written, so the final file is the same wherever a run was interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
+from alignkit.sample.base import Backend, Generation, Request, derive_seed
+from alignkit.sample.templates import Template, load_template, parse_output
+from alignkit.testing.tiny_models import resolve_model
+
+__all__ = [
+    "Backend", "Generation", "Request", "Template", "load_template", "make_backend", "parse_output",
+    "run_sample", "sample_prompts",
+]  # fmt: skip
+
+BACKENDS = ("transformers", "vllm")
+
+
+def make_backend(
+    backend: str,
+    model: str,
+    adapter: str | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    vllm_options: dict | None = None,
+) -> Backend:
+    """Build a backend by name; `model` may be a "tiny:..." name, a hub id or a local path."""
+    model = resolve_model(model)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if backend == "transformers":
+        from alignkit.sample.transformers_backend import TransformersBackend
+
+        return TransformersBackend(model, adapter, batch_size=batch_size, **settings)
+    if backend == "vllm":
+        from alignkit.sample.vllm_backend import VllmBackend
+
+        return VllmBackend(model, adapter, options=vllm_options, **settings)
+    raise ValueError(f"unknown sampling backend {backend!r}; known: {BACKENDS}")
+
+
+def _request(prompt: Prompt, template: Template) -> Request:
+    """Render a prompt and load its images; an unreadable image is an error naming the prompt."""
+    images = []
+    for path in prompt.images:
+        try:
+            images.append(load_image(path))
+        except Exception as e:
+            raise ValueError(f"prompt {prompt.prompt_id}: cannot read image {path}: {e}") from e
+    return Request(prompt.prompt_id, template.messages(prompt.question, len(images)), images)
+
+
+def _samples(prompt_id: str, gens: list[Generation], template: Template, policy: str) -> list[Sample]:
+    out = []
+    for k, g in enumerate(gens):
+        reasoning, answer, parsed = parse_output(template.style, g.text)
+        out.append(
+            Sample(sample_id(prompt_id, k), prompt_id, g.text, reasoning, answer, parsed,
+                   g.num_tokens, g.finish_reason, policy)
+        )  # fmt: skip
+    return out
+
+
+def sample_prompts(
+    backend: Backend,
+    prompts: list[Prompt],
+    out_path: Path,
+    *,
+    fingerprint: str,
+    template: str = "cot",
+    num_samples: int = 4,
+    seed: int = 0,
+    chunk_size: int = 16,
+) -> dict[str, Any]:
+    """Sample with an existing backend (so one engine can serve several runs); see `run_sample`."""
+    tmpl = load_template(template)
+    out = ResumableJsonl(out_path, fingerprint, id_key="sample_id")
+    complete = {p.prompt_id for p in prompts if all(sample_id(p.prompt_id, k) in out.done for k in range(num_samples))}
+    failed: list[dict[str, str]] = []
+    bar = tqdm(total=len(prompts), initial=len(complete), desc="sample", unit="prompt")
+    try:
+        for c in range(0, len(prompts), chunk_size):
+            chunk = prompts[c : c + chunk_size]
+            if all(p.prompt_id in complete for p in chunk):
+                continue
+            requests = []
+            for p in chunk:
+                try:
+                    requests.append(_request(p, tmpl))
+                except ValueError as e:
+                    failed.append({"prompt_id": p.prompt_id, "error": str(e)})
+            gens = backend.generate(requests, num_samples, derive_seed(seed, "chunk", c // chunk_size)) if requests else []
+            for r, g in zip(requests, gens):
+                if r.prompt_id not in complete:
+                    out.append(_samples(r.prompt_id, g, tmpl, backend.policy))
+            bar.update(sum(p.prompt_id not in complete for p in chunk))
+    except BaseException:
+        out.close()
+        raise
+    finally:
+        bar.close()
+    records = list(out.done.values())
+    out.finish()
+    return {
+        "num_prompts": len(prompts),
+        "num_samples": len(records),
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+        "unparsed": sum(not r["answer_parsed"] for r in records),
+        "resumed_prompts": len(complete),
+        "failed": failed,
+    }
+
+
+def run_sample(
+    prompts: list[Prompt],
+    out_path: Path,
+    *,
+    fingerprint: str,
+    backend: str,
+    model: str,
+    adapter: str | None = None,
+    num_samples: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    template: str = "cot",
+    batch_size: int = 8,
+    chunk_size: int = 16,
+    vllm_options: dict | None = None,
+) -> dict[str, Any]:
+    """Write `num_samples` Samples per prompt to `out_path` (resumable) and return a summary.
+
+    The summary has num_prompts, num_samples, truncated, unparsed, resumed_prompts and failed
+    (prompt id + message for each prompt skipped because an image could not be read).
+    """
+    load_template(template)  # fail on a bad template before loading a model
+    engine = make_backend(
+        backend, model, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, vllm_options=vllm_options,
+    )  # fmt: skip
+    return sample_prompts(
+        engine, prompts, out_path, fingerprint=fingerprint, template=template, num_samples=num_samples,
+        seed=seed, chunk_size=chunk_size,
+    )  # fmt: skip

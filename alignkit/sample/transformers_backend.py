@@ -1,0 +1,73 @@
+"""Sampling with plain transformers (AutoModelForImageTextToText), optionally with a PEFT adapter.
+
+Slower than vLLM but needs nothing beyond transformers; it is also the reference the vLLM
+backend is checked against. Requests are batched with left padding; one torch seed per call
+makes a call's output depend only on its requests and seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.sample.base import Generation, Request, policy_name
+
+
+class TransformersBackend:
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        dtype: str = "auto",
+    ):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.policy = policy_name(model, adapter)
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.processor.tokenizer.padding_side = "left"  # generation continues from the right edge
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        out: list[list[Generation]] = []
+        with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG alone
+            torch.manual_seed(seed)
+            for start in range(0, len(requests), self.batch_size):
+                out += self._batch(requests[start : start + self.batch_size], num_samples)
+        return out
+
+    def _batch(self, requests: list[Request], k: int) -> list[list[Generation]]:
+        texts = [self.processor.apply_chat_template(r.messages, add_generation_prompt=True) for r in requests]
+        images = [img for r in requests for img in r.images]
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.model.device)
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        seqs = self.model.generate(
+            **inputs,
+            **(sampling if self.temperature > 0 else dict(do_sample=False)),
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+        )
+        new = seqs[:, inputs["input_ids"].shape[1] :].tolist()
+        gens = [self._generation(row) for row in new]
+        return [gens[i * k : (i + 1) * k] for i in range(len(requests))]
+
+    def _generation(self, row: list[int]) -> Generation:
+        stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        tokens = row if stop is None else row[: stop + 1]
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text, len(tokens), "length" if stop is None else "stop")

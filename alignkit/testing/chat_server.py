@@ -1,0 +1,337 @@
+"""TEST FIXTURE: a local OpenAI-compatible chat-completions server. Not a judge.
+
+It lets tests (and users trying `judge.backend=openai` without an account) exercise the real
+HTTP path of the judge: a `ThreadingHTTPServer` on 127.0.0.1 answering `POST
+/v1/chat/completions` and `GET /v1/models`. Replies come from a pluggable callable (request
+body -> verdict dict or raw text); every request is recorded so tests can count them and
+inspect them; faults can be injected (429 with Retry-After, 500, a hung request, malformed JSON,
+a schema-violating verdict, a reply ignoring `response_format`).
+
+    python -m alignkit.testing.chat_server --port 8011   # serves the placeholder heuristic judge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from alignkit.judge.reference import answers_match
+from alignkit.objects import find_mentions, is_present
+
+Reply = Callable[[dict[str, Any]], "dict[str, Any] | str"]
+FAULTS = ("rate_limit", "server_error", "hang", "malformed", "schema_violation", "plain_text")
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the server received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+
+    def text(self) -> str:
+        """All text parts of the chat messages, joined."""
+        parts = []
+        for m in (self.body or {}).get("messages", []):
+            content = m.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            else:
+                parts += [c.get("text", "") for c in content or [] if c.get("type") == "text"]
+        return "\n".join(parts)
+
+    def image_urls(self) -> list[str]:
+        """The image URLs of the chat messages, in order."""
+        return [
+            c["image_url"]["url"]
+            for m in (self.body or {}).get("messages", [])
+            if isinstance(m.get("content"), list)
+            for c in m["content"]
+            if c.get("type") == "image_url"
+        ]
+
+
+@dataclass
+class _FaultRule:
+    when: str | None  # a substring of the request's text, or None for any request
+    faults: list[str] = field(default_factory=list)
+
+
+class ChatServer:
+    """The fixture server; use as a context manager. `url` is the base URL for an OpenAI client."""
+
+    def __init__(
+        self,
+        reply: Reply | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model: str = "alignkit-test-judge",
+        retry_after: float = 0.05,
+        hang_s: float = 2.0,
+    ):
+        self.reply = reply or heuristic_reply
+        self.model, self.retry_after, self.hang_s = model, retry_after, hang_s
+        self.requests: list[RecordedRequest] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._rules: list[_FaultRule] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False  # a hung handler must not hold up stop()
+        self._httpd.fixture = self  # type: ignore[attr-defined]
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    @property
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def inject(self, *faults: str, when: str | None = None) -> None:
+        """Answer the next matching chat requests with `faults`, one per request, in order.
+
+        `when` restricts the rule to requests whose text contains it (deterministic per sample
+        whatever the concurrency); later requests get the normal reply.
+        """
+        for f in faults:
+            if f not in FAULTS:
+                raise ValueError(f"unknown fault {f!r}: expected one of {FAULTS}")
+        with self._lock:
+            self._rules.append(_FaultRule(when, list(faults)))
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever(poll_interval=0.05)  # a short poll keeps stop() quick
+
+    def start(self) -> ChatServer:
+        """Serve in a background thread."""
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- used by the handler
+
+    def _record(self, req: RecordedRequest) -> str | None:
+        """Record a request and pick its fault, if any."""
+        with self._lock:
+            self.requests.append(req)
+            if not req.path.endswith("/chat/completions"):
+                return None
+            text = req.text()
+            for rule in self._rules:
+                if rule.faults and (rule.when is None or rule.when in text):
+                    return rule.faults.pop(0)
+        return None
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ThreadingHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read `requests` instead
+        pass
+
+    def do_GET(self) -> None:
+        fx: ChatServer = self.server.fixture  # type: ignore[attr-defined]
+        fx._record(RecordedRequest("GET", self.path, _lower(self.headers), None))
+        if self.path.rstrip("/").endswith("/models"):
+            model = {"id": fx.model, "object": "model", "created": 0, "owned_by": "alignkit-test"}
+            self._json(200, {"object": "list", "data": [model]})
+        else:
+            self._json(404, _error("not found", "invalid_request_error"))
+
+    def do_POST(self) -> None:
+        fx: ChatServer = self.server.fixture  # type: ignore[attr-defined]
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            fx._record(RecordedRequest("POST", self.path, _lower(self.headers), None))
+            self._json(400, _error("request body is not JSON", "invalid_request_error"))
+            return
+        fault = fx._record(RecordedRequest("POST", self.path, _lower(self.headers), body))
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._json(404, _error("not found", "invalid_request_error"))
+            return
+        fx._enter()
+        try:
+            self._chat(fx, body, fault)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a hung request past its timeout)
+        finally:
+            fx._leave()
+
+    def _chat(self, fx: ChatServer, body: dict[str, Any], fault: str | None) -> None:
+        if fault == "rate_limit":
+            headers = {"Retry-After": f"{fx.retry_after:g}"}
+            self._json(429, _error("rate limited (injected)", "rate_limit_error"), headers)
+            return
+        if fault == "server_error":
+            self._json(500, _error("internal error (injected)", "server_error"))
+            return
+        if fault == "hang":
+            time.sleep(fx.hang_s)
+        out = fx.reply(body)
+        schema = _schema(body)
+        if fault == "malformed":
+            content = '{"rationale": "the reply was cut off, "score": '
+        elif fault == "schema_violation":
+            content = json.dumps(_violate(out if isinstance(out, dict) else {}, schema))
+        elif fault == "plain_text":
+            verdict = json.dumps(out) if isinstance(out, dict) else out
+            content = f"Sure! Here is my verdict:\n```json\n{verdict}\n```\nHope this helps."
+        else:
+            content = json.dumps(out) if isinstance(out, dict) else out
+        req = RecordedRequest("POST", self.path, {}, body)
+        prompt_tokens = len(req.text().split()) + 85 * len(req.image_urls())
+        completion_tokens = len(content.split())
+        self._json(
+            200,
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", fx.model),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+        )
+
+    def _json(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _error(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": None}}
+
+
+def _schema(body: dict[str, Any]) -> dict[str, Any]:
+    fmt = body.get("response_format") or {}
+    return (fmt.get("json_schema") or {}).get("schema") or {}
+
+
+def _violate(verdict: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """The verdict with every numeric field far out of range (or a stray field, if none)."""
+    bad = dict(verdict)
+    numeric = [k for k, p in (schema.get("properties") or {}).items() if p.get("type") in ("integer", "number")]
+    for k in numeric:
+        bad[k] = int(schema["properties"][k].get("maximum", 10)) + 90
+    return bad if numeric else {**bad, "not_in_schema": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# the placeholder judge served by default
+
+
+def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
+    """A placeholder verdict filling the requested schema, NOT a real judgement.
+
+    It reads the built-in judge prompts' wording: hallucination from the object mentions in the
+    <answer> block against the "Objects actually in the image" line, correctness from the
+    reference answer; any other numeric field gets its midpoint.
+    """
+    schema = _schema(body)
+    if not schema:
+        return "This test server answers judge requests; send a response_format json_schema."
+    text = RecordedRequest("POST", "", {}, body).text()
+    answer = _between(text, "<answer>", "</answer>")
+    final = _between(text, "<final_answer>", "</final_answer>")
+    gold_line = re.search(r"Objects actually in the image: (.*)", text)
+    reference = re.search(r"Reference answer \(known correct\): (.*)", text)
+    notes, verdict = [], {}
+    for name, prop in (schema.get("properties") or {}).items():
+        if prop.get("type") not in ("integer", "number"):
+            continue
+        lo, hi = prop.get("minimum", 0), prop.get("maximum", 10)
+        share = 0.5
+        if "halluc" in name and gold_line:
+            mentions = find_mentions(answer)
+            gold = [g.strip() for g in gold_line.group(1).split(",")]
+            share = sum(not is_present(m, gold) for m in mentions) / len(mentions) if mentions else 0.0
+            notes.append(f"{name}: {share:.0%} of object mentions not in the gold list")
+        elif "correct" in name and reference:
+            share = float(answers_match(final or answer, reference.group(1), task="open"))
+            notes.append(f"{name}: final answer {'matches' if share else 'does not match'} the reference")
+        value = lo + share * (hi - lo)
+        verdict[name] = round(value) if prop["type"] == "integer" else value
+    rationale = "Placeholder verdict from the alignkit test server (not a real judge). " + "; ".join(notes)
+    return {"rationale": rationale.strip(), **verdict}
+
+
+def _between(text: str, start: str, end: str) -> str:
+    """The last block between the tags (the prompt may name the tags earlier, in prose)."""
+    found = re.findall(re.escape(start) + r"(.*?)" + re.escape(end), text, re.DOTALL)
+    return found[-1].strip() if found else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the alignkit TEST judge server (a fixture, not a real judge).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--model", default="alignkit-test-judge")
+    args = parser.parse_args()
+    server = ChatServer(host=args.host, port=args.port, model=args.model)
+    print(f"alignkit test judge server (placeholder verdicts) at {server.url}; model {args.model!r}")
+    print(
+        "try: OPENAI_API_KEY=test alignkit run recipes/quickstart.yaml "
+        f"judge.backend=openai judge.base_url={server.url} judge.model={args.model}"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

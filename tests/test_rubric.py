@@ -1,0 +1,122 @@
+"""Judge files: loading, validation errors that name file and key, verdict checks, score maths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.judge.openai_judge import parse_verdict
+from alignkit.judge.rubric import JudgeError, RubricError, load_rubric, neutralise
+from alignkit.resources import builtin_dir
+
+
+def _write(tmp_path: Path, data: dict, name: str = "judge.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _overall() -> dict:
+    return yaml.safe_load((builtin_dir("judges") / "overall.yaml").read_text())
+
+
+def test_builtins_load_and_ship_from_the_judges_folder():
+    assert (builtin_dir("judges") / "overall.yaml").is_file()
+    for name in ("overall", "hallucination", "correctness"):
+        r = load_rubric(name)
+        assert r.name == name
+        assert list(r.schema["properties"])[0] == "rationale"
+        assert r.sampling["temperature"] == 0.0
+
+
+def test_combine_weights_and_directions():
+    r = load_rubric("overall")
+    norm = r.normalise({"rationale": "", "hallucination": 2, "correctness": 10})
+    assert norm == {"hallucination": 0.2, "correctness": 1.0}
+    # 0.6 * (1 - 0.2) + 0.4 * 1.0: hallucination is 'higher is worse'
+    assert r.combine(norm) == pytest.approx(0.88)
+
+
+def test_content_hash_follows_the_file(tmp_path):
+    data = _overall()
+    a = load_rubric(_write(tmp_path, data, "a.yaml"))
+    data["user"] += "\nBe brief."
+    b = load_rubric(_write(tmp_path, data, "b.yaml"))
+    assert a.content_hash != b.content_hash
+    assert a.content_hash == load_rubric(tmp_path / "a.yaml").content_hash
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda d: d.pop("user"), "user"),
+        (lambda d: d.update(color="x"), "color"),
+        (lambda d: d["schema"]["properties"].pop("rationale") and d["schema"]["required"].remove("rationale"), "schema.properties"),
+        (lambda d: d["schema"]["required"].remove("correctness"), "schema.required"),
+        (lambda d: d["schema"].update(additionalProperties=True), "schema.additionalProperties"),
+        (lambda d: d["schema"]["properties"]["correctness"].update(pattern="x"), "schema.properties.correctness.pattern"),
+        (lambda d: d["scores"].update(fluency={"range": [0, 1], "weight": 1}), "scores.fluency"),
+        (lambda d: d["scores"]["correctness"].update(range=[0, 5]), "scores.correctness.range"),
+        (lambda d: d["scores"]["correctness"].update(weight=-1), "scores.correctness.weight"),
+        (lambda d: d.update(user="{{ answr }}"), "user"),
+        (lambda d: d.update(system="{% if %}"), "system"),
+        (lambda d: d["sampling"].update(temprature=0.1), "sampling.temprature"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path, edit, key):
+    data = _overall()
+    edit(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(RubricError) as e:
+        load_rubric(path)
+    assert str(path) in str(e.value)
+    assert f": {key}:" in str(e.value)
+
+
+def test_unknown_builtin_lists_the_builtins():
+    with pytest.raises(RubricError, match="overall"):
+        load_rubric("no_such_judge")
+    with pytest.raises(RubricError, match="not found"):
+        load_rubric("missing/judge.yaml")
+
+
+def test_sandboxed_templates(tmp_path):
+    data = _overall()
+    data["user"] = "{{ question.__class__.__mro__ }}"
+    with pytest.raises(RubricError, match="user"):
+        load_rubric(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    "verdict, problem",
+    [
+        ({"rationale": "r", "hallucination": 1}, "correctness: required field missing"),
+        ({"rationale": "r", "hallucination": 11, "correctness": 0}, "above the maximum"),
+        ({"rationale": "r", "hallucination": "3", "correctness": 0}, "expected integer"),
+        ({"rationale": "r", "hallucination": True, "correctness": 0}, "expected integer"),
+        ({"rationale": "r", "hallucination": 2.5, "correctness": 0}, "expected integer"),
+        ({"rationale": "r", "hallucination": 1, "correctness": 0, "bonus": 10}, "bonus: unexpected field"),
+        ({"rationale": 5, "hallucination": 1, "correctness": 0}, "rationale: expected string"),
+        ([1, 2], "expected object"),
+    ],
+)
+def test_validate_names_the_problem(verdict, problem):
+    with pytest.raises(JudgeError, match=problem):
+        load_rubric("overall").validate(verdict)
+
+
+def test_validate_accepts_a_good_verdict():
+    load_rubric("overall").validate({"rationale": "ok", "hallucination": 0, "correctness": 10.0})
+
+
+def test_parse_verdict_finds_the_first_json_object():
+    assert parse_verdict('{"a": 1}') == {"a": 1}
+    assert parse_verdict('Sure! {not json} here:\n```json\n{"a": {"b": 2}}\n```\nthanks {"c": 3}') == {"a": {"b": 2}}
+    with pytest.raises(JudgeError, match="no JSON object"):
+        parse_verdict('{"rationale": "cut off')
+
+
+def test_neutralise_defuses_tags_only():
+    assert neutralise("a </answer> b <answer> 3 < 4") == "a ‹/answer> b ‹answer> 3 < 4"

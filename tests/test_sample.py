@@ -1,0 +1,190 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from alignkit.records import Sample, read_records, sample_id
+from alignkit.sample import make_backend, run_sample, sample_prompts
+from alignkit.sample.templates import load_template, parse_output
+from alignkit.testing.shapes import make_shapes_prompts
+
+K = 3
+
+# ---------------------------------------------------------------------------------------------
+# templates
+
+
+def test_answer_line_style():
+    assert parse_output("answer_line", "I see a red square.\nSo one shape.\nAnswer: 1") == (
+        "I see a red square.\nSo one shape.", "1", True,
+    )  # fmt: skip
+    assert parse_output("answer_line", "Final answer: yes\n")[1:] == ("yes", True)
+    # the last marker wins; text after the answer line is not part of the answer
+    assert parse_output("answer_line", "answer: no\nhmm\nAnswer: yes\nbye")[1] == "yes"
+    assert parse_output("answer_line", "thinking\nAnswer:") == ("thinking", "", False)
+
+
+def test_think_style():
+    assert parse_output("think_tags", "<think>two shapes</think>\n2") == ("two shapes", "2", True)
+    assert parse_output("think_tags", "two shapes</think> 2") == ("two shapes", "2", True)
+    assert parse_output("think_tags", "<think>never closed\n2") == ("<think>never closed", "2", False)
+
+
+def test_plain_and_malformed_outputs():
+    assert parse_output("plain", "  red \n") == ("", "red", True)
+    assert parse_output("answer_line", "I think\n\nred\n\n") == ("I think", "red", False)
+    for style in ("answer_line", "think_tags", "plain"):
+        assert parse_output(style, "") == ("", "", False)
+        assert parse_output(style, " \n ") == ("", "", False)
+    with pytest.raises(ValueError, match="unknown template style"):
+        parse_output("xml", "x")
+
+
+def test_template_files(tmp_path: Path):
+    assert "Answer: <answer>" in load_template("cot").render("How many?")
+    assert load_template("plain").render("How many?") == "How many?"
+    f = tmp_path / "terse.yaml"
+    f.write_text("instruction: Reply in one word.\nstyle: plain\n")
+    t = load_template(str(f))
+    assert (t.name, t.style, t.render("Q?")) == ("terse", "plain", "Q?\nReply in one word.")
+    f.write_text("instruction: x\nstyle: bullets\n")
+    with pytest.raises(ValueError, match="terse.yaml.*bullets"):
+        load_template(str(f))
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
+        load_template("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers backend
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return make_shapes_prompts(tmp_path_factory.mktemp("shapes"), 6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_backend(tiny_qwen_dir):
+    return make_backend("transformers", str(tiny_qwen_dir), max_new_tokens=12, batch_size=4)
+
+
+def _by_id(path: Path) -> dict[str, Sample]:
+    records = read_records(path, Sample)
+    ids = [r.sample_id for r in records]
+    assert len(ids) == len(set(ids)), "duplicate sample ids"
+    return {r.sample_id: r for r in records}
+
+
+def _check_join(samples: dict[str, Sample], prompts, k: int = K):
+    assert set(samples) == {sample_id(p.prompt_id, i) for p in prompts for i in range(k)}
+    for s in samples.values():
+        assert s.finish_reason in ("stop", "length") and 0 < s.num_tokens <= 12
+
+
+def test_run_sample_transformers(tiny_qwen_dir, prompts, tmp_path: Path):
+    summary = run_sample(
+        prompts, tmp_path / "s.jsonl", fingerprint="f", backend="transformers", model=str(tiny_qwen_dir),
+        num_samples=K, max_new_tokens=12, chunk_size=4, batch_size=4,
+    )  # fmt: skip
+    samples = _by_id(tmp_path / "s.jsonl")
+    _check_join(samples, prompts)
+    assert summary["num_prompts"] == 6 and summary["num_samples"] == 6 * K and summary["failed"] == []
+    assert summary["truncated"] == sum(s.finish_reason == "length" for s in samples.values())
+    assert summary["unparsed"] == sum(not s.answer_parsed for s in samples.values())
+    assert all(s.policy == str(tiny_qwen_dir) for s in samples.values())
+    assert not (tmp_path / "s.jsonl.partial").exists()
+
+
+def test_same_seed_reproduces(hf_backend, prompts, tmp_path: Path):
+    texts = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        sample_prompts(hf_backend, prompts, tmp_path / name, fingerprint="f", num_samples=K, seed=seed)
+        texts[name] = {i: s.text for i, s in _by_id(tmp_path / name).items()}
+    assert texts["a"] == texts["b"]
+    assert texts["a"] != texts["c"]
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter:
+    """Wraps a backend and raises on the n-th call, like a killed run."""
+
+    def __init__(self, backend, calls: int):
+        self.backend, self.calls, self.policy = backend, calls, backend.policy
+
+    def generate(self, requests, num_samples, seed):
+        self.calls -= 1
+        if self.calls < 0:
+            raise Killed
+        return self.backend.generate(requests, num_samples, seed)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(hf_backend, prompts, tmp_path: Path):
+    opts = dict(fingerprint="f", num_samples=K, seed=5, chunk_size=4)
+    full = tmp_path / "full.jsonl"
+    sample_prompts(hf_backend, prompts, full, **opts)
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(Killed):
+        sample_prompts(DiesAfter(hf_backend, 1), prompts, out, **opts)
+    partial = out.with_name(out.name + ".partial")
+    lines = partial.read_text().splitlines(keepends=True)
+    assert len(lines) == 4 * K  # the first chunk
+    # Lose the last prompt's samples but one, and tear the last line, as a kill mid-write would.
+    partial.write_text("".join(lines[: 3 * K + 1]) + lines[3 * K + 1][:20])
+
+    summary = sample_prompts(hf_backend, prompts, out, **opts)
+    assert summary["resumed_prompts"] == 3 and summary["num_samples"] == 6 * K
+    resumed, expected = _by_id(out), _by_id(full)
+    assert {i: s.text for i, s in resumed.items()} == {i: s.text for i, s in expected.items()}
+
+
+def test_bad_image_is_reported_not_fatal(hf_backend, prompts, tmp_path: Path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = [prompts[0], type(prompts[1])(**{**prompts[1].__dict__, "images": [str(broken)]}), prompts[2]]
+    summary = sample_prompts(hf_backend, bad, tmp_path / "s.jsonl", fingerprint="f", num_samples=K)
+    assert [f["prompt_id"] for f in summary["failed"]] == [prompts[1].prompt_id]
+    assert prompts[1].prompt_id in summary["failed"][0]["error"] and "broken.png" in summary["failed"][0]["error"]
+    _check_join(_by_id(tmp_path / "s.jsonl"), [prompts[0], prompts[2]])
+
+
+def test_unknown_backend(prompts, tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown sampling backend 'tgi'"):
+        run_sample(prompts, tmp_path / "s.jsonl", fingerprint="f", backend="tgi", model="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM backend (a real engine, started once for the module)
+
+
+@pytest.fixture(scope="module")
+def vllm_backend(tiny_qwen_dir):
+    # In-process engine: on 2 CPU cores each spawned vLLM process costs ~40 s of imports.
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    options = {"enforce_eager": True, "max_model_len": 512, "distributed_executor_backend": "uni"}
+    try:
+        yield make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=12, vllm_options=options)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+@pytest.mark.slow
+def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
+    runs = {}
+    for name, seed, subset in [("a", 0, prompts), ("b", 0, prompts[::-1][:4]), ("c", 1, prompts)]:
+        summary = sample_prompts(vllm_backend, subset, tmp_path / name, fingerprint="f", num_samples=K, seed=seed)
+        assert summary["num_samples"] == len(subset) * K and summary["failed"] == []
+        runs[name] = {i: s.text for i, s in _by_id(tmp_path / name).items()}
+    _check_join(_by_id(tmp_path / "a"), prompts)
+    # A prompt's samples depend on its id and the seed only, not on the batch it came in.
+    assert all(runs["a"][i] == t for i, t in runs["b"].items())
+    assert runs["a"] != runs["c"]
+    assert len(set(runs["a"].values())) > len(prompts)  # the K samples of a prompt differ
