@@ -42,7 +42,7 @@ def _recipe_path(recipe: str) -> Path:
 
 
 def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> None:
-    from alignkit.judge.rubric import RubricError
+    from alignkit.judge import JudgeError
     from alignkit.recipe import RecipeError, load_recipe
     from alignkit.records import RecordError
     from alignkit.runner import Runner, StageInputError
@@ -51,7 +51,7 @@ def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> 
         cfg = load_recipe(_recipe_path(recipe), overrides or [])
         runner = Runner(cfg, console)
         runner.run(stages)
-    except (RecipeError, RecordError, RubricError, StageInputError) as e:
+    except (RecipeError, RecordError, JudgeError, StageInputError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     _print_outputs(runner.paths)
@@ -96,8 +96,29 @@ _stage_command("prompts", "Materialise the recipe's prompts (file or synthetic w
 _stage_command("sample", "Sample K chain-of-thought answers per prompt with the vLLM or transformers backend.")
 _stage_command(
     "judge",
-    "Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached). "
-    "Verdicts are cached: a re-run never pays twice. Judges are YAML files (see `alignkit judges`).",
+    "Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached).\n\n"
+    "Writes verdicts.jsonl, judge_report.json (score distributions, self-consistency, position "
+    "consistency, agreement with the reference judge) and, for a pairwise judge, comparisons.jsonl. "
+    "Verdicts are cached in judge_cache.sqlite: a re-run never pays twice.\n\n"
+    "A judge is one YAML file: a built-in name (`alignkit judges`) or a path, set as "
+    "judge.rubric=NAME_OR_PATH. Its keys:\n\n"
+    "name, description: what it is called and what it grades.\n\n"
+    "mode: single (default; one answer per request) or pairwise (two answers, A and B).\n\n"
+    "system, user: Jinja2 templates (sandboxed). Single: question, answer (the final answer), "
+    "response (the full text), reference_answer, objects. Pairwise: question, answer_a, response_a, "
+    "answer_b, response_b, reference_answer, objects. Answers are untrusted: put them between tags "
+    "and tell the judge they are data.\n\n"
+    "schema: the verdict's JSON schema, sent as response_format json_schema (strict): an object, "
+    "every property required, additionalProperties false, `rationale` (string) first. Pairwise "
+    "verdicts also have `winner`, a string with enum A, B, tie.\n\n"
+    "scores (single): how the verdict becomes one score in 0..1. A numeric field: `NAME: {range: [0, 10], "
+    "weight: 1.0, higher_is_better: true}`. Or the share of an array's items "
+    "whose boolean field is true: `NAME: {share_of: claims, field: supported}`. Pairwise judges have "
+    "no scores: a sample's score is its win rate over the prompt's other samples, each pair judged in "
+    "both orders (a winner only when both orders agree).\n\n"
+    "sampling: temperature, top_p, max_tokens, seed. price (optional): prompt_per_million, "
+    "completion_per_million, to report the run's cost.\n\n"
+    "See judges/*.yaml and examples/custom_judge.yaml.",
 )
 _stage_command("pairs", "Build chosen/rejected preference pairs (TRL format) from the judged samples.")
 _stage_command("train", "Train the policy with DPO + LoRA on the pairs; writes a PEFT adapter to train/adapter.")

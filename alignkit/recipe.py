@@ -78,7 +78,7 @@ class JudgeConfig(Section):
     backend: Literal["reference", "openai"] = "reference"
     """`reference` scores against the prompts' gold annotations; `openai` calls an LLM judge."""
     rubric: str = "overall"
-    """A built-in judge in judges/ (`overall`, `hallucination`, `correctness`) or a YAML path."""
+    """A built-in judge in judges/ (`overall`, `hallucination`, `correctness`, `claims`, `pairwise`) or a YAML path."""
     model: str | None = None
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -87,6 +87,12 @@ class JudgeConfig(Section):
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     image_max_side: int = Field(512, ge=16)
+    rpm: float | None = Field(None, gt=0)
+    """Cap on judge requests per minute (starts spaced evenly); null: no cap."""
+    tpm: float | None = Field(None, gt=0)
+    """Cap on judge tokens per minute (estimated before sending, corrected by the reply); null: no cap."""
+    num_judgments: int = Field(1, ge=1)
+    """Judgments per sample; > 1 averages them (self-consistency) and reports their agreement."""
 
     @model_validator(mode="after")
     def _openai_needs_model(self) -> "JudgeConfig":

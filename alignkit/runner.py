@@ -202,6 +202,9 @@ class Runner:
                 timeout=cfg.timeout,
                 max_retries=cfg.max_retries,
                 image_max_side=cfg.image_max_side,
+                rpm=cfg.rpm,
+                tpm=cfg.tpm,
+                num_judgments=cfg.num_judgments,
                 cache_path=self.paths.judge_cache,
             )
 

@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignkit.records import load_image
 from alignkit.testing import tiny_models
@@ -22,7 +21,8 @@ def _generate(model_dir: Path, tmp_path: Path, image_token_id: int, image_tokens
     prompts = make_shapes_prompts(tmp_path, 2)
     texts = [processor.apply_chat_template(_chat(p.question), add_generation_prompt=True) for p in prompts]
     assert texts[0].endswith("<|im_start|>assistant\n")
-    inputs = processor(text=texts, images=[load_image(p.images[0]) for p in prompts], return_tensors="pt", padding=True)
+    images = [load_image(p.images[0]) for p in prompts]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
     assert (inputs["input_ids"][0] == image_token_id).sum() == image_tokens
     out = model.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=2)
     assert out.shape == (4, inputs["input_ids"].shape[1] + 4)

@@ -2,7 +2,8 @@
 
 Backends: `reference` (offline, against the prompt's gold annotations) and `openai` (an LLM
 judge over any OpenAI-compatible API, images included). The judge file (judges/*.yaml, or a
-path) holds the prompts, the verdict schema and the score weights.
+path) holds the prompts, the verdict schema and the score weights; a `pairwise` judge file
+compares samples two by two instead (see `pairwise`). Every run writes a quality report.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from alignkit.judge import pairwise
 from alignkit.judge.cache import VerdictCache
-from alignkit.judge.openai_judge import OpenAIJudge
+from alignkit.judge.openai_judge import OpenAIJudge, judge_samples
 from alignkit.judge.progress import Tally
-from alignkit.judge.reference import check_rubric, judge_reference
+from alignkit.judge.reference import check_rubric, judge_reference, reference_verdicts
+from alignkit.judge.report import format_report, quality_report, write_report
 from alignkit.judge.rubric import JudgeError, Rubric, RubricError, load_rubric
 from alignkit.records import Prompt, ResumableJsonl, Sample
 
@@ -41,61 +45,64 @@ def run_judge(
     timeout: float = 60.0,
     max_retries: int = 3,
     image_max_side: int = 512,
+    rpm: float | None = None,
+    tpm: float | None = None,
+    num_judgments: int = 1,
     cache_path: Path | None = None,
 ) -> dict[str, Any]:
     """Judge every sample and write its Verdict to `out_path` (jsonl); return a summary.
 
     The output is resumable: a killed run restarted with the same `fingerprint` keeps the
-    verdicts already written (the judge file, backend, model and image size are folded into the
-    fingerprint here, so changing them starts over). For `openai`, `cache_path` (default:
-    `judge_cache.sqlite` beside the output) holds every valid verdict, so a re-run sends no
-    request it already has an answer for; failed verdicts are not cached, so deleting the output
-    and running again re-asks only those. `max_retries` bounds both the client's transport
-    retries and the re-asks of a verdict that does not parse or validate. `model` names the
-    judge model (required for `openai`); `api_key_env` names the variable holding the key.
+    verdicts already written (the judge file, backend, model, image size and `num_judgments` are
+    folded into the fingerprint here, so changing them starts over). For `openai`, `cache_path`
+    (default: `judge_cache.sqlite` beside the output) holds every valid verdict, so a re-run
+    sends no request it already has an answer for; failed verdicts are not cached, so deleting
+    the output and running again re-asks only those. `max_retries` bounds both the client's
+    transport retries and the re-asks of a verdict that does not parse or validate. `model`
+    names the judge model (required for `openai`); `api_key_env` names the variable holding the
+    key. `rpm` / `tpm` cap requests and tokens per minute. `num_judgments` > 1 asks each sample
+    that many times (each its own cache entry) and scores it with the mean (self-consistency).
+
+    A pairwise judge file compares each prompt's samples two by two, both orders each (see
+    `judge.pairwise`): a sample's score is its win rate, and the comparisons go to
+    `comparisons.jsonl` beside the output. Every run writes `judge_report.json` beside the
+    output (see `judge.report`) and prints its headline figures.
 
     Summary keys: judge, backend, total, ok, failed, failed_reasons (kind -> count), resumed,
-    cached, requests, usage (prompt_tokens, completion_tokens), mean_score, output.
+    judgments, cached, requests, request_rate (per second), usage (prompt_tokens,
+    completion_tokens), cost (None without a `price` in the judge file), mean_score,
+    position_consistency (pairwise only), output, report.
     """
     rub = load_rubric(rubric)
     items = _join(prompts, samples)
-    if backend == "reference":
-        check_rubric(rub)
-        judge = None
-    elif backend == "openai":
-        if not model:
-            raise JudgeError("judge.model is required for judge.backend=openai")
-        judge = OpenAIJudge(
-            rub,
-            model=model,
-            base_url=base_url,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            timeout=timeout,
-            max_retries=max_retries,
-            image_max_side=image_max_side,
-        )
-    else:
-        raise JudgeError(f"unknown judge backend {backend!r}: expected one of {list(BACKENDS)}")
+    judge = _make_judge(
+        rub, backend, num_judgments, model=model, base_url=base_url, api_key_env=api_key_env,
+        concurrency=concurrency, timeout=timeout, max_retries=max_retries, image_max_side=image_max_side,
+        rpm=rpm, tpm=tpm,
+    )  # fmt: skip
 
     out_path = Path(out_path)
-    key = json.dumps([fingerprint, backend, rub.content_hash, model, image_max_side])
-    out = ResumableJsonl(out_path, hashlib.sha256(key.encode()).hexdigest(), id_key="sample_id")
+    key = json.dumps([fingerprint, backend, rub.content_hash, model, image_max_side, num_judgments])
+    key = hashlib.sha256(key.encode()).hexdigest()
+    out = ResumableJsonl(out_path, key, id_key="sample_id")
+    comps = ResumableJsonl(out_path.with_name("comparisons.jsonl"), key, "comparison_id") if rub.mode == "pairwise" else None
     todo = [(p, s) for p, s in items if s.sample_id not in out.done]
     tally = Tally()
-    tally.open_bar(len(todo), f"judge {rub.name}")
     cache = None
     try:
         if judge is None:
+            tally.open_bar(len(todo), f"judge {rub.name}")
             for p, s in todo:
                 verdict = judge_reference(rub, p, s)
                 out.append([verdict])
-                tally.add(verdict)
+                tally.add(verdict.status == "ok")
         else:
             cache = VerdictCache(cache_path or out_path.parent / "judge_cache.sqlite")
-            asyncio.run(judge.run(todo, lambda v: out.append([v]), tally, cache))
+            asyncio.run(_judge_openai(judge, items, todo, num_judgments, out, comps, cache, tally))
     except BaseException:
         out.close()
+        if comps is not None:
+            comps.close()
         raise
     finally:
         tally.close_bar()
@@ -105,6 +112,17 @@ def run_judge(
 
     ids = {s.sample_id for _, s in items}
     written = [v for sid, v in out.done.items() if sid in ids]
+    comparisons = list(comps.done.values()) if comps is not None else None
+    if comps is not None:
+        comps.finish()
+    reference = reference_verdicts(rub, items) if judge is not None else None
+    report = quality_report(written, comparisons=comparisons, reference=reference)
+    usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
+    cost = rub.price.cost(**usage) if rub.price else None
+    report["usage"] = {"requests": tally.requests, "cached": tally.cached, **usage, "cost": cost}
+    report_path = write_report(out_path.with_name("judge_report.json"), report)
+    print(format_report(report), file=sys.stderr)
+
     scores = [v["score"] for v in written if v["status"] == "ok"]
     return {
         "judge": f"{backend}/{rub.name}" + (f"/{model}" if judge else ""),
@@ -116,12 +134,69 @@ def run_judge(
             Counter((v["error"] or "unknown").split(":", 1)[0] for v in written if v["status"] != "ok")
         ),
         "resumed": len(items) - len(todo),
+        "judgments": tally.ok + tally.failed,
         "cached": tally.cached,
         "requests": tally.requests,
-        "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
+        "request_rate": round(tally.request_rate(), 2),
+        "usage": usage,
+        "cost": cost,
         "mean_score": sum(scores) / len(scores) if scores else None,
+        **({"position_consistency": report["position"]["consistency"]} if comparisons is not None else {}),
         "output": str(out_path),
+        "report": str(report_path),
     }
+
+
+def _make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) -> OpenAIJudge | None:
+    """The OpenAI judge, or None for the reference backend; refuses settings that do not combine."""
+    if num_judgments < 1:
+        raise JudgeError(f"judge.num_judgments must be at least 1, got {num_judgments}")
+    if backend == "reference":
+        check_rubric(rub)
+        if num_judgments > 1:
+            raise JudgeError("judge.num_judgments > 1 needs judge.backend=openai (the reference judge is deterministic)")
+        return None
+    if backend != "openai":
+        raise JudgeError(f"unknown judge backend {backend!r}: expected one of {list(BACKENDS)}")
+    if not options["model"]:
+        raise JudgeError("judge.model is required for judge.backend=openai")
+    if rub.mode == "pairwise" and num_judgments > 1:
+        raise JudgeError(
+            f"{rub.path}: judge.num_judgments > 1 is not supported by a pairwise judge "
+            "(each pair is already judged twice, once per order)"
+        )
+    return OpenAIJudge(rub, **options)
+
+
+async def _judge_openai(
+    judge: OpenAIJudge,
+    items: list[tuple[Prompt, Sample]],
+    todo: list[tuple[Prompt, Sample]],
+    num_judgments: int,
+    out: ResumableJsonl,
+    comps: ResumableJsonl | None,
+    cache: VerdictCache,
+    tally: Tally,
+) -> None:
+    """Judge the samples still to do, writing each verdict (and comparison) as soon as it is known."""
+    async with judge.session(cache, tally):
+        if comps is None:
+            tally.open_bar(len(todo) * num_judgments, f"judge {judge.rubric.name}")
+            await judge_samples(judge, todo, num_judgments, lambda v: out.append([v]))
+            return
+        # A prompt with any sample left is judged again whole: its finished comparisons come from the cache.
+        left = {p.prompt_id for p, _ in todo}
+        groups: dict[str, tuple[Prompt, list[Sample]]] = {}
+        for p, s in items:
+            if p.prompt_id in left:
+                groups.setdefault(p.prompt_id, (p, []))[1].append(s)
+        tally.open_bar(pairwise.num_judgments(list(groups.values())), f"judge {judge.rubric.name} (pairwise)")
+
+        def on_prompt(comparisons: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> None:
+            comps.append(c for c in comparisons if c["comparison_id"] not in comps.done)
+            out.append(v for v in verdicts if v["sample_id"] not in out.done)
+
+        await pairwise.judge_pairwise(judge, list(groups.values()), on_prompt)
 
 
 def _join(prompts: list[Prompt], samples: list[Sample]) -> list[tuple[Prompt, Sample]]:

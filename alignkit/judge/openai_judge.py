@@ -1,11 +1,14 @@
 """The LLM judge backend: any OpenAI-compatible chat-completions server, images included.
 
-Each sample becomes one request (system + user prompt from the judge file, the prompt's images
-as data URLs) asking for the verdict as strict structured output. Servers that ignore
-`response_format` still work: the first JSON object in the reply is used. Transport faults
-(429 with Retry-After, 5xx, timeouts) are retried by the openai client itself; a verdict that
-fails to parse or validate is asked again, and after `max_retries` re-asks it is recorded as
-failed (no score), never dropped and never scored 0.
+Each judgment is one request (system + user prompt from the judge file, the prompt's images as
+data URLs) asking for the verdict as strict structured output. Servers that ignore
+`response_format` still work: the first JSON object in the reply is used. Transport faults are
+retried by the openai client itself, which we rely on (and test): it honours `Retry-After` on
+429 (up to 60 s) and otherwise backs off exponentially (0.5 s * 2^n, at most 8 s, 25% jitter)
+on 408, 409, 429, 5xx, timeouts and connection errors. A verdict that fails to parse or validate
+is asked again, and after `max_retries` re-asks it is recorded as failed (no score), never
+dropped and never scored 0. Requests can be capped per minute (see `throttle`); the client's own
+retries wait as the server says and are not booked against the caps again.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import base64
 import io
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import openai
 
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
-from alignkit.records import Prompt, Sample, Verdict, load_image
+from alignkit.judge.throttle import Throttle, estimate_tokens
+from alignkit.records import Prompt, Sample, Verdict, load_image, to_dict
 
 
 @lru_cache(maxsize=64)  # K samples of one prompt share its images
@@ -47,14 +52,12 @@ def image_data_url(path: str, max_side: int = 512) -> str:
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_messages(rubric: Rubric, prompt: Prompt, sample: Sample, image_max_side: int) -> list[dict[str, Any]]:
-    """The chat messages judging `sample`: system text, then the images and the user text."""
+def build_messages(rubric: Rubric, prompt: Prompt, image_max_side: int, **untrusted: str) -> list[dict[str, Any]]:
+    """The chat messages of one judgment: system text, then the images and the user text.
+
+    `untrusted` holds the answers being judged (`answer`, `response`; `answer_a` ... for pairwise)."""
     system, user = rubric.render(
-        question=prompt.question,
-        answer=sample.answer,
-        response=sample.text,
-        reference_answer=prompt.reference_answer,
-        objects=prompt.objects,
+        question=prompt.question, reference_answer=prompt.reference_answer, objects=prompt.objects, **untrusted
     )
     try:
         images = [
@@ -94,8 +97,17 @@ def api_key_from_env(api_key_env: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Judgment:
+    """One request's outcome: a validated verdict, or the reason it failed ('kind: detail')."""
+
+    verdict: dict[str, Any] | None
+    error: str | None = None
+    cached: bool = False
+
+
 class OpenAIJudge:
-    """Judges samples over an OpenAI-compatible API with a concurrency limit and a verdict cache."""
+    """Asks an OpenAI-compatible API for verdicts with a concurrency limit, rate caps and a cache."""
 
     def __init__(
         self,
@@ -108,91 +120,130 @@ class OpenAIJudge:
         timeout: float,
         max_retries: int,
         image_max_side: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
     ):
         api_key_from_env(api_key_env)  # fail before any output is touched
         self.rubric, self.model, self.base_url, self.api_key_env = rubric, model, base_url, api_key_env
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.image_max_side = image_max_side
+        self.throttle = Throttle(rpm, tpm)
         self.judge_name = f"openai/{rubric.name}/{model}"
         self.response_format = {
             "type": "json_schema",
             "json_schema": {"name": _schema_name(rubric.name), "schema": rubric.schema, "strict": True},
         }
+        self.cache: VerdictCache | None = None
+        self.tally = Tally()
 
-    async def run(
-        self,
-        items: list[tuple[Prompt, Sample]],
-        on_verdict: Callable[[Verdict], None],
-        tally: Tally,
-        cache: VerdictCache | None = None,
-    ) -> None:
-        """Judge every (prompt, sample), handing each verdict to `on_verdict` as soon as it is known."""
-        sem = asyncio.Semaphore(self.concurrency)
-        client = openai.AsyncOpenAI(
+    def session(self, cache: VerdictCache | None, tally: Tally) -> OpenAIJudge:
+        """Set this run's cache and tally; use as `async with judge.session(cache, tally):` around `ask`."""
+        self.cache, self.tally = cache, tally
+        return self
+
+    async def __aenter__(self) -> OpenAIJudge:
+        self.sem = asyncio.Semaphore(self.concurrency)
+        self.client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key_from_env(self.api_key_env),
             max_retries=self.max_retries,
             timeout=self.timeout,
         )
+        return self
 
-        async def one(prompt: Prompt, sample: Sample) -> None:
-            # The whole sample under the semaphore: only `concurrency` message sets (images
-            # included) are built and held at a time, however many samples there are.
-            async with sem:
-                verdict, cached = await self._judge(client, cache, prompt, sample, tally)
-            on_verdict(verdict)
-            tally.add(verdict, cached=cached)
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
 
-        try:
-            await asyncio.gather(*(one(p, s) for p, s in items))
-        finally:
-            await client.close()
+    async def ask(self, prompt: Prompt, repetition: int = 0, **untrusted: str) -> Judgment:
+        """One judgment of `untrusted` (the answers) for `prompt`; `repetition` > 0 gets its own cache key.
 
-    async def _judge(
-        self, client: openai.AsyncOpenAI, cache: VerdictCache | None, prompt: Prompt, sample: Sample, tally: Tally
-    ) -> tuple[Verdict, bool]:
-        """(verdict, whether it came from the cache) for one sample."""
-        messages = build_messages(self.rubric, prompt, sample, self.image_max_side)
+        Messages are built under the concurrency limit, so only `concurrency` message sets (images
+        included) are held at a time, however many judgments are queued.
+        """
+        async with self.sem:
+            judgment = await self._ask(prompt, repetition, untrusted)
+        self.tally.add(judgment.verdict is not None, judgment.cached)
+        return judgment
+
+    async def _ask(self, prompt: Prompt, repetition: int, untrusted: dict[str, str]) -> Judgment:
+        messages = build_messages(self.rubric, prompt, self.image_max_side, **untrusted)
         sampling = dict(self.rubric.sampling)
-        key = cache_key(self.rubric.content_hash, self.model, sampling, messages)
-        if cache is not None and (hit := cache.get(key)) is not None:
-            return self._ok(prompt, sample, hit[0]), True
+        key = cache_key(self.rubric.request_hash, self.model, sampling, messages, repetition)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return Judgment(hit[0], cached=True)
 
         attempts = 1 + self.max_retries
+        estimate = estimate_tokens(messages, int(sampling.get("max_tokens", 512)))
         problem = ""
         for _ in range(attempts):
+            await self.throttle.acquire(estimate)
             try:
-                tally.requests += 1
-                reply = await client.chat.completions.create(
+                self.tally.requests += 1
+                reply = await self.client.chat.completions.create(
                     model=self.model, messages=messages, response_format=self.response_format, **sampling
                 )
             except openai.APIError as e:
-                return self._failed(prompt, sample, _api_failure(e, self.timeout, self.max_retries)), False
+                return Judgment(None, _api_failure(e, self.timeout, self.max_retries))
             usage = reply.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
-            tally.prompt_tokens += prompt_tokens
-            tally.completion_tokens += completion_tokens
+            self.tally.prompt_tokens += prompt_tokens
+            self.tally.completion_tokens += completion_tokens
+            if usage:
+                self.throttle.settle(estimate, prompt_tokens + completion_tokens)
             try:
                 verdict = parse_verdict((reply.choices[0].message.content if reply.choices else None) or "")
                 self.rubric.validate(verdict)
             except JudgeError as e:
                 problem = str(e)
                 continue
-            if cache is not None:  # cache first: a kill before the jsonl write still re-asks nothing
-                cache.put(key, verdict, prompt_tokens, completion_tokens)
-            return self._ok(prompt, sample, verdict), False
-        return self._failed(prompt, sample, f"invalid_verdict: {problem} (after {attempts} attempts)"), False
+            if self.cache is not None:  # cache first: a kill before the jsonl write still re-asks nothing
+                self.cache.put(key, verdict, prompt_tokens, completion_tokens)
+            return Judgment(verdict)
+        return Judgment(None, f"invalid_verdict: {problem} (after {attempts} attempts)")
 
-    def _ok(self, prompt: Prompt, sample: Sample, verdict: dict[str, Any]) -> Verdict:
-        scores = self.rubric.normalise(verdict)
-        return Verdict(
-            sample.sample_id, prompt.prompt_id, self.judge_name, "ok", self.rubric.combine(scores), scores,
-            str(verdict[RATIONALE]),
-        )  # fmt: skip
 
-    def _failed(self, prompt: Prompt, sample: Sample, error: str) -> Verdict:
-        return Verdict(sample.sample_id, prompt.prompt_id, self.judge_name, "failed", None, error=error)
+async def judge_samples(
+    judge: OpenAIJudge, items: list[tuple[Prompt, Sample]], num_judgments: int, on_verdict: Callable[[dict[str, Any]], None]
+) -> None:
+    """Judge every sample `num_judgments` times; hand each combined verdict record to `on_verdict`."""
+
+    async def one(prompt: Prompt, sample: Sample) -> None:
+        asks: list[Awaitable[Judgment]] = [
+            judge.ask(prompt, r, answer=sample.answer, response=sample.text) for r in range(num_judgments)
+        ]
+        on_verdict(combine_judgments(judge.rubric, judge.judge_name, prompt, sample, await asyncio.gather(*asks)))
+
+    await asyncio.gather(*(one(p, s) for p, s in items))
+
+
+def combine_judgments(
+    rubric: Rubric, judge_name: str, prompt: Prompt, sample: Sample, judgments: list[Judgment]
+) -> dict[str, Any]:
+    """One verdict record from repeated judgments: the mean of the valid ones.
+
+    It fails (with the first reason) only when every judgment failed. With more than one
+    judgment the record keeps each under `judgments`, for the self-consistency report.
+    """
+    ok = [rubric.normalise(j.verdict) for j in judgments if j.verdict is not None]
+    if not ok:
+        error = judgments[0].error or "unknown"
+        if len(judgments) > 1:
+            error += f" (all {len(judgments)} judgments failed)"
+        record = to_dict(Verdict(sample.sample_id, prompt.prompt_id, judge_name, "failed", None, error=error))
+    else:
+        means = {name: sum(s[name] for s in ok) / len(ok) for name in ok[0]}
+        rationale = str(next(j.verdict for j in judgments if j.verdict is not None)[RATIONALE])
+        if len(judgments) > 1:
+            rationale += f" [scores: mean of {len(ok)} of {len(judgments)} judgments; this rationale is the first]"
+        verdict = Verdict(sample.sample_id, prompt.prompt_id, judge_name, "ok", rubric.combine(means), means, rationale)
+        record = to_dict(verdict)
+    if len(judgments) > 1:
+        record["judgments"] = [
+            {"score": rubric.combine(n := rubric.normalise(j.verdict)), "scores": n} if j.verdict else {"error": j.error}
+            for j in judgments
+        ]
+    return record
 
 
 def _api_failure(e: openai.APIError, timeout: float, max_retries: int) -> str:

@@ -1,17 +1,20 @@
-"""Counting a judge run's outcomes (shown live on a tqdm bar) and its requests and tokens."""
+"""Counting a judge run's judgments (shown live on a tqdm bar) and its requests and tokens."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from alignkit.records import Verdict
-
 
 @dataclass
 class Tally:
-    """What happened to the samples judged in this run (resumed ones are counted by the caller)."""
+    """What happened to the judgments asked in this run (resumed verdicts are counted by the caller).
+
+    A judgment is one verdict asked of the judge: one per sample, `num_judgments` per sample
+    with self-consistency, or one per order of each pair for a pairwise judge.
+    """
 
     ok: int = 0
     failed: int = 0
@@ -19,22 +22,28 @@ class Tally:
     requests: int = 0  # chat requests this run sent (the openai client's own retries not counted)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
     _bar: tqdm | None = field(default=None, repr=False)
 
     def open_bar(self, total: int, desc: str) -> None:
-        self._bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+        self.started = time.monotonic()
+        self._bar = tqdm(total=total, desc=desc, unit="judgment", dynamic_ncols=True)
 
     def close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
 
-    def add(self, verdict: Verdict, cached: bool = False) -> None:
-        if verdict.status == "ok":
+    def request_rate(self) -> float:
+        """Requests per second since the bar opened."""
+        return self.requests / max(time.monotonic() - self.started, 1e-9)
+
+    def add(self, ok: bool, cached: bool = False) -> None:
+        if ok:
             self.ok += 1
         else:
             self.failed += 1
         self.cached += cached
         if self._bar is not None:
-            stats = {"done": self.ok, "failed": self.failed, "cached": self.cached}
+            stats = {"done": self.ok, "failed": self.failed, "cached": self.cached, "req/s": f"{self.request_rate():.1f}"}
             self._bar.set_postfix(ordered_dict=stats, refresh=False)
             self._bar.update(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from alignkit.judge.rubric import JudgeError, Rubric
+from alignkit.judge.rubric import JudgeError, Rubric, load_rubric
 from alignkit.objects import COLOR_WORDS, find_mentions, is_present, parse_object
 from alignkit.records import Prompt, Sample, Verdict
 
@@ -36,6 +36,8 @@ class NoReference(Exception):
 
 def check_rubric(rubric: Rubric) -> None:
     """The reference judge computes hallucination and correctness only."""
+    if rubric.mode == "pairwise":
+        raise JudgeError(f"{rubric.path}: mode: the reference judge scores samples one by one; use judge.backend=openai for a pairwise judge")
     for s in rubric.scores:
         if s.name not in FIELDS:
             raise JudgeError(
@@ -59,6 +61,17 @@ def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample) -> Verdict:
     return Verdict(
         sample.sample_id, prompt.prompt_id, judge, "ok", rubric.combine(scores), scores, " ".join(notes)
     )
+
+
+def reference_verdicts(rubric: Rubric, items: list[tuple[Prompt, Sample]]) -> list[Verdict]:
+    """Reference verdicts to compare an LLM judge with, under its weights when the reference can
+    compute its scores, else under `overall`'s; prompts without gold annotations yield none."""
+    try:
+        check_rubric(rubric)
+    except JudgeError:
+        rubric = load_rubric("overall")
+    verdicts = (judge_reference(rubric, p, s) for p, s in items if p.objects is not None or p.reference_answer)
+    return [v for v in verdicts if v.status == "ok"]
 
 
 def hallucination(prompt: Prompt, sample: Sample) -> tuple[float, str]:

@@ -1,14 +1,17 @@
 """Judge files (judges/*.yaml): loading, validation, prompt rendering and score combination.
 
-A judge is one YAML file: `name`, `description`, `system` and `user` prompt templates (Jinja2,
-sandboxed because users write them), the verdict's JSON `schema` (rationale first, so the judge
-reasons before it scores), the `scores` it combines into one number in [0, 1], and `sampling`
-defaults. Errors name the file and the key.
+A judge is one YAML file: `name`, `description`, `mode` (`single`: one answer per request, or
+`pairwise`: two answers A/B), `system` and `user` prompt templates (Jinja2, sandboxed because users
+write them), the verdict's JSON `schema` (rationale first, so the judge reasons before it scores),
+the `scores` it combines into one number in [0, 1] (a numeric field, or the share of an array's
+items whose boolean field is true), `sampling` defaults and an optional `price` per million tokens.
+Errors name the file and the key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,7 +24,16 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from alignkit.resources import builtin_dir
 
-TEMPLATE_VARIABLES = ("question", "answer", "response", "reference_answer", "objects")
+MODES = ("single", "pairwise")
+# Template variables per mode; the answer/response ones are untrusted and defused before rendering.
+TEMPLATE_VARIABLES = {
+    "single": ("question", "answer", "response", "reference_answer", "objects"),
+    "pairwise": ("question", "answer_a", "response_a", "answer_b", "response_b", "reference_answer", "objects"),
+}
+TRUSTED_VARIABLES = ("question", "reference_answer", "objects")
+WINNER = "winner"  # the pairwise verdict's field: "A", "B" or "tie"
+WINNER_VALUES = ("A", "B", "tie")
+PRICE_KEYS = {"prompt_per_million", "completion_per_million"}
 SAMPLING_KEYS = {"temperature", "top_p", "max_tokens", "seed"}
 RATIONALE = "rationale"
 # The JSON-schema subset the verdict validator enforces; other keywords are refused at load
@@ -46,13 +58,37 @@ class RubricError(JudgeError):
 
 @dataclass(frozen=True)
 class ScoreField:
-    """One score in the verdict: its range, its weight, and which end is good."""
+    """One score in the verdict: its range, its weight, and which end is good.
+
+    With `share_of` set, the score is not a verdict field but the share of the items of the array
+    `share_of` whose boolean `field` is true (1.0 for an empty array: nothing is unsupported).
+    """
 
     name: str
     low: float
     high: float
     weight: float
     higher_is_better: bool = True
+    share_of: str | None = None
+    field: str | None = None
+
+    def value(self, verdict: dict[str, Any]) -> float:
+        """The score in [0, 1], keeping its own direction."""
+        if self.share_of is None:
+            return (float(verdict[self.name]) - self.low) / (self.high - self.low)
+        items = verdict[self.share_of]
+        return sum(bool(item[self.field]) for item in items) / len(items) if items else 1.0
+
+
+@dataclass(frozen=True)
+class Price:
+    """Price per million tokens, as the judge file gives it (the currency is the file's)."""
+
+    prompt_per_million: float = 0.0
+    completion_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_million + completion_tokens * self.completion_per_million) / 1e6
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,10 +98,13 @@ class Rubric:
     name: str
     description: str
     path: Path
-    content_hash: str  # sha256 of the file bytes: part of every cache key
+    content_hash: str  # sha256 of the file bytes: the judge stage re-runs when it changes
+    request_hash: str  # sha256 of what decides a reply (mode, templates, schema): part of every cache key
+    mode: str
     schema: dict[str, Any]
-    scores: tuple[ScoreField, ...]
+    scores: tuple[ScoreField, ...]  # empty for pairwise: a sample's score is its win rate
     sampling: dict[str, Any]
+    price: Price | None
     _system: jinja2.Template = field(repr=False)
     _user: jinja2.Template = field(repr=False)
 
@@ -73,19 +112,21 @@ class Rubric:
         self,
         *,
         question: str,
-        answer: str,
-        response: str,
         reference_answer: str | None = None,
         objects: list[str] | None = None,
+        **untrusted: str,
     ) -> tuple[str, str]:
-        """The (system, user) prompt texts. The answer and response are untrusted: any tag in
-        them is defused so they cannot close the template's <answer> block and pose as prompt."""
+        """The (system, user) prompt texts. `untrusted` holds the mode's answers and responses
+        (`answer`, `response`; or `answer_a` ... `response_b`): any tag in them is defused so they
+        cannot close the template's <answer> block and pose as prompt."""
+        expected = set(TEMPLATE_VARIABLES[self.mode]) - set(TRUSTED_VARIABLES)
+        if set(untrusted) != expected:
+            raise JudgeError(f"{self.path}: a {self.mode} judge renders {sorted(expected)}, got {sorted(untrusted)}")
         values = dict(
             question=question,
-            answer=neutralise(answer),
-            response=neutralise(response),
             reference_answer=reference_answer,
             objects=objects,
+            **{k: neutralise(v) for k, v in untrusted.items()},
         )
         return self._system.render(**values).strip(), self._user.render(**values).strip()
 
@@ -94,6 +135,8 @@ class Rubric:
         errors = validate_instance(verdict, self.schema)
         if not errors:
             for s in self.scores:
+                if s.share_of is not None:
+                    continue
                 v = verdict[s.name]
                 if not s.low <= v <= s.high:
                     errors.append(f"{s.name}: {v} is outside the range [{s.low:g}, {s.high:g}]")
@@ -102,7 +145,7 @@ class Rubric:
 
     def normalise(self, verdict: dict[str, Any]) -> dict[str, float]:
         """Each score mapped to [0, 1], keeping its own direction (hallucination stays 'higher is worse')."""
-        return {s.name: (float(verdict[s.name]) - s.low) / (s.high - s.low) for s in self.scores}
+        return {s.name: s.value(verdict) for s in self.scores}
 
     def combine(self, normalised: dict[str, float]) -> float:
         """One score in [0, 1], higher is better: the weighted mean of the scores' good ends."""
@@ -195,11 +238,14 @@ def load_rubric(name_or_path: str | Path) -> Rubric:
     def err(key: str, msg: str) -> RubricError:
         return RubricError(f"{path}: {key}: {msg}")
 
-    known = {"name", "description", "system", "user", "schema", "scores", "sampling"}
+    known = {"name", "description", "mode", "system", "user", "schema", "scores", "sampling", "price"}
     for key in data:
         if key not in known:
             raise err(key, f"unknown key (expected one of {sorted(known)})")
-    for key in ("name", "system", "user", "schema", "scores"):
+    mode = data.get("mode", "single")
+    if mode not in MODES:
+        raise err("mode", f"must be one of {list(MODES)}")
+    for key in ("name", "system", "user", "schema", *(["scores"] if mode == "single" else [])):
         if key not in data:
             raise err(key, "required key missing")
     for key in ("name", "system", "user"):
@@ -209,7 +255,12 @@ def load_rubric(name_or_path: str | Path) -> Rubric:
     schema = data["schema"]
     _check_schema(schema, "schema", err)
     _check_verdict_schema(schema, err)
-    scores = _parse_scores(data["scores"], schema, err)
+    if mode == "pairwise":
+        _check_pairwise(data, err)
+        scores: tuple[ScoreField, ...] = ()
+    else:
+        scores = _parse_scores(data["scores"], schema, err)
+    price = _parse_price(data.get("price"), err)
     sampling = data.get("sampling") or {}
     if not isinstance(sampling, dict):
         raise err("sampling", "must be a mapping")
@@ -219,24 +270,28 @@ def load_rubric(name_or_path: str | Path) -> Rubric:
 
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     templates = {}
+    variables = TEMPLATE_VARIABLES[mode]
+    trial = {v: ["red square"] if v == "objects" else v for v in variables}
     for key in ("system", "user"):
         try:
             templates[key] = env.from_string(data[key])
-            # A trial render catches unknown variables now rather than mid-run.
-            templates[key].render(
-                question="q", answer="a", response="r", reference_answer="ref", objects=["red square"]
-            )
+            templates[key].render(**trial)  # a trial render catches unknown variables now, not mid-run
         except jinja2.TemplateError as e:
-            raise err(key, f"bad template ({e}); variables are {', '.join(TEMPLATE_VARIABLES)}") from None
+            raise err(key, f"bad template ({e}); {mode} judges have the variables {', '.join(variables)}") from None
 
+    # Only what decides the reply goes into cache keys: editing weights, price or description re-pays nothing.
+    deciding = json.dumps([mode, data["system"], data["user"], schema], sort_keys=True)
     return Rubric(
         name=data["name"],
         description=str(data.get("description", "")).strip(),
         path=path,
         content_hash=hashlib.sha256(raw).hexdigest(),
+        request_hash=hashlib.sha256(deciding.encode()).hexdigest(),
+        mode=mode,
         schema=schema,
         scores=scores,
         sampling=sampling,
+        price=price,
         _system=templates["system"],
         _user=templates["user"],
     )
@@ -274,12 +329,53 @@ def _check_verdict_schema(schema: dict[str, Any], err: Any) -> None:
         )
 
 
+def _check_pairwise(data: dict[str, Any], err: Any) -> None:
+    """A pairwise verdict names the winner as "A", "B" or "tie"; the score is derived, not declared."""
+    if "scores" in data:
+        raise err("scores", "not used by a pairwise judge (a sample's score is its win rate)")
+    prop = data["schema"]["properties"].get(WINNER)
+    if prop is None or prop.get("type") != "string" or sorted(prop.get("enum") or []) != sorted(WINNER_VALUES):
+        raise err(f"schema.properties.{WINNER}", f"a pairwise judge needs a string property {WINNER!r} with enum {list(WINNER_VALUES)}")
+
+
+def _parse_price(raw: Any, err: Any) -> Price | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw or set(raw) - PRICE_KEYS:
+        raise err("price", f"must be a mapping with keys {sorted(PRICE_KEYS)}")
+    for k, v in raw.items():
+        if not _is_type(v, "number") or v < 0:
+            raise err(f"price.{k}", "must be a number >= 0")
+    return Price(**{k: float(v) for k, v in raw.items()})
+
+
+def _parse_share(name: str, spec: dict[str, Any], schema: dict[str, Any], err: Any) -> ScoreField:
+    """A score that is the share of an array's items whose boolean field is true."""
+    key = f"scores.{name}"
+    if name in schema["properties"]:
+        raise err(key, "a share_of score is derived, so it must not also be a schema property")
+    if set(spec) - {"share_of", "field", "weight", "higher_is_better"}:
+        raise err(key, "a share_of score has keys share_of, field, weight, higher_is_better")
+    array = schema["properties"].get(spec["share_of"]) or {}
+    items = array.get("items") or {}
+    item_field = (items.get("properties") or {}).get(spec.get("field")) or {}
+    if array.get("type") != "array" or items.get("type") != "object" or item_field.get("type") != "boolean":
+        raise err(
+            f"{key}.share_of",
+            "must name an array property of the schema whose items are objects with the boolean property `field`",
+        )
+    return ScoreField(name, 0.0, 1.0, _weight(spec, key, err), _hib(spec, key, err), spec["share_of"], spec["field"])
+
+
 def _parse_scores(raw: Any, schema: dict[str, Any], err: Any) -> tuple[ScoreField, ...]:
     if not isinstance(raw, dict) or not raw:
         raise err("scores", "must map at least one score field to {range, weight, higher_is_better}")
     out = []
     for name, spec in raw.items():
         key = f"scores.{name}"
+        if isinstance(spec, dict) and "share_of" in spec:
+            out.append(_parse_share(name, spec, schema, err))
+            continue
         prop = schema["properties"].get(name)
         if prop is None:
             raise err(key, "not a property of the schema")
@@ -294,13 +390,21 @@ def _parse_scores(raw: Any, schema: dict[str, Any], err: Any) -> tuple[ScoreFiel
         for bound, value in (("minimum", rng[0]), ("maximum", rng[1])):
             if bound in prop and prop[bound] != value:
                 raise err(f"{key}.range", f"disagrees with the schema's {bound} {prop[bound]}")
-        weight = spec.get("weight", 1.0)
-        if not _is_type(weight, "number") or weight < 0:
-            raise err(f"{key}.weight", "must be a number >= 0")
-        hib = spec.get("higher_is_better", True)
-        if not isinstance(hib, bool):
-            raise err(f"{key}.higher_is_better", "must be true or false")
-        out.append(ScoreField(name, float(rng[0]), float(rng[1]), float(weight), hib))
+        out.append(ScoreField(name, float(rng[0]), float(rng[1]), _weight(spec, key, err), _hib(spec, key, err)))
     if sum(s.weight for s in out) <= 0:
         raise err("scores", "weights must not all be zero")
     return tuple(out)
+
+
+def _weight(spec: dict[str, Any], key: str, err: Any) -> float:
+    weight = spec.get("weight", 1.0)
+    if not _is_type(weight, "number") or weight < 0:
+        raise err(f"{key}.weight", "must be a number >= 0")
+    return float(weight)
+
+
+def _hib(spec: dict[str, Any], key: str, err: Any) -> bool:
+    hib = spec.get("higher_is_better", True)
+    if not isinstance(hib, bool):
+        raise err(f"{key}.higher_is_better", "must be true or false")
+    return hib

@@ -100,10 +100,11 @@ def sample_prompts(
                     requests.append(_request(p, tmpl))
                 except ValueError as e:
                     failed.append({"prompt_id": p.prompt_id, "error": str(e)})
-            gens = backend.generate(requests, num_samples, derive_seed(seed, "chunk", c // chunk_size)) if requests else []
+            chunk_seed = derive_seed(seed, "chunk", c // chunk_size)
+            gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
             for r, g in zip(requests, gens):
-                if r.prompt_id not in complete:
-                    out.append(_samples(r.prompt_id, g, tmpl, backend.policy))
+                # Samples already on disk (a prompt torn by a kill) were drawn identically: keep them.
+                out.append([s for s in _samples(r.prompt_id, g, tmpl, backend.policy) if s.sample_id not in out.done])
             bar.update(sum(p.prompt_id not in complete for p in chunk))
     except BaseException:
         out.close()

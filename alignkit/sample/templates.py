@@ -38,6 +38,14 @@ class Template:
     def parse(self, text: str) -> tuple[str, str, bool]:
         return parse_output(self.style, text)
 
+    def format_output(self, reasoning: str, answer: str) -> str:
+        """The output this template asks for (the inverse of `parse`): used to write SFT targets."""
+        if self.style == "answer_line":
+            return f"{reasoning}\nAnswer: {answer}" if reasoning else f"Answer: {answer}"
+        if self.style == "think_tags":
+            return f"<think>{reasoning}</think>\n{answer}"
+        return answer
+
 
 BUILTIN: dict[str, Template] = {
     "cot": Template(

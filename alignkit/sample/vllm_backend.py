@@ -79,7 +79,9 @@ class VllmBackend:
             for r in requests
         ]
         outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
-        return [
-            [Generation(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop") for c in o.outputs]
-            for o in outs
-        ]
+        return [[_generation(c) for c in o.outputs] for o in outs]
+
+
+def _generation(completion: Any) -> Generation:
+    finish = "length" if completion.finish_reason == "length" else "stop"
+    return Generation(completion.text, len(completion.token_ids), finish)

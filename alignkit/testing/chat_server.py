@@ -4,8 +4,9 @@ It lets tests (and users trying `judge.backend=openai` without an account) exerc
 HTTP path of the judge: a `ThreadingHTTPServer` on 127.0.0.1 answering `POST
 /v1/chat/completions` and `GET /v1/models`. Replies come from a pluggable callable (request
 body -> verdict dict or raw text); every request is recorded so tests can count them and
-inspect them; faults can be injected (429 with Retry-After, 500, a hung request, malformed JSON,
-a schema-violating verdict, a reply ignoring `response_format`).
+inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, a
+hung request, malformed JSON, a schema-violating verdict, a reply ignoring `response_format`);
+`delay_s` answers every request after a fixed delay (the throughput benchmark's latency L).
 
     python -m alignkit.testing.chat_server --port 8011   # serves the placeholder heuristic judge
 """
@@ -37,6 +38,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any] | None
+    at: float = field(default_factory=time.monotonic)  # arrival time (time.monotonic)
 
     def text(self) -> str:
         """All text parts of the chat messages, joined."""
@@ -78,9 +80,10 @@ class ChatServer:
         model: str = "alignkit-test-judge",
         retry_after: float = 0.05,
         hang_s: float = 2.0,
+        delay_s: float = 0.0,
     ):
         self.reply = reply or heuristic_reply
-        self.model, self.retry_after, self.hang_s = model, retry_after, hang_s
+        self.model, self.retry_after, self.hang_s, self.delay_s = model, retry_after, hang_s, delay_s
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -200,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "hang":
             time.sleep(fx.hang_s)
+        if fx.delay_s:
+            time.sleep(fx.delay_s)
         out = fx.reply(body)
         schema = _schema(body)
         if fault == "malformed":
@@ -279,7 +284,9 @@ def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
 
     It reads the built-in judge prompts' wording: hallucination from the object mentions in the
     <answer> block against the "Objects actually in the image" line, correctness from the
-    reference answer; any other numeric field gets its midpoint.
+    reference answer; any other numeric field gets its midpoint. A `winner` field (pairwise)
+    names the answer with the smaller share of unsupported mentions (<answer_a> vs <answer_b>);
+    a `claims` array lists each object mention as a claim, supported when it is gold.
     """
     schema = _schema(body)
     if not schema:
@@ -288,7 +295,16 @@ def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
     answer = _between(text, "<answer>", "</answer>")
     final = _between(text, "<final_answer>", "</final_answer>")
     gold_line = re.search(r"Objects actually in the image: (.*)", text)
+    gold = [g.strip() for g in gold_line.group(1).split(",")] if gold_line else []
     reference = re.search(r"Reference answer \(known correct\): (.*)", text)
+    props = schema.get("properties") or {}
+    if "winner" in props:
+        a, b = (_unsupported(_between(text, f"<answer_{x}>", f"</answer_{x}>"), gold) for x in "ab")
+        winner = "A" if a < b else "B" if b < a else "tie"
+        return {"rationale": f"Placeholder verdict: unsupported shares A {a:.0%}, B {b:.0%}.", "winner": winner}
+    if "claims" in props:
+        claims = [{"claim": f"there is a {m.name}", "supported": is_present(m, gold)} for m in find_mentions(answer)]
+        return {"rationale": "Placeholder verdict: one claim per object mention.", "claims": claims}
     notes, verdict = [], {}
     for name, prop in (schema.get("properties") or {}).items():
         if prop.get("type") not in ("integer", "number"):
@@ -296,9 +312,7 @@ def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
         lo, hi = prop.get("minimum", 0), prop.get("maximum", 10)
         share = 0.5
         if "halluc" in name and gold_line:
-            mentions = find_mentions(answer)
-            gold = [g.strip() for g in gold_line.group(1).split(",")]
-            share = sum(not is_present(m, gold) for m in mentions) / len(mentions) if mentions else 0.0
+            share = _unsupported(answer, gold)
             notes.append(f"{name}: {share:.0%} of object mentions not in the gold list")
         elif "correct" in name and reference:
             share = float(answers_match(final or answer, reference.group(1), task="open"))
@@ -307,6 +321,12 @@ def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
         verdict[name] = round(value) if prop["type"] == "integer" else value
     rationale = "Placeholder verdict from the alignkit test server (not a real judge). " + "; ".join(notes)
     return {"rationale": rationale.strip(), **verdict}
+
+
+def _unsupported(answer: str, gold: list[str]) -> float:
+    """The share of object mentions in `answer` that are not gold (0 when there are none)."""
+    mentions = find_mentions(answer)
+    return sum(not is_present(m, gold) for m in mentions) / len(mentions) if mentions else 0.0
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -320,8 +340,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--model", default="alignkit-test-judge")
+    parser.add_argument("--delay", type=float, default=0.0, help="Answer every request after this many seconds.")
     args = parser.parse_args()
-    server = ChatServer(host=args.host, port=args.port, model=args.model)
+    server = ChatServer(host=args.host, port=args.port, model=args.model, delay_s=args.delay)
     print(f"alignkit test judge server (placeholder verdicts) at {server.url}; model {args.model!r}")
     print(
         "try: OPENAI_API_KEY=test alignkit run recipes/quickstart.yaml "

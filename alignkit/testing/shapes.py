@@ -148,3 +148,52 @@ def corpus(num: int = 400, seed: int = 0) -> list[str]:
             if qa:
                 lines += list(qa)
     return lines
+
+
+def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float) -> tuple[str, str, bool]:
+    """(reasoning, answer, hallucinated) as a policy that sometimes sees an extra object would say.
+
+    With probability `error_rate` the "perceived" scene gains one object that is not in the image
+    (for an existence question about an absent object, that very object: the yes-bias POPE
+    measures). Reasoning lists the perceived scene and the answer follows from it, so the error
+    is a plausible hallucination rather than noise: descriptions name the extra object, counts
+    are one too high, existence answers say "yes".
+    """
+    objects = list(prompt.objects or [])
+    hallucinated = rng.random() < error_rate
+    if hallucinated:
+        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in objects]
+        extra = rng.choice(absent)
+        if prompt.task == "exists" and prompt.reference_answer == "no":
+            extra = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
+        objects.insert(rng.randint(0, len(objects)), extra)
+    reasoning = f"I see {len(objects)} shape{'s' if len(objects) != 1 else ''}: " + describe_objects(objects)[9:]
+    if prompt.task == "describe":
+        answer = describe_objects(objects)
+    elif prompt.task == "count":
+        answer = str(len(objects))
+    elif prompt.task == "exists":
+        asked = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
+        answer = "yes" if asked in objects else "no"
+    else:
+        answer = prompt.reference_answer or ""
+    return reasoning, answer, hallucinated
+
+
+def sft_examples(prompts: list[Prompt], template, error_rate: float, seed: int = 0) -> list[dict]:
+    """SFT examples (TRL prompt-completion format) whose answers hallucinate at `error_rate`.
+
+    `template` is a `sample.templates.Template`: the prompt is asked and the answer written the
+    way the policy will later be sampled, so SFT teaches the chain-of-thought format too.
+    """
+    rng = random.Random(f"sft-{seed}")
+    rows = []
+    for p in prompts:
+        reasoning, answer, hallucinated = perceived_answer(p, rng, error_rate)
+        rows.append({
+            "prompt": template.messages(p.question, len(p.images)),
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": template.format_output(reasoning, answer)}]}],
+            "images": list(p.images),
+            "hallucinated": hallucinated,
+        })  # fmt: skip
+    return rows

@@ -2,12 +2,13 @@
 
 A pairs line is TRL's conversational preference format (`prompt`, `chosen`, `rejected` as lists
 of messages, `images` as file paths) plus alignkit's extras (ids, scores, margin, rationales),
-which the trainer does not need and which are dropped here. Bad data fails here, naming file and
-line, rather than deep inside the collator in the middle of training.
+which are dropped here unless asked for (`keep`: MM-DPO needs `pair_id` and a margin). Bad data
+fails here, naming file and line, rather than deep inside the collator in the middle of training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +55,8 @@ def _messages(value: Any, where: str, num_images: int = 0) -> list[dict[str, Any
     return messages
 
 
-def _row(obj: dict[str, Any], base_dir: Path, where: str) -> dict[str, Any]:
-    missing = [k for k in COLUMNS if k not in obj]
+def _row(obj: dict[str, Any], base_dir: Path, where: str, keep: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    missing = [k for k in (*COLUMNS, *keep) if k not in obj]
     if missing:
         raise RecordError(f"{where}: missing key(s) {missing} for a preference pair")
     if not isinstance(obj["images"], list) or not all(isinstance(p, str) for p in obj["images"]):
@@ -68,22 +69,30 @@ def _row(obj: dict[str, Any], base_dir: Path, where: str) -> dict[str, Any]:
     placeholders = sum(part["type"] == "image" for m in prompt for part in m["content"])
     if placeholders != len(images):
         raise RecordError(f"{where}: the prompt has {placeholders} image placeholder(s) for {len(images)} image(s)")
+    for key, kind in keep.items():
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise RecordError(f"{where}: {key!r} must be {names}, got {obj[key]!r}")
     return {
         "prompt": prompt,
         "chosen": _messages(obj["chosen"], f"{where}: chosen"),
         "rejected": _messages(obj["rejected"], f"{where}: rejected"),
         "images": images,
+        **{key: obj[key] for key in keep},
     }
 
 
-def load_preference_dataset(path: str | Path) -> Dataset:
-    """The pairs file as a `Dataset` with columns prompt/chosen/rejected/images (decoded as RGB PIL)."""
+def load_preference_dataset(path: str | Path, keep: Mapping[str, type | tuple[type, ...]] | None = None) -> Dataset:
+    """The pairs file as a `Dataset` with columns prompt/chosen/rejected/images (decoded as RGB PIL).
+
+    `keep` maps extra keys to keep as columns to their required type, e.g. `{"margin": (int, float)}`.
+    """
     import datasets
 
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: pairs file not found")
-    rows = [_row(obj, path.parent, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    rows = [_row(obj, path.parent, f"{path}:{lineno}", keep or {}) for lineno, obj in iter_jsonl(path)]
     if not rows:
         raise RecordError(f"{path}: no preference pairs (the file is empty)")
     ds = datasets.Dataset.from_list(rows)

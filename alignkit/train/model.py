@@ -23,11 +23,36 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load a vision-language model and its processor from a hub id or a local directory."""
+def quantization_4bit(compute_dtype: torch.dtype):
+    """QLoRA's 4-bit NF4 base-model quantization; a clear error where bitsandbytes cannot run."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "QLoRA (finetune='qlora') loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU, "
+            "and none is visible. Use finetune='lora' or finetune='full' on this machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("QLoRA (finetune='qlora') needs bitsandbytes: `uv sync --extra gpu`.") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_policy(
+    name_or_path: str, dtype: torch.dtype | None = None, load_in_4bit: bool = False
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load a vision-language model and its processor; `load_in_4bit` quantizes it for QLoRA (GPU only)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype or default_dtype())
+    dtype = dtype or default_dtype()
+    quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": 0}} if load_in_4bit else {}
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **quantized)
     processor = AutoProcessor.from_pretrained(name_or_path)
     return model, processor
 

@@ -1,0 +1,201 @@
+"""MM-DPO (MM-RLHF, Kwai 2025): DPO with a per-pair beta scaled by the pair's reward margin.
+
+    β(δ) = β_ori · (1 + w · (1 − exp(−k·δ)))
+
+δ is the pair's reward margin (chosen minus rejected): the judge's `margin` by default, or any
+numeric column of the pairs file named by `margin_key` (e.g. `rm_margin`, written when a critique
+reward model scores the pairs). Pairs the reward model is sure about get a larger β, i.e. a loss
+that keeps the policy closer to the reference on them while pushing harder on their ranking.
+w = 0 is plain DPO. An optional NLL term (weight γ) on the chosen answer is TRL's `sft` loss.
+
+Reference log-probs are computed once, before training, and cached on disk
+(`out_dir/ref_logps/<model fingerprint>.jsonl`, see `alignkit.train.reference`), so each training
+step runs one model forward instead of two. Reads top to bottom: set-up, resume point, reference
+log-probs, train, save; the run directory and resume rules are those of `alignkit.train.common`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from trl import DPOTrainer
+
+from alignkit.records import file_digest
+from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
+from alignkit.train.data import COLUMNS, load_preference_dataset
+from alignkit.train.model import load_policy, lora_config
+from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
+
+FINETUNE = ("lora", "qlora", "full")
+# Batch columns the trainer must keep and carry to `compute_loss` beside the processor outputs.
+PAIR_COLUMNS = ("beta", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def dynamic_beta(margin: float, beta: float = 0.1, w: float = 0.5, k: float = 0.5) -> float:
+    """MM-DPO's β for one pair (paper defaults); a negative margin counts as 0, so β never drops below `beta`."""
+    return beta * (1.0 + w * (1.0 - math.exp(-k * max(margin, 0.0))))
+
+
+@dataclass
+class WithPairColumns:
+    """Wraps TRL's vision collator (which returns only processor outputs) to add the per-pair columns."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = {c: torch.tensor([ex.pop(c) for ex in examples], dtype=torch.float32) for c in PAIR_COLUMNS if c in examples[0]}
+        batch = self.collator(examples)
+        batch.update(extra)
+        return batch
+
+
+class MMDPOTrainer(DPOTrainer):
+    """TRL's `DPOTrainer` with a per-pair beta and reference log-probs read from the batch.
+
+    TRL 1.16 computes the loss and the reward metrics inline in `_compute_loss` from `self.beta`
+    (one float). Every use there is elementwise over pairs, so `compute_loss` sets `self.beta` to
+    the batch's (B,) beta tensor for the duration of the call: TRL's own sigmoid loss, reward
+    margins and accuracies then use the per-pair beta, with no copy of TRL's 300-line loss to
+    keep in step with TRL releases. With a constant beta it is exactly the stock loss (tested).
+    The reference log-probs use TRL's own precomputed path (`precompute_ref_logps`, which reads
+    `ref_chosen_logps`/`ref_rejected_logps` from the batch), switched on once `cache_reference_logps`
+    has filled those columns, since TRL refuses to precompute them itself for vision data.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.data_collator = WithPairColumns(self.data_collator)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *PAIR_COLUMNS]
+
+    def cache_reference_logps(self, cache: Path, keys: list[str]) -> None:
+        """Compute the reference log-probs of pairs missing from `cache` (one row per key), then train from it.
+
+        Uses TRL's `compute_ref_log_probs`, i.e. the very forward TRL runs in-step: the base model
+        with the adapter disabled (LoRA/QLoRA), or the frozen initial model (full fine-tuning).
+        """
+        cached = read_cache(cache)
+        todo = [i for i, key in enumerate(keys) if key not in cached]
+        if todo:
+            model = self.ref_model or self.model
+            rows = self.train_dataset.select(todo).select_columns(list(COLUMNS))
+            loader = DataLoader(rows, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
+            for start, batch in zip(range(0, len(todo), loader.batch_size), loader):
+                chosen, rejected = self.compute_ref_log_probs(model, self._prepare_inputs(batch))
+                batch_keys = [keys[i] for i in todo[start : start + loader.batch_size]]
+                append_cache(cache, batch_keys, chosen.float().tolist(), rejected.float().tolist())
+            cached = read_cache(cache)
+        ds = self.train_dataset
+        ds = ds.add_column("ref_chosen_logps", [cached[key][0] for key in keys])
+        self.train_dataset = ds.add_column("ref_rejected_logps", [cached[key][1] for key in keys])
+        self.precompute_ref_logps = True
+        self.ref_model = None  # full fine-tuning: TRL loaded a frozen copy that is no longer needed
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        beta = inputs.pop("beta")
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        all_beta = self.accelerator.gather(beta)
+        metrics["beta/mean"].append(all_beta.mean().item())
+        metrics["beta/min"].append(all_beta.min().item())
+        metrics["beta/max"].append(all_beta.max().item())
+        self.beta = beta
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.beta = self.args.beta
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL averages each metric over the logging window; the extremes must stay extremes.
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, reduce in (("beta/min", min), ("beta/max", max)):
+            if metrics.get(key):
+                metrics[key] = [reduce(metrics[key])]
+        super().log(logs, start_time)
+
+
+def train_mmdpo(
+    pairs_path: Path,
+    out_dir: Path,
+    *,
+    model: str,
+    beta: float = 0.1,
+    w: float = 0.5,
+    k: float = 0.5,
+    gamma: float = 0.0,
+    margin_key: str = "margin",
+    finetune: Literal["lora", "qlora", "full"] = "lora",
+    learning_rate: float = 5e-5,
+    num_epochs: float = 1.0,
+    max_steps: int = -1,
+    batch_size: int = 2,
+    grad_accum: int = 1,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    max_length: int | None = 512,
+    save_steps: int = 50,
+    seed: int = 0,
+    logging_steps: int = 1,
+) -> Path:
+    """Train with MM-DPO on a pairs file; returns `out_dir/adapter` (LoRA, QLoRA) or `out_dir/model` (full).
+
+    `beta`, `w`, `k` are β_ori and the margin scaling of the per-pair beta (paper defaults 0.1,
+    0.5, 0.5); `gamma` weighs an NLL term on the chosen answer (0: off); `margin_key` names the
+    numeric margin column (`margin` from the judge, or a reward model's, e.g. `rm_margin`).
+    `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or `full`. The other
+    arguments are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
+    """
+    from alignkit.testing.tiny_models import resolve_model
+
+    if finetune not in FINETUNE:
+        raise ValueError(f"finetune must be one of {FINETUNE}, got {finetune!r}")
+    pairs_path, out_dir = Path(pairs_path), Path(out_dir)
+    model_path = resolve_model(model)
+
+    # set-up
+    dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
+    dataset = dataset.add_column("beta", [dynamic_beta(m, beta, w, k) for m in dataset[margin_key]])
+    keys = [pair_key(*row) for row in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+    policy, processor = load_policy(model_path, load_in_4bit=finetune == "qlora")
+    peft_config = None if finetune == "full" else lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
+    nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, gamma]} if gamma else {}
+    args = dpo_config(
+        out_dir, policy, beta=beta, learning_rate=learning_rate, num_epochs=num_epochs, max_steps=max_steps,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, save_steps=save_steps, seed=seed,
+        logging_steps=logging_steps, **nll,
+    )  # fmt: skip
+
+    # resume point: anything that changes what is learned invalidates old checkpoints
+    settings = {
+        "pairs": file_digest(pairs_path),
+        "model": model_path,
+        "mmdpo": [beta, w, k, gamma, margin_key, finetune, learning_rate, batch_size, grad_accum, max_length, seed],
+        "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+    }
+    resume_from = resume_point(out_dir, settings)
+
+    # reference log-probs: once per model and pair, reused by every later run in this directory
+    trainer = MMDPOTrainer(
+        model=policy,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
+    )
+    fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_length=max_length)
+    trainer.cache_reference_logps(out_dir / "ref_logps" / f"{fingerprint}.jsonl", keys)
+
+    # train
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # save: a finished adapter (or model) with the processor, or nothing
+    return save_final(trainer, out_dir / ("model" if finetune == "full" else "adapter"))

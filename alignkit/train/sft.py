@@ -1,0 +1,200 @@
+"""Supervised fine-tuning of a VLM on image+text prompt/completion conversations.
+
+The usual step before preference training, and how the shapes recipes make a base policy from
+random weights. It is a compact loop rather than TRL's `SFTTrainer`: SFTTrainer runs the image
+processor in its collator on every step, which on a CPU costs more than the tiny model's forward
+pass (see benchmarks/sft_speed.py); here every example is encoded once, up front.
+
+Reads top to bottom: encode, set-up, resume, loop, save. The loss is on completion tokens only.
+Checkpoints (model, optimizer, scheduler, step, RNG) go to `out_dir/checkpoint` every
+`save_steps`; a re-run with the same data and settings resumes from there. The final model (or
+LoRA adapter) is written to a temporary directory and renamed to `out_dir/model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from alignkit.records import file_digest, iter_jsonl, load_image, RecordError
+
+
+def read_sft_file(path: Path) -> list[dict[str, Any]]:
+    """Read SFT examples: `prompt` and `completion` conversations (TRL's prompt-completion format)
+    plus `images` (paths, relative to the file). Errors name the file and line."""
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        missing = {"prompt", "completion"} - obj.keys()
+        if missing:
+            raise RecordError(f"{path}:{lineno}: missing key(s) {sorted(missing)} for an SFT example")
+        images = [str((Path(path).parent / p).resolve()) for p in obj.get("images", [])]
+        for p in images:
+            if not Path(p).is_file():
+                raise RecordError(f"{path}:{lineno}: image not found: {p}")
+        rows.append({"prompt": obj["prompt"], "completion": obj["completion"], "images": images})
+    if not rows:
+        raise RecordError(f"{path}: no SFT examples")
+    return rows
+
+
+def encode(processor: Any, example: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tokenize one example with its images; labels are -100 on the prompt (completion-only loss)."""
+    images = [load_image(p) for p in example["images"]] or None
+    full = processor.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+    prompt = processor.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[full], images=images, return_tensors="pt")
+    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+    out = {k: v[0] if k in ("input_ids", "attention_mask") else v for k, v in enc.items()}
+    labels = out["input_ids"].clone()
+    labels[:prompt_len] = -100
+    out["labels"] = labels
+    return out
+
+
+def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token tensors; concatenate image tensors (pixel_values, image_grid_thw) along dim 0."""
+    width = max(len(b["input_ids"]) for b in batch)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100)):
+        out[key] = torch.stack(
+            [torch.cat([b[key], torch.full((width - len(b[key]),), fill, dtype=b[key].dtype)]) for b in batch]
+        )
+    for key in batch[0].keys() - out.keys():
+        out[key] = torch.cat([b[key] for b in batch])
+    return out
+
+
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 0: the multiplier of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_sft(
+    data_path: Path,
+    out_dir: Path,
+    *,
+    model: str,
+    finetune: str = "full",
+    learning_rate: float = 1e-3,
+    max_steps: int = 1000,
+    batch_size: int = 16,
+    warmup_steps: int = 50,
+    weight_decay: float = 0.0,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    save_steps: int = 250,
+    logging_steps: int = 25,
+    seed: int = 0,
+) -> Path:
+    """Fine-tune `model` on an SFT file; returns `out_dir/model` (full weights or a LoRA adapter).
+
+    `finetune` is "full" or "lora". Defaults suit training a tiny model from scratch (lr 1e-3,
+    batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4.
+    """
+    from alignkit.testing.tiny_models import resolve_model
+    from alignkit.train.model import load_policy, lora_config
+
+    if finetune not in ("full", "lora"):
+        raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
+    data_path, out_dir = Path(data_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, ckpt = out_dir / "model", out_dir / "checkpoint"
+
+    # encode
+    rows = read_sft_file(data_path)
+    policy, processor = load_policy(resolve_model(model), dtype=torch.float32)
+    examples = [encode(processor, r) for r in tqdm(rows, desc="encode", leave=False)]
+    pad_id = processor.tokenizer.pad_token_id
+
+    # set-up
+    if finetune == "lora":
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(lora_r, lora_alpha))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, max_steps, warmup_steps))
+    key = hashlib.sha256(
+        json.dumps([file_digest(data_path), model, finetune, learning_rate, max_steps, batch_size, warmup_steps,
+                    weight_decay, lora_r, lora_alpha, seed]).encode()
+    ).hexdigest()  # fmt: skip
+
+    # resume
+    step, order = 0, []
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    state_file = ckpt / "state.pt"
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        if state["key"] == key:
+            policy.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, order = state["step"], state["order"]
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+    metrics = out_dir / "metrics.jsonl"
+    if step == 0:
+        metrics.unlink(missing_ok=True)
+
+    # loop
+    policy.train()
+    bar = tqdm(total=max_steps, initial=step, desc="sft")
+    running = 0.0
+    while step < max_steps:
+        if len(order) < batch_size:  # a fresh shuffled epoch once the current one runs out
+            order += rng.sample(range(len(examples)), len(examples))
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = collate([examples[i] for i in idx], pad_id)
+        loss = policy(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        running += loss.item()
+        bar.update(1)
+        if step % logging_steps == 0 or step == max_steps:
+            n = logging_steps if step % logging_steps == 0 else step % logging_steps
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": running / n, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            bar.set_postfix(loss=f"{running / n:.3f}")
+            running = 0.0
+        if step % save_steps == 0 and step < max_steps:
+            _save_checkpoint(ckpt, policy, optimizer, scheduler, step, order, rng, key)
+    bar.close()
+
+    # save
+    tmp = out_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if finetune == "full":
+        policy.generation_config.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return final
+
+
+def _save_checkpoint(ckpt: Path, policy, optimizer, scheduler, step: int, order: list[int], rng, key: str) -> None:
+    """Trainable weights and loop state, written atomically."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
+    state = {"key": key, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": step, "order": order, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}  # fmt: skip
+    tmp = ckpt / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, ckpt / "state.pt")
