@@ -122,6 +122,18 @@ _stage_command(
 )
 _stage_command("pairs", "Build chosen/rejected preference pairs (TRL format) from the judged samples.")
 _stage_command("train", "Train the policy with DPO + LoRA on the pairs; writes a PEFT adapter to train/adapter.")
+_stage_command(
+    "score",
+    "Score every sample with the critique reward model (rm_scores.jsonl) and add rm_margin, rm_chosen_score "
+    "and rm_rejected_score to the pairs; prints the reward model's ACC / ACC+ against the judge.",
+)
+
+
+@app.command("train-rm")
+def train_rm(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Train the critique reward model (recipe section `reward_model`) on the pairs, with the judge's
+    rationales as critiques; writes reward_model/model and prints ACC / ACC+ on held-out prompts."""
+    _run(recipe, overrides, ["reward_model"])
 
 
 @app.command()
@@ -165,13 +177,12 @@ def make_tiny_model(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Build a tiny random-weight VLM offline (for tests and trying alignkit without downloads)."""
-    from alignkit.testing.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
+    from alignkit.testing.tiny_models import BUILDERS
 
-    builders = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava}
-    if name not in builders:
-        console.print(f"[red]error:[/] unknown tiny model {name!r}; choose one of {sorted(builders)}")
+    if name not in BUILDERS:
+        console.print(f"[red]error:[/] unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")
         raise typer.Exit(2)
-    console.print(f"saved {builders[name](out_dir, seed=seed)}")
+    console.print(f"saved {BUILDERS[name](out_dir, seed=seed)}")
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("prompts", "sample", "judge", "pairs", "train")
+STAGES = ("prompts", "sample", "judge", "pairs", "reward_model", "score", "train")
+# The critique reward model stages are opt-in: list them in a recipe's `stages` to run them.
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("reward_model", "score"))
 
 
 class RecipeError(ValueError):
@@ -52,8 +54,11 @@ class DataConfig(Section):
 
 
 class VllmConfig(Section):
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=1)
-    """On GPU the share of GPU memory; on CPU the share of host RAM kept for the KV cache."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """On GPU the share of GPU memory (vLLM's default 0.9); on CPU the share of host RAM kept for the
+    KV cache (default 0.1: vLLM's 0.9 fails at start-up there)."""
+    enforce_eager: bool | None = None
+    """Skip graph compilation (default: on for CPU, where compiling costs ~90 s per engine start)."""
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: str = "auto"
     max_model_len: int | None = 2048
@@ -107,9 +112,20 @@ class PairsConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["dpo"] = "dpo"
+    method: Literal["dpo", "mmdpo"] = "dpo"
+    """`dpo` (TRL's DPO) or `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference)."""
     beta: float = Field(0.1, gt=0)
-    """DPO temperature (0.1, as in the DPO paper and TRL)."""
+    """DPO temperature (0.1, as in the DPO paper and TRL); β_ori for `mmdpo`."""
+    w: float = Field(0.5, ge=0)
+    """mmdpo: how much a large margin raises beta, β = β_ori·(1 + w·(1 − e^(−k·δ))); 0 is plain DPO."""
+    k: float = Field(0.5, gt=0)
+    """mmdpo: how fast beta saturates with the margin δ (0.5, as in MM-RLHF)."""
+    gamma: float = Field(0.0, ge=0)
+    """mmdpo: weight of an NLL term on the chosen answer (0: off)."""
+    margin_key: str = "margin"
+    """mmdpo: the pairs column giving δ: `margin` (judge scores) or `rm_margin` (after the score stage)."""
+    finetune: Literal["lora", "qlora", "full"] = "lora"
+    """mmdpo: LoRA, QLoRA (4-bit base; CUDA + bitsandbytes only) or full fine-tuning."""
     learning_rate: float = Field(5e-5, gt=0)
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int = -1
@@ -123,17 +139,53 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1)
 
 
+class RewardModelConfig(Section):
+    """The critique reward model (MM-RLHF): stage `reward_model` trains it, stage `score` uses it."""
+
+    model: str | None = None
+    """Backbone VLM to train from (default: policy.model)."""
+    finetune: Literal["lora", "full"] = "lora"
+    learning_rate: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    """Pairs per step (each pair is two sequences)."""
+    critique_weight: float = Field(1.0, ge=0)
+    """Weight of the critique token cross-entropy."""
+    margin_weight: float = Field(0.0, ge=0)
+    """Bradley-Terry margin: -log sigmoid(r_c - r_r - margin_weight * judge margin); 0 is plain BT."""
+    tie_weight: float = Field(1.0, ge=0)
+    """Weight of (r_c - r_r)^2 on tied pairs (margin 0)."""
+    center_weight: float = Field(0.01, ge=0)
+    """Reward centering, center_weight * mean((r_c + r_r)^2); 0.01 as in the MM-RLHF recipe."""
+    use_critiques: bool = True
+    """Train critique generation on the judge's rationales; false trains the score only."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of prompts held out to report ACC / ACC+ after training."""
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    num_critiques: int = Field(1, ge=0)
+    """Critiques per answer when scoring (1: greedy; more: sampled and averaged; 0: no critique)."""
+    max_critique_tokens: int = Field(64, ge=1)
+    critique_temperature: float = Field(1.0, gt=0)
+    score_batch_size: int = Field(8, ge=1)
+    checkpoint: str | None = None
+    """Score with this reward model directory instead of the one the `reward_model` stage trains."""
+
+
 class Recipe(Section):
     output_dir: str
     """Run directory (relative to the current directory)."""
     seed: int = 0
-    stages: list[Literal["prompts", "sample", "judge", "pairs", "train"]] = list(STAGES)
+    stages: list[Literal[STAGES]] = list(DEFAULT_STAGES)
     policy: PolicyConfig = PolicyConfig()
     data: DataConfig
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -173,7 +173,7 @@ class Runner:
                 template=cfg.template,
                 batch_size=cfg.batch_size,
                 chunk_size=cfg.chunk_size,
-                vllm_options=cfg.vllm.model_dump(),
+                vllm_options=cfg.vllm.model_dump(exclude_none=True),
             )
 
         return self._stage("sample", settings, [self.paths.prompts], self.paths.samples, work)
@@ -240,12 +240,19 @@ class Runner:
 
         cfg = self.recipe.train
         settings = {"train": cfg.model_dump(), "model": self.recipe.policy.model, "seed": self.recipe.seed}
+        train, method = train_dpo, {}
+        if cfg.method == "mmdpo":  # train_dpo's arguments plus MM-DPO's own
+            from alignkit.train.mmdpo import train_mmdpo
+
+            train = train_mmdpo
+            method = dict(w=cfg.w, k=cfg.k, gamma=cfg.gamma, margin_key=cfg.margin_key, finetune=cfg.finetune)
 
         def work(fp: str) -> dict[str, Any]:
-            adapter = train_dpo(
+            adapter = train(
                 self.paths.pairs,
                 self.paths.train,
                 model=self.recipe.policy.model,
+                **method,
                 beta=cfg.beta,
                 learning_rate=cfg.learning_rate,
                 num_epochs=cfg.num_epochs,
@@ -263,6 +270,89 @@ class Runner:
             return {"adapter": str(adapter)}
 
         return self._stage("train", settings, [self.paths.pairs], self.paths.train, work)
+
+    def reward_model(self) -> dict[str, Any]:
+        """Train the critique reward model on the pairs (rationales as critiques) into reward_model/."""
+        from alignkit.reward.losses import LossWeights
+        from alignkit.reward.score import rm_pairs_digest
+        from alignkit.reward.train import train_reward_model
+
+        cfg = self.recipe.reward_model
+        model = cfg.model or self.recipe.policy.model
+        if not self.paths.pairs.exists():
+            raise StageInputError(f"stage 'reward_model' needs {self.paths.pairs}; run the pairs stage first")
+        # The pairs' content without the rm_* columns the score stage adds, so scoring never retrains.
+        settings = {"reward_model": cfg.model_dump(), "model": model, "seed": self.recipe.seed,
+                    "pairs": rm_pairs_digest(self.paths.pairs)}  # fmt: skip
+
+        def work(fp: str) -> dict[str, Any]:
+            summary = train_reward_model(
+                self.paths.pairs,
+                self.paths.root / "reward_model",
+                model=model,
+                finetune=cfg.finetune,
+                learning_rate=cfg.learning_rate,
+                max_steps=cfg.max_steps,
+                batch_size=cfg.batch_size,
+                weights=LossWeights(cfg.critique_weight, cfg.margin_weight, cfg.tie_weight, cfg.center_weight),
+                use_critiques=cfg.use_critiques,
+                eval_fraction=cfg.eval_fraction,
+                lora_r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                seed=self.recipe.seed,
+                score_options=self._score_options(),
+            )
+            if "held_out" in summary:
+                ev = summary["held_out"]
+                self.console.print(
+                    f"reward model on held-out pairs: ACC {ev['acc']:.3f}  ACC+ {ev['acc_plus']:.3f} "
+                    f"({ev['num_pairs']} pairs, {ev['num_prompts']} prompts)"
+                )
+            return summary
+
+        return self._stage("reward_model", settings, [], self.paths.root / "reward_model", work)
+
+    def _score_options(self) -> dict[str, Any]:
+        cfg = self.recipe.reward_model
+        return {"num_critiques": cfg.num_critiques, "max_new_tokens": cfg.max_critique_tokens,
+                "temperature": cfg.critique_temperature, "batch_size": cfg.score_batch_size}  # fmt: skip
+
+    def score(self) -> dict[str, Any]:
+        """Score every sample with the reward model (rm_scores.jsonl) and add rm_* columns to the pairs."""
+        from alignkit.reward.score import annotate_pairs_file, score_samples
+        from alignkit.sample.templates import load_template
+
+        cfg = self.recipe.reward_model
+        rm_dir = Path(cfg.checkpoint) if cfg.checkpoint else self.paths.root / "reward_model" / "model"
+        output = self.paths.root / "rm_scores.jsonl"
+        settings = {"score": self._score_options(), "reward_model": str(rm_dir),
+                    "template": self.recipe.sample.template, "seed": self.recipe.seed}  # fmt: skip
+
+        def work(fp: str) -> dict[str, Any]:
+            prompts = read_records(self.paths.prompts, Prompt)
+            tmpl = load_template(self.recipe.sample.template)
+            return score_samples(
+                rm_dir,
+                prompts,
+                read_records(self.paths.samples, Sample),
+                {p.prompt_id: tmpl.render(p.question) for p in prompts},
+                output,
+                seed=self.recipe.seed,
+                **self._score_options(),
+            )
+
+        inputs = [self.paths.prompts, self.paths.samples, rm_dir / "head.safetensors"]
+        summary = self._stage("score", settings, inputs, output, work)
+        # Always (cheap): a re-run of the pairs stage rewrites pairs.jsonl without the rm_* columns.
+        if self.paths.pairs.exists():
+            ev = annotate_pairs_file(self.paths.pairs, output)
+            self.console.print(
+                f"reward model vs judge on {ev['num_pairs']} pairs: ACC {ev['acc']:.3f}  ACC+ {ev['acc_plus']:.3f}"
+            )
+            summary = {**summary, "pairs": ev}
+        return summary
 
     # -- driver ---------------------------------------------------------------------------------
 

@@ -1,4 +1,3 @@
-import json
 import os
 from pathlib import Path
 
@@ -166,7 +165,7 @@ def vllm_backend(tiny_qwen_dir):
     # In-process engine: on 2 CPU cores each spawned vLLM process costs ~40 s of imports.
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    options = {"enforce_eager": True, "max_model_len": 512, "distributed_executor_backend": "uni"}
+    options = {"max_model_len": 512, "distributed_executor_backend": "uni"}
     try:
         yield make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=12, vllm_options=options)
     finally:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
@@ -179,9 +180,11 @@ class OpenAIJudge:
             await self.throttle.acquire(estimate)
             try:
                 self.tally.requests += 1
-                reply = await self.client.chat.completions.create(
-                    model=self.model, messages=messages, response_format=self.response_format, **sampling
-                )
+                # The client's generic post (its documented way to send any body) keeps its retries,
+                # timeouts and errors but skips `create`'s per-field transform of the messages,
+                # which costs as much CPU as the rest of a request (a base64 image is a long string).
+                body = {"model": self.model, "messages": messages, "response_format": self.response_format, **sampling}
+                reply = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
             except openai.APIError as e:
                 return Judgment(None, _api_failure(e, self.timeout, self.max_retries))
             usage = reply.usage

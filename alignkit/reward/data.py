@@ -46,7 +46,7 @@ def read_rm_pairs(path: str | Path) -> list[RMPair]:
     pairs = []
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        row = _row(obj, path.parent, where)
+        row = _row(obj, path.parent, where, {})
         margin = obj.get("margin", 1.0)
         if not isinstance(margin, (int, float)):
             raise RecordError(f"{where}: 'margin' must be a number (pair_id={obj.get('pair_id')!r})")

@@ -8,16 +8,20 @@ prompts whose pairs are all ranked right.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
-from alignkit.records import RecordError
+from alignkit.pairs import _conversation
+from alignkit.records import Prompt, RecordError, Sample, iter_jsonl, load_image, write_jsonl
 from alignkit.reward.data import Messages, RMPair, collate, encode, encode_answer, render
-from alignkit.reward.model import RewardModel
+from alignkit.reward.model import RewardModel, load_reward_model
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Answer:
 
 @dataclass
 class Scored:
+    """A score (the mean over critiques) and the critiques it was read after."""
+
     score: float
     critiques: list[str] = field(default_factory=list)
 
@@ -91,8 +97,6 @@ def score_answers(
 
 def pair_answers(pairs: Sequence[RMPair]) -> list[Answer]:
     """Each pair's chosen then rejected answer, in order: [c0, r0, c1, r1, ...]."""
-    from alignkit.records import load_image
-
     out = []
     for p in pairs:
         images = [load_image(path) for path in p.images]
@@ -133,3 +137,57 @@ def add_rm_columns(pairs: list[dict[str, Any]], scores: dict[str, float], where:
         c, r = scores[p["chosen_id"]], scores[p["rejected_id"]]
         out.append({**p, "rm_chosen_score": c, "rm_rejected_score": r, "rm_margin": c - r})
     return out
+
+
+RM_COLUMNS = ("rm_chosen_score", "rm_rejected_score", "rm_margin")
+
+
+def score_samples(
+    rm_dir: Path,
+    prompts: Sequence[Prompt],
+    samples: Sequence[Sample],
+    user_text: dict[str, str],
+    output: Path,
+    *,
+    seed: int = 0,
+    **score_options: Any,
+) -> dict[str, Any]:
+    """Score every sample's full text, as the pairs present it; writes `output` (jsonl) and returns a summary."""
+    rm = load_reward_model(rm_dir)
+    by_id = {p.prompt_id: p for p in prompts}
+    images = {p.prompt_id: [load_image(path) for path in p.images] for p in prompts}
+    answers = []
+    for s in samples:
+        if s.prompt_id not in by_id:
+            raise RecordError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r}")
+        p = by_id[s.prompt_id]
+        prompt = _conversation("user", user_text[p.prompt_id], len(p.images))
+        answers.append(Answer(prompt, _conversation("assistant", s.text), images[p.prompt_id]))
+    scored = score_answers(rm, answers, seed=seed, **score_options)
+    write_jsonl(output, [
+        {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "rm_score": r.score, "rm_critiques": r.critiques}
+        for s, r in zip(samples, scored)
+    ])  # fmt: skip
+    values = [r.score for r in scored]
+    return {"num_scored": len(values), "mean_rm_score": sum(values) / len(values) if values else None}
+
+
+def annotate_pairs_file(pairs_path: Path, scores_path: Path) -> dict[str, float]:
+    """Add the rm_* columns to a pairs file (rewritten only if they change); returns ACC/ACC+ vs the judge."""
+    pairs = [obj for _, obj in iter_jsonl(pairs_path)]
+    scores = {obj["sample_id"]: obj["rm_score"] for _, obj in iter_jsonl(scores_path)}
+    annotated = add_rm_columns(pairs, scores, str(pairs_path))
+    if annotated != pairs:
+        write_jsonl(pairs_path, annotated)
+    ranked = [p for p in annotated if p.get("margin", 1.0) != 0]
+    return pairwise_accuracy(
+        [p["prompt_id"] for p in ranked], [p["rm_chosen_score"] for p in ranked], [p["rm_rejected_score"] for p in ranked]
+    )
+
+
+def rm_pairs_digest(pairs_path: Path) -> str:
+    """Hash of a pairs file's content without the rm_* columns (what reward-model training reads)."""
+    h = hashlib.sha256()
+    for _, obj in iter_jsonl(pairs_path):
+        h.update(json.dumps({k: v for k, v in obj.items() if k not in RM_COLUMNS}, sort_keys=True).encode())
+    return h.hexdigest()

@@ -64,7 +64,7 @@ def _request(prompt: Prompt, template: Template) -> Request:
 def _samples(prompt_id: str, gens: list[Generation], template: Template, policy: str) -> list[Sample]:
     out = []
     for k, g in enumerate(gens):
-        reasoning, answer, parsed = parse_output(template.style, g.text)
+        reasoning, answer, parsed = template.parse(g.text)
         out.append(
             Sample(sample_id(prompt_id, k), prompt_id, g.text, reasoning, answer, parsed,
                    g.num_tokens, g.finish_reason, policy)

@@ -3,8 +3,9 @@
 Each prompt gets its own seed derived from the call's seed and its prompt id, so a prompt's
 samples do not depend on which other prompts share the batch. On CPU, vLLM's
 `gpu_memory_utilization` is the share of host RAM reserved for the KV cache; its default (0.92)
-fails at start-up there, so the CPU default here is 0.1. Code that creates this backend needs an
-`if __name__ == "__main__":` guard: vLLM starts its workers with spawn.
+fails at start-up there, so the CPU default here is 0.1 (and eager mode, see `_engine_options`).
+Code that creates this backend needs an `if __name__ == "__main__":` guard: vLLM starts its
+workers with spawn.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
 
     defaults: dict[str, Any] = {"tensor_parallel_size": 1, "dtype": "auto", "max_model_len": None}
     if current_platform.is_cpu():
-        defaults["gpu_memory_utilization"] = 0.1
+        # torch.compile added ~90 s to every engine start on a 2-core machine; CPU runs are small.
+        defaults |= {"gpu_memory_utilization": 0.1, "enforce_eager": True}
     return defaults | (options or {})
 
 
@@ -49,7 +51,8 @@ class VllmBackend:
             from vllm.lora.request import LoRARequest
 
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-            opts = {"enable_lora": True, "max_lora_rank": max(8, rank)} | opts
+            # vLLM accepts only some ranks (8, 16, 32, ...): round up to the next power of two.
+            opts = {"enable_lora": True, "max_lora_rank": max(8, 1 << (rank - 1).bit_length())} | opts
             self.lora = LoRARequest("adapter", 1, str(adapter))
         try:
             self.llm = LLM(model=model, **opts)

@@ -89,9 +89,7 @@ class ChatServer:
         self._in_flight = 0
         self._rules: list[_FaultRule] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False  # a hung handler must not hold up stop()
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.fixture = self  # type: ignore[attr-defined]
 
     @property
@@ -155,6 +153,12 @@ class ChatServer:
     def _leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a hung handler must not hold up stop()
+    request_queue_size = 256  # socketserver's default backlog of 5 refuses connections under concurrency
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -53,7 +53,9 @@ def encode(processor: Any, example: dict[str, Any]) -> dict[str, torch.Tensor]:
     prompt = processor.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
     enc = processor(text=[full], images=images, return_tensors="pt")
     prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    out = {k: v[0] if k in ("input_ids", "attention_mask") else v for k, v in enc.items()}
+    seq = enc["input_ids"].shape[1]
+    # per-token tensors (input_ids, attention_mask, mm_token_type_ids, ...) lose the batch dim
+    out = {k: v[0] if v.dim() == 2 and v.shape == (1, seq) else v for k, v in enc.items()}
     labels = out["input_ids"].clone()
     labels[:prompt_len] = -100
     out["labels"] = labels
@@ -61,15 +63,18 @@ def encode(processor: Any, example: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token tensors; concatenate image tensors (pixel_values, image_grid_thw) along dim 0."""
+    """Right-pad per-token tensors; concatenate image tensors (pixel_values, image_grid_thw) along dim 0."""
     width = max(len(b["input_ids"]) for b in batch)
+    fills = {"input_ids": pad_id, "labels": -100}
     out: dict[str, torch.Tensor] = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100)):
-        out[key] = torch.stack(
-            [torch.cat([b[key], torch.full((width - len(b[key]),), fill, dtype=b[key].dtype)]) for b in batch]
-        )
-    for key in batch[0].keys() - out.keys():
-        out[key] = torch.cat([b[key] for b in batch])
+    for key, first in batch[0].items():
+        if first.dim() == 1:
+            fill = fills.get(key, 0)
+            out[key] = torch.stack(
+                [torch.cat([b[key], torch.full((width - len(b[key]),), fill, dtype=b[key].dtype)]) for b in batch]
+            )
+        else:
+            out[key] = torch.cat([b[key] for b in batch])
     return out
 
 
