@@ -9,10 +9,11 @@ tell "no hallucination" from "nothing to measure".
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
-from alignkit.records import Prompt
+from alignkit.records import Prompt, Sample, read_records
 
 QA_TASKS: tuple[str, ...] = ("count", "color")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b", re.IGNORECASE)
@@ -234,3 +235,43 @@ def compare(before: dict, after: dict) -> str:
         delta = new - old if old is not None and new is not None else None
         rows.append([key, _fmt(old), _fmt(new), _fmt(delta, signed=True)])
     return _table(["metric", "before", "after", "delta"], rows)
+
+
+def run_eval(
+    prompts: list[Prompt],
+    out_dir: Path,
+    *,
+    fingerprint: str,
+    backend: str = "transformers",
+    model: str,
+    adapter: str | None = None,
+    template: str = "cot",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    vllm_options: dict | None = None,
+) -> dict:
+    """Answer every prompt once with a policy (greedy unless `temperature` > 0) and score the answers.
+
+    Writes `out_dir/answers.jsonl` (Sample records, resumable) and returns `evaluate_answers`'
+    results plus the policy and decoding used; the caller adds a judge score if it has one.
+    """
+    from alignkit.sample import make_backend, sample_prompts
+
+    engine = make_backend(
+        backend, model, adapter, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+        vllm_options=vllm_options,
+    )  # fmt: skip
+    answers_path = Path(out_dir) / "answers.jsonl"
+    summary = sample_prompts(
+        engine, prompts, answers_path, fingerprint=fingerprint, template=template, num_samples=1, seed=seed
+    )
+    answers = {s.prompt_id: s.answer for s in read_records(answers_path, Sample)}
+    scored = [p for p in prompts if p.prompt_id in answers]  # prompts whose image failed are listed below
+    results = evaluate_answers(scored, answers)
+    results["policy"] = engine.policy
+    results["decoding"] = "greedy" if temperature == 0 else f"sampling (temperature {temperature})"
+    results["failed_prompts"] = summary["failed"]
+    results["truncated"] = summary["truncated"]
+    return results

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("prompts", "sample", "judge", "pairs", "reward_model", "score", "train")
+STAGES = ("sft", "prompts", "sample", "judge", "pairs", "reward_model", "score", "train", "eval")
 # The critique reward model stages are opt-in: list them in a recipe's `stages` to run them.
-DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("reward_model", "score"))
+DEFAULT_STAGES = ("prompts", "sample", "judge", "pairs", "train")
 
 
 class RecipeError(ValueError):
@@ -174,6 +174,62 @@ class RewardModelConfig(Section):
     """Score with this reward model directory instead of the one the `reward_model` stage trains."""
 
 
+class SftSyntheticConfig(Section):
+    world: Literal["shapes"] = "shapes"
+    num_examples: int = Field(2048, ge=1)
+    seed: int = 1
+    """Seed of the SFT images (keep it apart from data.synthetic.seed and eval's)."""
+    error_rate: float = Field(0.6, ge=0, le=1)
+    """Share of SFT answers that hallucinate one object that is not in the image (see
+    `testing.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
+
+
+class SftConfig(Section):
+    """Supervised fine-tuning before preference training; its model becomes the policy."""
+
+    data: str | None = None
+    """SFT examples as jsonl: TRL prompt-completion conversations plus `images` (relative paths)."""
+    synthetic: SftSyntheticConfig | None = None
+    """Or SFT data from the synthetic shapes world, answers in the sampling template's format."""
+    finetune: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(1e-3, gt=0)
+    """1e-3 trains the tiny model from scratch; use ~1e-4 with LoRA on a pretrained VLM."""
+    max_steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    warmup_steps: int = Field(50, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    save_steps: int = Field(250, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SftConfig":
+        if (self.data is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of sft.data or sft.synthetic")
+        return self
+
+
+class EvalConfig(Section):
+    """Held-out evaluation of the policy before alignment and after every round."""
+
+    prompts: str | None = None
+    """Held-out prompts with gold annotations (jsonl, parquet or a `datasets` directory)."""
+    synthetic: SyntheticConfig | None = None
+    """Or held-out prompts from the synthetic world (use a seed no training data uses)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding (the default, as in CHAIR and POPE); above 0 samples."""
+    batch_size: int = Field(16, ge=1)
+    judge: bool = True
+    """Also report the mean score of the recipe's judge on the answers."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalConfig":
+        if (self.prompts is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of eval.prompts or eval.synthetic")
+        return self
+
+
 class Recipe(Section):
     output_dir: str
     """Run directory (relative to the current directory)."""
@@ -186,6 +242,10 @@ class Recipe(Section):
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    sft: SftConfig | None = None
+    eval: EvalConfig | None = None
+    rounds: int = Field(1, ge=1)
+    """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -88,7 +88,7 @@ class Runner:
 
     def __init__(self, recipe: Recipe, console: Console | None = None):
         self.recipe = recipe
-        self.paths = RunPaths(Path(recipe.output_dir))
+        self.paths = RunPaths(Path(recipe.output_dir).resolve())  # records carry absolute image paths
         self.console = console or Console()
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = json.loads(self.paths.state.read_text()) if self.paths.state.exists() else {}
@@ -353,6 +353,135 @@ class Runner:
             )
             summary = {**summary, "pairs": ev}
         return summary
+
+    def _judge_options(self) -> dict[str, Any]:
+        """run_judge's keyword arguments from the recipe's judge section (the judge and eval stages)."""
+        cfg = self.recipe.judge
+        return dict(
+            backend=cfg.backend, rubric=cfg.rubric, model=cfg.model, base_url=cfg.base_url,
+            api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout=cfg.timeout,
+            max_retries=cfg.max_retries, image_max_side=cfg.image_max_side, rpm=cfg.rpm, tpm=cfg.tpm,
+            num_judgments=cfg.num_judgments,
+        )  # fmt: skip
+
+    @property
+    def policy_model(self) -> str:
+        """The model preference training starts from: the SFT model if the recipe has SFT."""
+        return str(self.paths.root / "sft" / "model") if self.recipe.sft is not None else self.recipe.policy.model
+
+    def _policy_settings(self) -> dict[str, Any]:
+        """What identifies the starting policy in fingerprints (the SFT run, when there is one)."""
+        return {"model": self.policy_model, "sft": self.state.get("sft", {}).get("fingerprint")}
+
+    def sft(self) -> dict[str, Any]:
+        """Supervised fine-tuning (e.g. a base policy from scratch on the shapes world) into sft/model."""
+        from alignkit.train.sft import train_sft
+
+        cfg = self.recipe.sft
+        if cfg is None:
+            raise StageInputError("stage 'sft' needs an `sft` section in the recipe")
+        sft_dir = self.paths.root / "sft"
+        data_file = Path(cfg.data) if cfg.data else sft_dir / "data.jsonl"
+        template = self.recipe.sample.template
+        settings = {"sft": cfg.model_dump(), "model": self.recipe.policy.model, "template": template,
+                    "seed": self.recipe.seed}  # fmt: skip
+
+        def work(fp: str) -> dict[str, Any]:
+            summary: dict[str, Any] = {}
+            if cfg.synthetic is not None:
+                from alignkit.sample.templates import load_template
+                from alignkit.testing.shapes import make_shapes_prompts, sft_examples
+
+                syn = cfg.synthetic
+                prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
+                rows = sft_examples(prompts, load_template(template), syn.error_rate, seed=syn.seed)
+                write_jsonl(data_file, rows)
+                summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
+            model_dir = train_sft(
+                data_file, sft_dir, model=self.recipe.policy.model, finetune=cfg.finetune,
+                learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                warmup_steps=cfg.warmup_steps, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                save_steps=cfg.save_steps, seed=self.recipe.seed,
+            )  # fmt: skip
+            return summary | {"model": str(model_dir)}
+
+        return self._stage("sft", settings, [data_file] if cfg.data else [], sft_dir / "model", work)
+
+    def _eval_prompts(self) -> Path:
+        """Materialise the held-out eval prompts into eval/prompts.jsonl (a stage of its own)."""
+        cfg = self.recipe.eval
+        eval_dir = self.paths.root / "eval"
+        out = eval_dir / "prompts.jsonl"
+
+        def work(fp: str) -> dict[str, Any]:
+            if cfg.synthetic is not None:
+                from alignkit.testing.shapes import make_shapes_prompts
+
+                syn = cfg.synthetic
+                prompts = make_shapes_prompts(eval_dir, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks))
+            else:
+                prompts = read_prompts(cfg.prompts, eval_dir / "images")
+            write_jsonl(out, prompts)
+            return {"num_prompts": len(prompts)}
+
+        inputs = [Path(cfg.prompts)] if cfg.prompts and Path(cfg.prompts).is_file() else []
+        settings = {"prompts": cfg.prompts, "synthetic": cfg.synthetic and cfg.synthetic.model_dump()}
+        self._stage("eval:prompts", settings, inputs, out, work)
+        return out
+
+    def _eval_policy(self, label: str, model: str, adapter: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate one policy on the held-out prompts into eval/<label>/results.json."""
+        from alignkit.evaluate import run_eval
+
+        cfg = self.recipe.eval
+        prompts_file = self._eval_prompts()
+        out_dir = self.paths.root / "eval" / label
+        results_file = out_dir / "results.json"
+        settings = {"eval": cfg.model_dump(), "policy": extra, "adapter": adapter, "seed": self.recipe.seed,
+                    "template": self.recipe.sample.template,
+                    "judge": self.recipe.judge.model_dump() if cfg.judge else None}  # fmt: skip
+
+        def work(fp: str) -> dict[str, Any]:
+            prompts = read_records(prompts_file, Prompt)
+            results = run_eval(
+                prompts, out_dir, fingerprint=fp, backend=cfg.backend, model=model, adapter=adapter,
+                template=self.recipe.sample.template, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, seed=self.recipe.seed, batch_size=cfg.batch_size,
+                vllm_options=self.recipe.sample.vllm.model_dump(exclude_none=True),
+            )  # fmt: skip
+            if cfg.judge:
+                from alignkit.judge import run_judge
+
+                summary = run_judge(
+                    prompts, read_records(out_dir / "answers.jsonl", Sample), out_dir / "verdicts.jsonl",
+                    fingerprint=fp, cache_path=self.paths.judge_cache, **self._judge_options(),
+                )  # fmt: skip
+                results["judge_score"] = summary.get("mean_score")
+            tmp = results_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            os.replace(tmp, results_file)
+            return {"results": str(results_file)}
+
+        self._stage(f"eval:{label}", settings, [prompts_file], results_file, work)
+        return json.loads(results_file.read_text())
+
+    def eval(self) -> dict[str, Any]:
+        """Evaluate the starting policy and the trained one (when trained); print the comparison."""
+        from alignkit.evaluate import compare, format_table
+
+        if self.recipe.eval is None:
+            raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
+        policy = self._policy_settings()
+        base = self._eval_policy("base", self.policy_model, self.recipe.policy.adapter, policy)
+        if not self.paths.adapter.exists():
+            self.console.print(format_table(base))
+            return {"base": str(self.paths.root / "eval" / "base" / "results.json")}
+        trained = self.state.get("train", {}).get("fingerprint")
+        after = self._eval_policy("round-1", self.policy_model, str(self.paths.adapter), policy | {"train": trained})
+        table = compare(base, after)
+        (self.paths.root / "eval" / "comparison.txt").write_text(table + "\n")
+        self.console.print(table)
+        return {"comparison": str(self.paths.root / "eval" / "comparison.txt")}
 
     # -- driver ---------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Judge throughput against a local chat server answering after a fixed delay L, concurrency C.
 
-    python benchmarks/judge_throughput.py [--latency 0.2] [--concurrency 16] [--requests 480]
+    python benchmarks/judge_throughput.py [--latency 1] [--concurrency 16] [--requests 160]
 
 The ideal request rate is C/L; the goal is at least 90% of it. The server is the test fixture
 (alignkit.testing.chat_server) in its own process, so it does not share our GIL. In the same run
@@ -89,10 +89,10 @@ def sequential_seconds(prompts: list[Prompt], samples: list[Sample], url: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latency", type=float, default=0.2, help="server delay L per request, seconds")
+    parser.add_argument("--latency", type=float, default=1.0, help="server delay L per request, seconds")
     parser.add_argument("--concurrency", type=int, default=16, help="judge.concurrency C")
-    parser.add_argument("--requests", type=int, default=480, help="requests in the concurrent run")
-    parser.add_argument("--sequential", type=int, default=20, help="requests in each sequential run")
+    parser.add_argument("--requests", type=int, default=160, help="requests in the concurrent run")
+    parser.add_argument("--sequential", type=int, default=10, help="requests in each sequential run")
     args = parser.parse_args()
     os.environ.setdefault(KEY_ENV, "bench")
     L, C, n, k = args.latency, args.concurrency, args.requests, args.sequential

@@ -421,3 +421,232 @@ def test_reference_run_writes_every_sample_and_resumes(world, tmp_path):
     assert out["p0#s2"]["scores"] == {"hallucination": 0.0, "correctness": 1.0}
     # p1 gold is a red square only: the red circle is invented, and the square is never named
     assert out["p1#s0"]["scores"] == {"hallucination": 1.0, "correctness": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise: both orders, ties, win rates, and the pairs stage downstream
+
+
+def _winner_by_marker(prefer: dict[str, int], biased: bool = False):
+    """A pairwise reply preferring the higher `prefer` rank of the marker in <answer_a> vs <answer_b>."""
+
+    def reply(body):
+        text = json.dumps(body["messages"])
+        a = text.split("<answer_a>")[-1].split("</answer_a>")[0]
+        b = text.split("<answer_b>")[-1].split("</answer_b>")[0]
+        rank = lambda t: next((r for m, r in prefer.items() if m + ":" in t), 0)  # noqa: E731
+        winner = "A" if biased or rank(a) > rank(b) else "B" if rank(b) > rank(a) else "tie"
+        return {"rationale": "r", "winner": winner}
+
+    return reply
+
+
+def test_pairwise_judges_both_orders_and_scores_win_rates(world, tmp_path):
+    from alignkit.pairs import build_pairs
+
+    prompts, samples = world
+    prefer = {"marker-p0-2": 2, "marker-p0-1": 1, "marker-p1-0": 1, "marker-p1-1": 1}  # p1-0 ~ p1-1
+    with ChatServer(_winner_by_marker(prefer)) as srv:
+        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise")
+        assert summary["requests"] == 12  # 3 pairs x 2 orders x 2 prompts
+        for r in srv.chat_requests[:1]:
+            assert "<answer_a>" in r.text() and r.body["response_format"]["json_schema"]["schema"]["properties"]["winner"]
+    out = verdicts(tmp_path / "verdicts.jsonl")
+    assert out["p0#s2"]["score"] == 1.0 and out["p0#s1"]["score"] == 0.5 and out["p0#s0"]["score"] == 0.0
+    # p1: s0 and s1 tie with each other (0.5) and both beat s2
+    assert out["p1#s0"]["score"] == out["p1#s1"]["score"] == pytest.approx(0.75) and out["p1#s2"]["score"] == 0.0
+    assert out["p1#s0"]["scores"] == {"win_rate": 0.75} and "Won 1, tied 1, lost 0 of 2" in out["p1#s0"]["rationale"]
+    comps = [json.loads(line) for line in (tmp_path / "comparisons.jsonl").read_text().splitlines()]
+    assert len(comps) == 6 and all(c["consistent"] for c in comps)
+    c = next(c for c in comps if c["comparison_id"] == "p0#s0|p0#s2")
+    assert c["winner"] == "p0#s2" and [o["position"] for o in c["orders"]] == ["B", "A"]
+    assert summary["position_consistency"] == 1.0
+    report = json.loads((tmp_path / "judge_report.json").read_text())
+    assert report["position"]["first_position_rate"] == pytest.approx(5 / 10)  # 10 non-tie picks, 5 first
+
+    pairs, _ = build_pairs(prompts, samples, read_records(tmp_path / "verdicts.jsonl", Verdict), {p.prompt_id: p.question for p in prompts})
+    assert {(p["chosen_id"], p["rejected_id"]) for p in pairs} == {("p0#s2", "p0#s0"), ("p1#s0", "p1#s2")}
+
+
+def test_pairwise_position_bias_becomes_ties(world, tmp_path):
+    prompts, samples = world
+    with ChatServer(_winner_by_marker({}, biased=True)) as srv:  # always picks the first answer shown
+        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise")
+    out = verdicts(tmp_path / "verdicts.jsonl")
+    assert {v["score"] for v in out.values()} == {0.5}  # every pair a tie: no false preference
+    assert summary["position_consistency"] == 0.0
+    report = json.loads((tmp_path / "judge_report.json").read_text())
+    assert report["position"]["first_position_rate"] == 1.0 and report["position"]["ties"] == 6
+
+
+def test_pairwise_failed_order_leaves_the_pair_out(world, tmp_path):
+    from alignkit.judge.pairwise import decide
+
+    assert decide("x", "x") == "x" and decide("x", "y") == "tie" and decide("tie", "x") == "tie"
+    assert decide(None, "x") is None
+    prompts, samples = world
+    with ChatServer(_winner_by_marker({"marker-p0-0": 1})) as srv:
+        # both attempts of one order of the (s0, s1) pair fail: that pair has no outcome
+        srv.inject("server_error", "server_error", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
+        judge(srv, tmp_path, prompts[:1], samples[:3], rubric="pairwise")
+    out = verdicts(tmp_path / "verdicts.jsonl")
+    assert out["p0#s0"]["score"] == 1.0 and "1 comparison(s) failed" in out["p0#s0"]["rationale"]
+    assert out["p0#s1"]["score"] == 0.5  # only its tie with s2 counts
+    comps = {c["comparison_id"]: c for c in map(json.loads, (tmp_path / "comparisons.jsonl").read_text().splitlines())}
+    bad = comps["p0#s0|p0#s1"]
+    assert bad["winner"] is None and bad["consistent"] is None and bad["orders"][0]["error"].startswith("server_error")
+
+
+def test_pairwise_single_sample_prompt_fails_with_reason(world, tmp_path, server):
+    prompts, samples = world
+    summary = judge(server, tmp_path, prompts[:1], samples[:1], rubric="pairwise")
+    v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
+    assert v["status"] == "failed" and v["error"].startswith("no_pair: prompt p0") and summary["requests"] == 0
+
+
+def test_pairwise_resume_sends_no_requests(world, tmp_path, server):
+    prompts, samples = world
+    judge(server, tmp_path, prompts, samples, rubric="pairwise")
+    (tmp_path / "verdicts.jsonl").unlink()
+    again = judge(server, tmp_path, prompts, samples, rubric="pairwise")
+    assert again["requests"] == 0 and again["cached"] == 12 and again["ok"] == 6
+
+
+def test_pairwise_refuses_reference_backend_and_repetitions(world, tmp_path):
+    prompts, samples = world
+    with pytest.raises(JudgeError, match="pairwise"):
+        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", rubric="pairwise")
+    with pytest.raises(JudgeError, match="num_judgments"):
+        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", backend="openai", model="m",
+                  rubric="pairwise", num_judgments=2, api_key_env=KEY_ENV)  # fmt: skip
+
+
+def test_claims_judge_scores_the_share_of_supported_claims(world, tmp_path, server):
+    prompts, samples = world
+    judge(server, tmp_path, prompts, samples, rubric="claims")
+    out = verdicts(tmp_path / "verdicts.jsonl")
+    # the fixture makes one claim per object mention: "red circle" is gold for p0, not for p1
+    assert out["p0#s0"]["scores"] == {"supported": 1.0} and out["p1#s0"]["scores"] == {"supported": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput: rate caps, the client's retry timing, usage and cost
+
+
+def test_throttle_spaces_starts_and_corrects_tokens():
+    from alignkit.judge.throttle import Throttle
+
+    now = [100.0]
+    t = Throttle(rpm=60, clock=lambda: now[0])  # one start per second
+    assert [t.reserve(10) for _ in range(3)] == [0.0, 1.0, 2.0]
+    tokens = Throttle(tpm=600, clock=lambda: now[0])  # 10 tokens per second
+    assert tokens.reserve(50) == 0.0 and tokens.reserve(50) == pytest.approx(5.0)
+    tokens.settle(estimated=50, used=20)  # the second used 30 fewer: 3 s back
+    assert tokens.reserve(1) == pytest.approx(7.0)
+    assert Throttle().reserve(10**9) == 0.0
+
+
+def test_rpm_cap_spaces_requests_at_the_server(world, tmp_path, server):
+    prompts, samples = world
+    judge(server, tmp_path, prompts, samples, rpm=600, concurrency=6)  # at most one start per 0.1 s
+    times = sorted(r.at for r in server.chat_requests)
+    assert len(times) == 6
+    assert all(b - a >= 0.08 for a, b in zip(times, times[1:]))  # lower bounds only: safe when slow
+
+
+def test_retry_after_is_honoured(world, tmp_path):
+    prompts, samples = world
+    with ChatServer(retry_after=1.0) as srv:
+        srv.inject("rate_limit", when="marker-p0-1:")
+        judge(srv, tmp_path, prompts[:1], samples[1:2], timeout=5)
+        first, retry = [r.at for r in srv.chat_requests]
+    assert retry - first >= 0.9  # the client waited as told (its own backoff would be <= 0.5 s)
+
+
+def test_server_errors_back_off_exponentially(world, tmp_path, server):
+    prompts, samples = world
+    server.inject("server_error", "server_error", when="marker-p0-1:")
+    summary = judge(server, tmp_path, prompts[:1], samples[1:2], max_retries=2, timeout=5)
+    assert summary["ok"] == 1
+    a, b, c = [r.at for r in server.chat_requests]
+    # openai client: 0.5 s * 2^n less up to 25% jitter -> at least 0.375 s, then at least 0.75 s
+    assert b - a >= 0.37 and c - b >= 0.74
+
+
+def test_usage_and_cost_by_hand(world, tmp_path, server):
+    prompts, samples = world
+    data = yaml.safe_load((builtin_dir("judges") / "overall.yaml").read_text())
+    data["price"] = {"prompt_per_million": 2.5, "completion_per_million": 10.0}
+    path = tmp_path / "priced.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    summary = judge(server, tmp_path, prompts, samples, rubric=str(path))
+    prompt_tokens = completion_tokens = 0
+    for r in server.chat_requests:  # the fixture counts words, plus 85 per image
+        prompt_tokens += len(r.text().split()) + 85 * len(r.image_urls())
+        completion_tokens += len(json.dumps(server.reply(r.body)).split())
+    assert summary["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    assert summary["cost"] == pytest.approx(prompt_tokens * 2.5 / 1e6 + completion_tokens * 10.0 / 1e6)
+    report = json.loads((tmp_path / "judge_report.json").read_text())
+    assert report["usage"]["cost"] == pytest.approx(summary["cost"])
+    assert judge(server, tmp_path, prompts, samples)["cost"] is None  # no price: no cost
+
+
+# ---------------------------------------------------------------------------------------------
+# self-consistency and the quality report
+
+
+def test_self_consistency_repetitions_have_their_own_cache_keys(world, tmp_path):
+    prompts, samples = world
+    counter = iter(range(10**6))
+
+    def drifting(body):  # the n-th request answers hallucination n (0, 1, 2, ...)
+        return {"rationale": "r", "hallucination": next(counter), "correctness": 10}
+
+    with ChatServer(drifting) as srv:
+        first = judge(srv, tmp_path, prompts[:1], samples[:1], num_judgments=3, concurrency=1)
+        assert first["requests"] == 3 and first["judgments"] == 3
+        v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
+        assert [j["scores"]["hallucination"] for j in v["judgments"]] == [0.0, 0.1, 0.2]
+        assert v["scores"]["hallucination"] == pytest.approx(0.1) and v["score"] == pytest.approx(0.6 * 0.9 + 0.4)
+        again = judge(srv, tmp_path, prompts[:1], samples[:1], out="again.jsonl", num_judgments=3)
+        assert again["requests"] == 0 and again["cached"] == 3
+        one = judge(srv, tmp_path, prompts[:1], samples[:1], out="one.jsonl")
+        assert one["requests"] == 0 and verdicts(tmp_path / "one.jsonl")["p0#s0"]["scores"]["hallucination"] == 0.0
+        more = judge(srv, tmp_path, prompts[:1], samples[:1], out="more.jsonl", num_judgments=4)
+        assert more["requests"] == 1  # only the new repetition is paid for
+    report = json.loads((tmp_path / "judge_report.json").read_text())
+    sc = report["self_consistency"]
+    # scores 1 - 0.6*h: 1.0, 0.94, 0.88, 0.82 -> mean |diff| over the 6 pairs = (0.06*3 + 0.12*2 + 0.18) / 6
+    assert sc["samples"] == 1 and sc["mean_abs_diff"] == pytest.approx((0.06 * 3 + 0.12 * 2 + 0.18) / 6)
+    assert sc["exact_agreement"] == 0.0
+
+
+def test_self_consistency_keeps_the_valid_judgments(world, tmp_path, server):
+    prompts, samples = world
+    server.inject("server_error", "server_error", when="marker-p0-0:")  # one repetition fails
+    judge(server, tmp_path, prompts[:1], samples[:1], num_judgments=2, concurrency=1)
+    v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
+    assert v["status"] == "ok" and "mean of 1 of 2 judgments" in v["rationale"]
+    assert v["judgments"][0]["error"].startswith("server_error") and "score" in v["judgments"][1]
+
+
+def test_quality_report_on_a_hand_made_set():
+    from alignkit.judge.report import quality_report, spearman
+
+    def v(sid, pid, score, **extra):
+        return {"sample_id": sid, "prompt_id": pid, "status": "ok", "score": score, "scores": {"c": score}, **extra}
+
+    judged = [v("a", "p", 0.0), v("b", "p", 0.5), v("c", "p", 1.0), v("d", "q", 0.2), v("e", "q", 0.2),
+              {"sample_id": "f", "prompt_id": "q", "status": "failed", "score": None, "scores": {}}]  # fmt: skip
+    ref = [Verdict(s, p, "reference/overall", "ok", r, {"c": r}) for s, p, r in
+           [("a", "p", 0.1), ("b", "p", 0.9), ("c", "p", 0.5), ("d", "q", 0.0), ("e", "q", 1.0), ("f", "q", 0.3)]]  # fmt: skip
+    report = quality_report(judged, reference=ref)
+    d = report["scores"]["score"]
+    assert (d["n"], d["min"], d["median"], d["max"]) == (5, 0.0, 0.2, 1.0)
+    assert d["mean"] == pytest.approx(0.38) and d["histogram"] == [1, 2, 1, 0, 1]
+    ra = report["reference_agreement"]
+    # p: reference ranks a<c<b, judge a<b<c -> (a,b) and (a,c) agree, (b,c) not; q: judge ties d,e -> half
+    assert ra["pairs_ranked_by_reference"] == 4 and ra["pairwise_agreement"] == pytest.approx(2.5 / 4)
+    assert ra["samples"] == 5 and ra["spearman"] == pytest.approx(spearman([0, 0.5, 1, 0.2, 0.2], [0.1, 0.9, 0.5, 0, 1]))
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 1], [1, 2]) is None
+    assert report["self_consistency"] is None and report["position"] is None

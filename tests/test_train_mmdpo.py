@@ -64,6 +64,21 @@ def test_margin_key_must_name_a_numeric_column(tmp_path):
         train_mmdpo(pairs, tmp_path / "run", model=str(tmp_path), finetune="dora")
 
 
+def test_recipe_method_mmdpo_dispatches_with_its_keys(tmp_path, monkeypatch):
+    import alignkit.train.mmdpo as mmdpo
+    from alignkit.recipe import Recipe
+    from alignkit.runner import Runner
+
+    calls = []
+    monkeypatch.setattr(mmdpo, "train_mmdpo", lambda *a, **kw: calls.append(kw) or tmp_path / "train" / "adapter")
+    train = {"method": "mmdpo", "w": 0.25, "k": 1.0, "gamma": 0.1, "margin_key": "rm_margin", "finetune": "full"}
+    recipe = Recipe.model_validate({"output_dir": str(tmp_path), "data": {"synthetic": {}}, "train": train})
+    _write_pairs(tmp_path)
+    Runner(recipe).train()
+    expected = {key: value for key, value in train.items() if key != "method"}
+    assert {key: calls[0][key] for key in expected} == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # reference values on a tiny VLM
 

@@ -28,6 +28,7 @@ from alignkit.records import Prompt, ResumableJsonl, Sample
 __all__ = ["JudgeError", "Rubric", "RubricError", "load_rubric", "run_judge"]
 
 BACKENDS = ("reference", "openai")
+FLUSH_SECONDS = 0.2  # how often finished verdicts are appended (and fsynced) to the output
 
 
 def run_judge(
@@ -168,6 +169,25 @@ def _make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) -
     return OpenAIJudge(rub, **options)
 
 
+class _Batched:
+    """Appends records to a ResumableJsonl in batches, a few times a second, not one fsync per verdict.
+
+    Safe against a kill: every verdict is in the cache before it gets here, so lines lost with
+    the last batch are rebuilt from the cache by the next run without a request.
+    """
+
+    def __init__(self, out: ResumableJsonl, id_key: str):
+        self.out, self.id_key, self.pending = out, id_key, {}
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.pending.update((r[self.id_key], r) for r in records if r[self.id_key] not in self.out.done)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.append(list(self.pending.values()))
+            self.pending = {}
+
+
 async def _judge_openai(
     judge: OpenAIJudge,
     items: list[tuple[Prompt, Sample]],
@@ -178,25 +198,41 @@ async def _judge_openai(
     cache: VerdictCache,
     tally: Tally,
 ) -> None:
-    """Judge the samples still to do, writing each verdict (and comparison) as soon as it is known."""
-    async with judge.session(cache, tally):
-        if comps is None:
-            tally.open_bar(len(todo) * num_judgments, f"judge {judge.rubric.name}")
-            await judge_samples(judge, todo, num_judgments, lambda v: out.append([v]))
-            return
-        # A prompt with any sample left is judged again whole: its finished comparisons come from the cache.
-        left = {p.prompt_id for p, _ in todo}
-        groups: dict[str, tuple[Prompt, list[Sample]]] = {}
-        for p, s in items:
-            if p.prompt_id in left:
-                groups.setdefault(p.prompt_id, (p, []))[1].append(s)
-        tally.open_bar(pairwise.num_judgments(list(groups.values())), f"judge {judge.rubric.name} (pairwise)")
+    """Judge the samples still to do, writing verdicts (and comparisons) in batches as they come."""
+    writers = [_Batched(out, "sample_id")] + ([_Batched(comps, "comparison_id")] if comps is not None else [])
 
-        def on_prompt(comparisons: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> None:
-            comps.append(c for c in comparisons if c["comparison_id"] not in comps.done)
-            out.append(v for v in verdicts if v["sample_id"] not in out.done)
+    async def flush_every(seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            for w in writers:
+                w.flush()
 
-        await pairwise.judge_pairwise(judge, list(groups.values()), on_prompt)
+    flusher = asyncio.create_task(flush_every(FLUSH_SECONDS))
+    try:
+        async with judge.session(cache, tally):
+            if comps is None:
+                tally.open_bar(len(todo) * num_judgments, f"judge {judge.rubric.name}")
+                await judge_samples(judge, todo, num_judgments, lambda v: writers[0].add([v]))
+            else:
+                groups = _pairwise_groups(items, todo)
+                tally.open_bar(pairwise.num_judgments(groups), f"judge {judge.rubric.name} (pairwise)")
+                await pairwise.judge_pairwise(judge, groups, lambda c, v: (writers[1].add(c), writers[0].add(v)))
+    finally:
+        flusher.cancel()
+        for w in writers:
+            w.flush()
+
+
+def _pairwise_groups(
+    items: list[tuple[Prompt, Sample]], todo: list[tuple[Prompt, Sample]]
+) -> list[tuple[Prompt, list[Sample]]]:
+    """Prompts with any sample left, each with ALL its samples: finished comparisons come from the cache."""
+    left = {p.prompt_id for p, _ in todo}
+    groups: dict[str, tuple[Prompt, list[Sample]]] = {}
+    for p, s in items:
+        if p.prompt_id in left:
+            groups.setdefault(p.prompt_id, (p, []))[1].append(s)
+    return list(groups.values())
 
 
 def _join(prompts: list[Prompt], samples: list[Sample]) -> list[tuple[Prompt, Sample]]:

@@ -115,10 +115,10 @@ def build_reward_model(
 def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> RewardModel:
     """Load a reward model directory written by `RewardModel.save`, in eval mode."""
     from safetensors.torch import load_file
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from alignkit.testing.tiny_models import resolve_model
-    from alignkit.train.model import load_policy
+    from alignkit.train.model import default_dtype, load_policy
 
     path = Path(path)
     meta_file = path / "reward_model.json"
@@ -133,7 +133,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> Rew
         base, _ = load_policy(resolve_model(meta["base_model"]), dtype)
         backbone = PeftModel.from_pretrained(base, str(path / "adapter"))
     else:
-        backbone, _ = load_policy(str(path / "backbone"), dtype)
+        backbone = AutoModelForImageTextToText.from_pretrained(str(path / "backbone"), dtype=dtype or default_dtype())
     head_state = load_file(str(path / "head.safetensors"))
     head = nn.Linear(head_state["weight"].shape[1], 1)
     head.load_state_dict(head_state)

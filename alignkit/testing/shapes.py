@@ -112,7 +112,7 @@ def make_shapes_prompts(
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {TASKS}")
-    image_dir = Path(out_dir) / "images"
+    image_dir = Path(out_dir).resolve() / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     prompts = []
     for i in range(num_prompts):

@@ -150,8 +150,8 @@ def train_sft(
             rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
     metrics = out_dir / "metrics.jsonl"
-    if step == 0:
-        metrics.unlink(missing_ok=True)
+    kept = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics.exists() else []
+    metrics.write_text("".join(l + "\n" for l in kept))  # lines logged after the checkpoint are redone
 
     # loop
     policy.train()

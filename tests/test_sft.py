@@ -1,0 +1,107 @@
+"""SFT: completion-only labels, padding, a short run that saves a loadable model, and resume."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from alignkit.records import Prompt, write_jsonl
+from alignkit.sample.templates import load_template
+from alignkit.testing.shapes import make_shapes_prompts, perceived_answer, sft_examples
+from alignkit.train import sft as sft_module
+from alignkit.train.sft import collate, encode, read_sft_file, train_sft
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    prompts = make_shapes_prompts(d, 8, seed=3)
+    return write_jsonl(d / "sft.jsonl", sft_examples(prompts, load_template("cot"), 0.5, seed=3))
+
+
+def test_perceived_answer_error_model():
+    prompt = Prompt("p", "How many shapes are in the image?", [], "count", "2", ["red square", "blue circle"])
+    r, a, h = perceived_answer(prompt, random.Random(0), 0.0)
+    assert (r, a, h) == ("I see 2 shapes: a red square and a blue circle.", "2", False)
+    r, a, h = perceived_answer(prompt, random.Random(0), 1.0)
+    assert h and a == "3" and r.startswith("I see 3 shapes:")
+    absent = Prompt("q", "Is there a green circle in the image?", [], "exists", "no", ["red square"])
+    assert perceived_answer(absent, random.Random(0), 1.0)[1] == "yes"  # the yes-bias POPE measures
+
+
+def test_sft_examples_hallucinate_at_the_configured_rate(tmp_path):
+    prompts = make_shapes_prompts(tmp_path, 400, seed=5)
+    rows = sft_examples(prompts, load_template("cot"), 0.3, seed=5)
+    share = sum(r["hallucinated"] for r in rows) / len(rows)
+    assert 0.24 < share < 0.36
+    assert rows[0]["completion"][0]["content"][0]["text"].splitlines()[-1].startswith("Answer: ")
+
+
+def test_labels_cover_only_the_completion(tiny_qwen_dir, sft_file):
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    row = read_sft_file(sft_file)[0]
+    enc = encode(processor, row)
+    target = enc["labels"][enc["labels"] != -100]
+    text = processor.tokenizer.decode(target)
+    completion = row["completion"][0]["content"][0]["text"]
+    assert text.startswith(completion) and "<|im_end|>" in text
+    assert "Describe" not in text and "<|image_pad|>" not in text
+
+
+def test_collate_pads_right(tiny_qwen_dir, sft_file):
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    rows = read_sft_file(sft_file)
+    encs = [encode(processor, r) for r in rows[:3]]
+    batch = collate(encs, pad_id=processor.tokenizer.pad_token_id)
+    lengths = [len(e["input_ids"]) for e in encs]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert batch["pixel_values"].shape[0] == sum(e["pixel_values"].shape[0] for e in encs)
+
+
+def test_missing_image_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"prompt": [], "completion": [], "images": ["nope.png"]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: image not found"):
+        read_sft_file(f)
+
+
+@pytest.mark.slow
+def test_train_saves_a_model_that_generates(tiny_qwen_dir, sft_file, tmp_path):
+    out = train_sft(sft_file, tmp_path / "run", model=str(tiny_qwen_dir), max_steps=3, batch_size=2,
+                    warmup_steps=1, logging_steps=1)
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_file, tmp_path, monkeypatch):
+    args = dict(model=str(tiny_qwen_dir), max_steps=4, batch_size=2, warmup_steps=1, logging_steps=1, save_steps=2)
+    train_sft(sft_file, tmp_path / "straight", **args)
+    straight = [json.loads(l)["loss"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+    calls = {"n": 0}
+    real = sft_module.collate
+
+    def crash_on_fourth(batch, pad_id):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # a kill after the step-2 checkpoint and step 3
+        return real(batch, pad_id)
+
+    monkeypatch.setattr(sft_module, "collate", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(sft_file, tmp_path / "resumed", **args)
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
+    monkeypatch.setattr(sft_module, "collate", real)
+    train_sft(sft_file, tmp_path / "resumed", **args)
+    lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)
