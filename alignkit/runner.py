@@ -155,7 +155,8 @@ class Runner:
         from alignkit.sample import run_sample
 
         cfg, policy = self.recipe.sample, self.recipe.policy
-        settings = {"sample": cfg.model_dump(), "policy": policy.model_dump(), "seed": self.recipe.seed}
+        settings = {"sample": cfg.model_dump(), "policy": policy.model_dump() | self._policy_settings(),
+                    "seed": self.recipe.seed}  # fmt: skip
 
         def work(fp: str) -> dict[str, Any]:
             return run_sample(
@@ -163,7 +164,7 @@ class Runner:
                 self.paths.samples,
                 fingerprint=fp,
                 backend=cfg.backend,
-                model=policy.model,
+                model=self.policy_model,
                 adapter=policy.adapter,
                 num_samples=cfg.num_samples,
                 max_new_tokens=cfg.max_new_tokens,
@@ -193,19 +194,8 @@ class Runner:
                 read_records(self.paths.samples, Sample),
                 self.paths.verdicts,
                 fingerprint=fp,
-                backend=cfg.backend,
-                rubric=cfg.rubric,
-                model=cfg.model,
-                base_url=cfg.base_url,
-                api_key_env=cfg.api_key_env,
-                concurrency=cfg.concurrency,
-                timeout=cfg.timeout,
-                max_retries=cfg.max_retries,
-                image_max_side=cfg.image_max_side,
-                rpm=cfg.rpm,
-                tpm=cfg.tpm,
-                num_judgments=cfg.num_judgments,
                 cache_path=self.paths.judge_cache,
+                **self._judge_options(),
             )
 
         inputs = [self.paths.prompts, self.paths.samples]
@@ -239,7 +229,7 @@ class Runner:
         from alignkit.train.dpo import train_dpo
 
         cfg = self.recipe.train
-        settings = {"train": cfg.model_dump(), "model": self.recipe.policy.model, "seed": self.recipe.seed}
+        settings = {"train": cfg.model_dump(), "model": self._policy_settings(), "seed": self.recipe.seed}
         train, method = train_dpo, {}
         if cfg.method == "mmdpo":  # train_dpo's arguments plus MM-DPO's own
             from alignkit.train.mmdpo import train_mmdpo
@@ -251,7 +241,7 @@ class Runner:
             adapter = train(
                 self.paths.pairs,
                 self.paths.train,
-                model=self.recipe.policy.model,
+                model=self.policy_model,
                 **method,
                 beta=cfg.beta,
                 learning_rate=cfg.learning_rate,
@@ -278,7 +268,7 @@ class Runner:
         from alignkit.reward.train import train_reward_model
 
         cfg = self.recipe.reward_model
-        model = cfg.model or self.recipe.policy.model
+        model = cfg.model or self.policy_model
         if not self.paths.pairs.exists():
             raise StageInputError(f"stage 'reward_model' needs {self.paths.pairs}; run the pairs stage first")
         # The pairs' content without the rm_* columns the score stage adds, so scoring never retrains.

@@ -1,9 +1,11 @@
 """Training steps per second: alignkit's MM-DPO (cached reference log-probs) vs stock `trl.DPOTrainer`.
 
-    python benchmarks/mmdpo_speed.py [--steps 20] [--warmup 3] [--batch-size 4] [--pairs 64]
+    python benchmarks/mmdpo_speed.py [--steps 20] [--warmup 3] [--batch-size 4] [--pairs 64] [--repeats 2]
 
 Both run on the same tiny Qwen2-VL (built offline), the same pairs, batch, LoRA settings and
-seed, each in its own subprocess so that peak memory is per trainer. Stock TRL runs a reference
+seed, each in its own subprocess so that peak memory is per trainer; the variants alternate
+`--repeats` times and the fastest run of each is kept (other jobs on a shared machine only slow
+a run down). Stock TRL runs a reference
 forward (adapter disabled) in every step; MM-DPO computes the reference log-probs once before
 training (timed separately, as `precompute s`) and runs one forward per step.
 
@@ -89,8 +91,10 @@ def run_variant(variant: str, model: str, pairs: Path, out: Path, steps: int, wa
         dataset = dataset.add_column("beta", [dynamic_beta(m) for m in dataset["margin"]])
         trainer = MMDPOTrainer(train_dataset=dataset, **common)
         keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+        cache = out / "ref_logps.jsonl"
+        cache.unlink(missing_ok=True)  # each repeat pays the one-time precompute
         start = time.perf_counter()
-        trainer.cache_reference_logps(out / "ref_logps.jsonl", keys)
+        trainer.cache_reference_logps(cache, keys)
         precompute = time.perf_counter() - start
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per variant; the fastest is kept")
     parser.add_argument("--variant", choices=["trl", "mmdpo"], help=argparse.SUPPRESS)  # internal: one subprocess
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -122,15 +127,19 @@ def main() -> None:
         work = Path(tmp)
         build_tiny_qwen2_vl(work / "model")
         write_pairs(work, opts.pairs)
-        results = {}
-        for variant in ("trl", "mmdpo"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--workdir", tmp, "--steps", str(opts.steps),
-                   "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[variant] = json.loads(out.split("RESULT ", 1)[1])
+        results: dict[str, dict] = {}
+        for _ in range(opts.repeats):
+            for variant in ("trl", "mmdpo"):
+                cmd = [sys.executable, __file__, "--variant", variant, "--workdir", tmp, "--steps", str(opts.steps),
+                       "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                r = json.loads(out.split("RESULT ", 1)[1])
+                if variant not in results or r["steps_per_s"] > results[variant]["steps_per_s"]:
+                    results[variant] = r
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"tiny Qwen2-VL, LoRA r=8, batch {opts.batch_size}, {opts.steps} timed steps after {opts.warmup}, on {device}")
+    print(f"tiny Qwen2-VL, LoRA r=8, batch {opts.batch_size}, {opts.steps} timed steps after {opts.warmup}, "
+          f"best of {opts.repeats}, on {device}")
     print(f"{'trainer':<28} {'steps/s':>8} {'precompute s':>13} {'peak MiB':>9}  memory")
     names = {"trl": "trl.DPOTrainer", "mmdpo": "alignkit MM-DPO (cached ref)"}
     for variant, r in results.items():

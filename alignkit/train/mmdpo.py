@@ -17,9 +17,10 @@ log-probs, train, save; the run directory and resume rules are those of `alignki
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
