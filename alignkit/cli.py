@@ -129,6 +129,33 @@ _stage_command(
 )
 
 
+_stage_command(
+    "sft",
+    "Supervised fine-tuning on image+text prompt/completion conversations (the recipe's `sft` section); "
+    "the model in sft/model becomes the policy the later stages sample and train.",
+)
+_stage_command(
+    "eval",
+    "Evaluate on held-out prompts (the recipe's `eval` section): CHAIR_i/CHAIR_s hallucination, POPE "
+    "existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy, and the judge's mean "
+    "score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and "
+    "policy.adapter) and, once trained, the aligned one, and prints the side-by-side comparison.",
+)
+
+
+@app.command()
+def compare(
+    before: Annotated[Path, typer.Argument(help="results.json of the first evaluation (e.g. eval/base/results.json).")],
+    after: Annotated[Path, typer.Argument(help="results.json of the second evaluation.")],
+) -> None:
+    """Print two evaluations side by side, with the change in every metric."""
+    import json
+
+    from alignkit.evaluate import compare as compare_results
+
+    console.print(compare_results(json.loads(before.read_text()), json.loads(after.read_text())))
+
+
 @app.command("train-rm")
 def train_rm(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Train the critique reward model (recipe section `reward_model`) on the pairs, with the judge's

@@ -49,7 +49,8 @@ class WithPairColumns:
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        extra = {c: torch.tensor([ex.pop(c) for ex in examples], dtype=torch.float32) for c in PAIR_COLUMNS if c in examples[0]}
+        columns = [c for c in PAIR_COLUMNS if c in examples[0]]
+        extra = {c: torch.tensor([ex.pop(c) for ex in examples], dtype=torch.float32) for c in columns}
         batch = self.collator(examples)
         batch.update(extra)
         return batch
@@ -164,7 +165,7 @@ def train_mmdpo(
     # set-up
     dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
     dataset = dataset.add_column("beta", [dynamic_beta(m, beta, w, k) for m in dataset[margin_key]])
-    keys = [pair_key(*row) for row in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+    keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     policy, processor = load_policy(model_path, load_in_4bit=finetune == "qlora")
     peft_config = None if finetune == "full" else lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, gamma]} if gamma else {}
@@ -192,7 +193,7 @@ def train_mmdpo(
         peft_config=peft_config,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
     )
-    fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_length=max_length)
+    fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=max_length)
     trainer.cache_reference_logps(out_dir / "ref_logps" / f"{fingerprint}.jsonl", keys)
 
     # train

@@ -22,8 +22,9 @@ def reference_fingerprint(model_path: str, **settings: Any) -> str:
     forward passes the cache saves. A hub id is fingerprinted by its name.
     """
     path = Path(model_path)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()) if path.is_dir() else []
-    blob = json.dumps({"model": model_path, "files": files, **settings}, sort_keys=True, default=str)
+    files = sorted(path.iterdir()) if path.is_dir() else []
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    blob = json.dumps({"model": model_path, "files": stats, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,87 @@
+"""The runner: stages in order, skipped when inputs and settings are unchanged, re-run when not."""
+
+import json
+
+import pytest
+
+from alignkit.recipe import load_recipe
+from alignkit.records import Sample, read_records, write_jsonl
+from alignkit.runner import Runner, StageInputError
+
+RECIPE = """\
+output_dir: {out}
+data:
+  synthetic: {{num_prompts: 6, seed: 4, tasks: [describe, count]}}
+judge:
+  backend: reference
+  base_url: https://user:hunter2@judge.example/v1
+pairs:
+  strategy: threshold
+"""
+
+
+def recipe(tmp_path, *overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / "run"))
+    return load_recipe(path, list(overrides))
+
+
+def fake_samples(runner):
+    """Two answers per prompt, one faithful (the gold answer) and one hallucinating."""
+    from alignkit.records import Prompt
+
+    rows = []
+    for p in read_records(runner.paths.prompts, Prompt):
+        rows.append(Sample(f"{p.prompt_id}#s0", p.prompt_id, p.reference_answer, "", p.reference_answer, True, 5, "stop"))
+        wrong = "There is a purple triangle and a yellow square." if p.task == "describe" else "9"
+        rows.append(Sample(f"{p.prompt_id}#s1", p.prompt_id, wrong, "", wrong, True, 5, "stop"))
+    write_jsonl(runner.paths.samples, rows)
+
+
+def test_stages_run_then_skip_then_rerun_on_change(tmp_path):
+    runner = Runner(recipe(tmp_path))
+    runner.run(["prompts"])
+    fake_samples(runner)
+    runner.run(["judge", "pairs"])
+    pairs = [json.loads(l) for l in runner.paths.pairs.read_text().splitlines()]
+    assert len(pairs) == 6 and all(p["chosen_id"].endswith("#s0") for p in pairs)
+    mtimes = {p: p.stat().st_mtime_ns for p in (runner.paths.verdicts, runner.paths.pairs)}
+
+    again = Runner(recipe(tmp_path))
+    again.run(["prompts", "judge", "pairs"])
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
+
+    changed = Runner(recipe(tmp_path, "pairs.min_margin=2.0"))  # no pair reaches a margin of 2
+    summary = changed.run(["judge", "pairs"])
+    assert runner.paths.verdicts.stat().st_mtime_ns == mtimes[runner.paths.verdicts]
+    assert summary["pairs"]["num_pairs"] == 0
+
+
+def test_changed_input_reruns_downstream(tmp_path):
+    runner = Runner(recipe(tmp_path))
+    runner.run(["prompts"])
+    fake_samples(runner)
+    first = runner.run(["judge"])["judge"]
+    rows = read_records(runner.paths.samples, Sample)
+    write_jsonl(runner.paths.samples, rows[:-2])  # one prompt fewer
+    second = Runner(recipe(tmp_path)).run(["judge"])["judge"]
+    assert (first["total"], second["total"]) == (12, 10)
+
+
+def test_missing_input_names_the_file_and_what_to_run(tmp_path):
+    runner = Runner(recipe(tmp_path))
+    runner.run(["prompts"])
+    with pytest.raises(StageInputError, match=r"stage 'judge' needs .*samples\.jsonl"):
+        runner.run(["judge"])
+
+
+def test_resolved_recipe_is_saved_without_secrets(tmp_path):
+    runner = Runner(recipe(tmp_path))
+    runner.run(["prompts"])
+    text = runner.paths.recipe.read_text()
+    assert "hunter2" not in text and "num_prompts: 6" in text
+
+
+def test_unknown_stage(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        Runner(recipe(tmp_path)).run(["smaple"])
