@@ -54,10 +54,12 @@ def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> 
     except (RecipeError, RecordError, JudgeError, StageInputError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    _print_outputs(runner.paths)
+    _print_outputs(runner)
 
 
-def _print_outputs(paths) -> None:
+def _print_outputs(runner) -> None:
+    paths = runner.paths
+    model, adapter = runner.trained_policy() or (None, None)
     table = Table(title="outputs", show_header=False)
     for label, p in [
         ("run directory", paths.root),
@@ -65,9 +67,12 @@ def _print_outputs(paths) -> None:
         ("samples", paths.samples),
         ("verdicts", paths.verdicts),
         ("pairs (TRL preference format)", paths.pairs),
-        ("adapter (PEFT)", paths.adapter),
+        ("reward model", paths.root / "reward_model" / "model"),
+        ("reward-model scores", paths.root / "rm_scores.jsonl"),
+        ("adapter (PEFT)", Path(adapter) if adapter else None),
+        ("model (full fine-tuning)", Path(model) if model and not adapter else None),
     ]:
-        if p.exists():
+        if p is not None and p.exists():
             table.add_row(label, str(p))
     console.print(table)
 
@@ -93,7 +98,9 @@ def _stage_command(name: str, doc: str) -> None:
 
 
 _stage_command("prompts", "Materialise the recipe's prompts (file or synthetic world) into the run directory.")
-_stage_command("sample", "Sample K chain-of-thought answers per prompt with the vLLM or transformers backend.")
+_stage_command(
+    "sample", "Sample K chain-of-thought answers per prompt with vLLM, transformers or an OpenAI-compatible server."
+)
 _stage_command(
     "judge",
     "Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached).\n\n"
@@ -121,7 +128,22 @@ _stage_command(
     "See judges/*.yaml and examples/custom_judge.yaml.",
 )
 _stage_command("pairs", "Build chosen/rejected preference pairs (TRL format) from the judged samples.")
-_stage_command("train", "Train the policy with DPO + LoRA on the pairs; writes a PEFT adapter to train/adapter.")
+_stage_command(
+    "train",
+    "Train the policy on the pairs: DPO with LoRA (train.method=dpo), or MM-DPO with a per-pair beta from "
+    "the reward margin (train.method=mmdpo); writes a PEFT adapter to train/adapter, or the whole model "
+    "to train/model with train.finetune=full. With train.method=ppo (or `alignkit ppo`) it runs PPO on the "
+    "prompts instead, rewarded as the recipe's `ppo.rewards` say.",
+)
+
+
+@app.command()
+def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """PPO on the recipe's prompts (the train stage with train.method=ppo and the `ppo` section): K answers
+    per prompt from the current policy, rewards from the judge, the reference judge, the critique reward
+    model or a Python function, a per-token KL penalty to the reference, GAE, clipped policy and value
+    losses. Writes train/adapter, train/metrics.jsonl and train/checkpoints."""
+    _run(recipe, [*(overrides or []), "train.method=ppo"], ["train"])
 _stage_command(
     "score",
     "Score every sample with the critique reward model (rm_scores.jsonl) and add rm_margin, rm_chosen_score "

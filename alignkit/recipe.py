@@ -65,9 +65,22 @@ class VllmConfig(Section):
 
 
 class SampleConfig(Section):
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    """`vllm` (in-process engine), `transformers` (generate), or `openai` (any OpenAI-compatible server)."""
     num_samples: int = Field(4, ge=1)
     """K answers per prompt."""
+    drop_duplicates: bool = False
+    """Leave out exact repeats of a prompt's earlier samples (identical answers make useless pairs);
+    they are counted either way, and kept samples keep their ids."""
+    base_url: str | None = None
+    """openai: the server's URL, e.g. http://127.0.0.1:8000/v1 for `vllm serve` (null: OpenAI's)."""
+    model_name: str | None = None
+    """openai: the model name the server serves (default: policy.model); with policy.adapter, the
+    name the server serves the adapter under (`vllm serve BASE --enable-lora --lora-modules NAME=DIR`)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: name of the environment variable holding the API key (the key itself never goes here)."""
+    concurrency: int = Field(8, ge=1)
+    """openai: requests in flight at once (one per prompt, each asking for K answers)."""
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -112,8 +125,10 @@ class PairsConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["dpo", "mmdpo"] = "dpo"
-    """`dpo` (TRL's DPO) or `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference)."""
+    method: Literal["dpo", "mmdpo", "ppo"] = "dpo"
+    """`dpo` (TRL's DPO), `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference) or
+    `ppo` (online RL on the prompts with the `ppo` section's rewards; uses learning_rate, finetune
+    (lora or full), lora_*, target_modules and save_steps from here)."""
     beta: float = Field(0.1, gt=0)
     """DPO temperature (0.1, as in the DPO paper and TRL); β_ori for `mmdpo`."""
     w: float = Field(0.5, ge=0)
@@ -230,6 +245,59 @@ class EvalConfig(Section):
         return self
 
 
+class RewardSpec(Section):
+    """One reward source of PPO; several are summed with their weights."""
+
+    source: Literal["reference", "judge", "reward_model", "function"] = "reference"
+    """`reference`: the reference judge with judge.rubric; `judge`: the recipe's judge section as set
+    (an OpenAI-compatible judge through the cached, concurrent judge client); `reward_model`: the
+    critique reward model's score; `function`: a Python function (prompt, sample) -> float."""
+    weight: float = 1.0
+    path: str | None = None
+    """reward_model: the reward model directory (default: reward_model/model in the run directory);
+    function: "module:function" or "path/to/file.py:function"."""
+
+    @model_validator(mode="after")
+    def _function_needs_path(self) -> "RewardSpec":
+        if self.source == "function" and not self.path:
+            raise ValueError("a reward with source 'function' needs path: 'module:function'")
+        return self
+
+
+class PpoConfig(Section):
+    """PPO (train.method: ppo). Answers are sampled as the `sample` section says (num_samples,
+    max_new_tokens, temperature, top_p, template, vllm); the hyperparameters' defaults and the
+    reasons for them are documented on `alignkit.train.ppo.PPOConfig`."""
+
+    rollout: Literal["transformers", "vllm"] = "transformers"
+    """Rollout engine: `transformers` generates with the policy in training; `vllm` loads the current
+    LoRA adapter into a vLLM engine before every rollout batch (LoRA only)."""
+    rewards: list[RewardSpec] = [RewardSpec()]
+    steps: int = Field(100, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    num_minibatches: int = Field(4, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    whiten_advantages: bool = True
+    kl_coef: float = Field(0.05, ge=0)
+    """β of the per-token KL penalty to the reference (the starting β with target_kl)."""
+    target_kl: float | None = Field(None, gt=0)
+    """Set (e.g. 6.0) for Ziegler et al.'s adaptive KL controller; null keeps kl_coef fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    normalize_rewards: bool = True
+    """Scale rewards by a running mean/std over all answers so far (on by default)."""
+    reward_clip: float = Field(10.0, ge=0)
+    """Clip normalised rewards to ± this (0: no clipping)."""
+    value_model: Literal["shared", "separate"] = "shared"
+    """`shared`: a value head on the policy's hidden states; `separate`: a second backbone with its own LoRA."""
+
+
 class Recipe(Section):
     output_dir: str
     """Run directory (relative to the current directory)."""
@@ -242,6 +310,7 @@ class Recipe(Section):
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    ppo: PpoConfig = PpoConfig()
     sft: SftConfig | None = None
     eval: EvalConfig | None = None
     rounds: int = Field(1, ge=1)

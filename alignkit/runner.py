@@ -10,7 +10,11 @@ Run directory:
     stages.json        fingerprint and summary of each finished stage
     prompts.jsonl      images/ (prompt images)
     samples.jsonl      verdicts.jsonl   judge_cache.sqlite   pairs.jsonl
-    train/             checkpoints/, metrics.jsonl, adapter/ (the PEFT adapter + processor)
+    train/             checkpoints/, metrics.jsonl, adapter/ (the PEFT adapter + processor), or
+                       model/ (MM-DPO with finetune: full); cleared when a train setting changes
+    ref_logps/         MM-DPO's reference log-prob cache, keyed by reference-model fingerprint, so it
+                       outlives the train/ directory (changing beta, w or k reuses it)
+    reward_model/      rm_scores.jsonl   the critique reward model and its scores of the samples
 """
 
 from __future__ import annotations
@@ -75,6 +79,15 @@ class RunPaths:
     @property
     def adapter(self) -> Path:
         return self.root / "train" / "adapter"
+
+    @property
+    def model(self) -> Path:
+        """The fully fine-tuned policy (MM-DPO with `finetune: full`), instead of `adapter`."""
+        return self.root / "train" / "model"
+
+    @property
+    def ref_logps(self) -> Path:
+        return self.root / "ref_logps"
 
 
 def fingerprint(stage: str, settings: dict[str, Any], inputs: list[Path]) -> str:
@@ -155,8 +168,9 @@ class Runner:
         from alignkit.sample import run_sample
 
         cfg, policy = self.recipe.sample, self.recipe.policy
-        settings = {"sample": cfg.model_dump(), "policy": policy.model_dump() | self._policy_settings(),
-                    "seed": self.recipe.seed}  # fmt: skip
+        # Keys that cannot change the samples stay out of the fingerprint: changing them keeps the file.
+        settings = {"sample": cfg.model_dump(exclude={"concurrency", "api_key_env"}),
+                    "policy": policy.model_dump() | self._policy_settings(), "seed": self.recipe.seed}  # fmt: skip
 
         def work(fp: str) -> dict[str, Any]:
             return run_sample(
@@ -174,7 +188,10 @@ class Runner:
                 template=cfg.template,
                 batch_size=cfg.batch_size,
                 chunk_size=cfg.chunk_size,
+                drop_duplicates=cfg.drop_duplicates,
                 vllm_options=cfg.vllm.model_dump(exclude_none=True),
+                openai_options=dict(base_url=cfg.base_url, model_name=cfg.model_name, api_key_env=cfg.api_key_env,
+                                    concurrency=cfg.concurrency),  # fmt: skip
             )
 
         return self._stage("sample", settings, [self.paths.prompts], self.paths.samples, work)
@@ -226,6 +243,8 @@ class Runner:
         return self._stage("pairs", settings, inputs, self.paths.pairs, work)
 
     def train(self) -> dict[str, Any]:
+        if self.recipe.train.method == "ppo":  # online RL: learns from the prompts and rewards, not pairs
+            return self._train_ppo()
         from alignkit.train.dpo import train_dpo
 
         cfg = self.recipe.train
@@ -235,7 +254,8 @@ class Runner:
             from alignkit.train.mmdpo import train_mmdpo
 
             train = train_mmdpo
-            method = dict(w=cfg.w, k=cfg.k, gamma=cfg.gamma, margin_key=cfg.margin_key, finetune=cfg.finetune)
+            method = dict(w=cfg.w, k=cfg.k, gamma=cfg.gamma, margin_key=cfg.margin_key, finetune=cfg.finetune,
+                          ref_cache_dir=self.paths.ref_logps)  # outside train/, which a setting change clears
 
         def work(fp: str) -> dict[str, Any]:
             adapter = train(
@@ -257,9 +277,52 @@ class Runner:
                 save_steps=cfg.save_steps,
                 seed=self.recipe.seed,
             )
-            return {"adapter": str(adapter)}
+            return {Path(adapter).name: str(adapter)}  # "adapter", or "model" (full fine-tuning)
 
         return self._stage("train", settings, [self.paths.pairs], self.paths.train, work)
+
+    def _train_ppo(self) -> dict[str, Any]:
+        """PPO on prompts.jsonl into train/ (metrics.jsonl, checkpoints/, adapter/ where `eval` finds it).
+
+        K, answer length, temperature, top_p and the template come from the `sample` section, the
+        learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`.
+        """
+        from alignkit.train import rewards
+        from alignkit.train.ppo import PPOConfig, train_ppo
+
+        cfg, ppo, sample = self.recipe.train, self.recipe.ppo, self.recipe.sample
+        if cfg.finetune == "qlora":
+            raise StageInputError("train.method ppo supports train.finetune lora or full, not qlora")
+        config = PPOConfig(
+            **ppo.model_dump(exclude={"rollout", "rewards"}), num_samples=sample.num_samples,
+            max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
+            learning_rate=cfg.learning_rate, save_steps=cfg.save_steps, seed=self.recipe.seed,
+        )  # fmt: skip
+        settings = {"train": cfg.model_dump(), "ppo": ppo.model_dump(), "sample": sample.model_dump(),
+                    "judge": self.recipe.judge.model_dump(), "model": self._policy_settings(),
+                    "seed": self.recipe.seed}  # fmt: skip
+
+        def reward(spec) -> rewards.RewardFn:
+            if spec.source in ("reference", "judge"):
+                options = self._judge_options() | ({"backend": "reference"} if spec.source == "reference" else {})
+                return rewards.judge_reward(cache_path=self.paths.judge_cache, **options)
+            if spec.source == "reward_model":
+                rm_dir = spec.path or self.paths.root / "reward_model" / "model"
+                return rewards.reward_model_reward(rm_dir, sample.template, **self._score_options())
+            return rewards.function_reward(spec.path)
+
+        def work(fp: str) -> dict[str, Any]:
+            out = train_ppo(
+                read_records(self.paths.prompts, Prompt), self.paths.train, model=self.policy_model,
+                reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]), config=config,
+                rollout=ppo.rollout, template=sample.template, finetune=cfg.finetune, lora_r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                vllm_options=sample.vllm.model_dump(exclude_none=True),
+            )  # fmt: skip
+            steps = [json.loads(line) for line in (self.paths.train / "metrics.jsonl").read_text().splitlines()]
+            return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"]}
+
+        return self._stage("train", settings, [self.paths.prompts], self.paths.train, work)
 
     def reward_model(self) -> dict[str, Any]:
         """Train the critique reward model on the pairs (rationales as critiques) into reward_model/."""
@@ -358,6 +421,14 @@ class Runner:
     def policy_model(self) -> str:
         """The model preference training starts from: the SFT model if the recipe has SFT."""
         return str(self.paths.root / "sft" / "model") if self.recipe.sft is not None else self.recipe.policy.model
+
+    def trained_policy(self) -> tuple[str, str | None] | None:
+        """(model, adapter) of the policy the train stage wrote, or None before it has written one:
+        the starting model with train/adapter (LoRA, QLoRA), or train/model alone (finetune: full)."""
+        cfg = self.recipe.train
+        if cfg.method in ("mmdpo", "ppo") and cfg.finetune == "full":
+            return (str(self.paths.model), None) if self.paths.model.exists() else None
+        return (self.policy_model, str(self.paths.adapter)) if self.paths.adapter.exists() else None
 
     def _policy_settings(self) -> dict[str, Any]:
         """What identifies the starting policy in fingerprints (the SFT run, when there is one)."""
@@ -463,11 +534,12 @@ class Runner:
             raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
         policy = self._policy_settings()
         base = self._eval_policy("base", self.policy_model, self.recipe.policy.adapter, policy)
-        if not self.paths.adapter.exists():
+        trained_policy = self.trained_policy()
+        if trained_policy is None:
             self.console.print(format_table(base))
             return {"base": str(self.paths.root / "eval" / "base" / "results.json")}
         trained = self.state.get("train", {}).get("fingerprint")
-        after = self._eval_policy("round-1", self.policy_model, str(self.paths.adapter), policy | {"train": trained})
+        after = self._eval_policy("round-1", *trained_policy, policy | {"train": trained})
         table = compare(base, after)
         (self.paths.root / "eval" / "comparison.txt").write_text(table + "\n")
         self.console.print(table)

@@ -534,7 +534,7 @@ def test_claims_judge_scores_the_share_of_supported_claims(world, tmp_path, serv
 
 
 def test_throttle_spaces_starts_and_corrects_tokens():
-    from alignkit.judge.throttle import Throttle
+    from alignkit.throttle import Throttle
 
     now = [100.0]
     t = Throttle(rpm=60, clock=lambda: now[0])  # one start per second

@@ -3,12 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.records import Sample, read_records, sample_id
-from alignkit.sample import make_backend, run_sample, sample_prompts
+from alignkit.records import Sample, load_image, read_records, sample_id
+from alignkit.sample import Request, make_backend, run_sample, sample_prompts
 from alignkit.sample.templates import load_template, parse_output
 from alignkit.testing.shapes import make_shapes_prompts
 
 K = 3
+VLLM_OPTIONS = {"max_model_len": 512, "distributed_executor_backend": "uni"}
 
 # ---------------------------------------------------------------------------------------------
 # templates
@@ -151,6 +152,46 @@ def test_bad_image_is_reported_not_fatal(hf_backend, prompts, tmp_path: Path):
     _check_join(_by_id(tmp_path / "s.jsonl"), [prompts[0], prompts[2]])
 
 
+def test_truncation_flag_transformers(hf_backend):
+    eos = next(iter(hf_backend.eos_ids))
+    stopped = hf_backend._generation([5, 6, eos, eos])  # after eos comes padding
+    assert (stopped.finish_reason, stopped.num_tokens) == ("stop", 3)
+    truncated = hf_backend._generation([5] * 12)  # max_new_tokens without eos
+    assert (truncated.finish_reason, truncated.num_tokens) == ("length", 12)
+
+
+def test_truncation_flag_vllm():
+    from types import SimpleNamespace
+
+    from alignkit.sample.vllm_backend import _generation
+
+    for reason, flag in [("length", "length"), ("stop", "stop"), ("abort", "stop")]:
+        assert _generation(SimpleNamespace(text="t", token_ids=[1, 2], finish_reason=reason)).finish_reason == flag
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with random (non-zero) weights, so sampling through it visibly differs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def test_transformers_samples_from_adapter(tiny_qwen_dir, lora_dir, hf_backend, prompts, tmp_path: Path):
+    lora = make_backend("transformers", str(tiny_qwen_dir), str(lora_dir), max_new_tokens=12, batch_size=4)
+    opts = dict(fingerprint="f", num_samples=K, seed=0)
+    sample_prompts(lora, prompts[:2], tmp_path / "lora.jsonl", **opts)
+    sample_prompts(hf_backend, prompts[:2], tmp_path / "base.jsonl", **opts)
+    tuned, base = _by_id(tmp_path / "lora.jsonl"), _by_id(tmp_path / "base.jsonl")
+    assert {s.policy for s in tuned.values()} == {f"{tiny_qwen_dir}+{lora_dir}"}
+    assert {i: s.text for i, s in tuned.items()} != {i: s.text for i, s in base.items()}
+
+
 def test_unknown_backend(prompts, tmp_path: Path):
     with pytest.raises(ValueError, match="unknown sampling backend 'tgi'"):
         run_sample(prompts, tmp_path / "s.jsonl", fingerprint="f", backend="tgi", model="x")
@@ -165,9 +206,8 @@ def vllm_backend(tiny_qwen_dir):
     # In-process engine: on 2 CPU cores each spawned vLLM process costs ~40 s of imports.
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    options = {"max_model_len": 512, "distributed_executor_backend": "uni"}
     try:
-        yield make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=12, vllm_options=options)
+        yield make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=12, vllm_options=VLLM_OPTIONS)
     finally:
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
@@ -187,3 +227,17 @@ def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
     assert all(runs["a"][i] == t for i, t in runs["b"].items())
     assert runs["a"] != runs["c"]
     assert len(set(runs["a"].values())) > len(prompts)  # the K samples of a prompt differ
+
+
+@pytest.mark.slow
+def test_vllm_samples_from_lora_adapter(tiny_qwen_dir, lora_dir, prompts, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # On CPU the KV budget is a share of host RAM minus what this process holds (maybe another engine).
+    options = VLLM_OPTIONS | {"gpu_memory_utilization": 0.2}
+    backend = make_backend("vllm", str(tiny_qwen_dir), str(lora_dir), max_new_tokens=12, vllm_options=options)
+    assert backend.lora is not None and backend.policy == f"{tiny_qwen_dir}+{lora_dir}"
+    requests = [Request(p.prompt_id, load_template("cot").messages(p.question, 1), [load_image(p.images[0])])
+                for p in prompts[:2]]  # fmt: skip
+    tuned = backend.generate(requests, K, seed=0)
+    backend.lora = None  # the same engine and seed without the adapter
+    assert [[g.text for g in gs] for gs in tuned] != [[g.text for g in gs] for gs in backend.generate(requests, K, 0)]

@@ -3,34 +3,29 @@
 Each judgment is one request (system + user prompt from the judge file, the prompt's images as
 data URLs) asking for the verdict as strict structured output. Servers that ignore
 `response_format` still work: the first JSON object in the reply is used. Transport faults are
-retried by the openai client itself, which we rely on (and test): it honours `Retry-After` on
-429 (up to 60 s) and otherwise backs off exponentially (0.5 s * 2^n, at most 8 s, 25% jitter)
-on 408, 409, 429, 5xx, timeouts and connection errors. A verdict that fails to parse or validate
-is asked again, and after `max_retries` re-asks it is recorded as failed (no score), never
-dropped and never scored 0. Requests can be capped per minute (see `throttle`); the client's own
-retries wait as the server says and are not booked against the caps again.
+retried by the openai client itself, which we rely on (and test); the client, its retry settings,
+the concurrency limit and the per-minute caps are shared with the sampler (`alignkit.openai_client`).
+A verdict that fails to parse or validate is asked again, and after `max_retries` re-asks it is
+recorded as failed (no score), never dropped and never scored 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
-from alignkit.judge.throttle import Throttle, estimate_tokens
+from alignkit.openai_client import ChatClient, api_failure, data_url
 from alignkit.records import Prompt, Sample, Verdict, load_image, to_dict
+from alignkit.throttle import estimate_tokens
 
 
 @lru_cache(maxsize=64)  # K samples of one prompt share its images
@@ -44,13 +39,7 @@ def image_data_url(path: str, max_side: int = 512) -> str:
         img = load_image(path)
     except OSError as e:
         raise JudgeError(f"cannot read image {path}: {e}") from None
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side))
-    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG" if jpeg else "PNG", **({"quality": 90} if jpeg else {}))
-    mime = "image/jpeg" if jpeg else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return data_url(img, max_side, jpeg=Path(path).suffix.lower() in (".jpg", ".jpeg"))
 
 
 def build_messages(rubric: Rubric, prompt: Prompt, image_max_side: int, **untrusted: str) -> list[dict[str, Any]]:
@@ -87,17 +76,6 @@ def parse_verdict(text: str) -> dict[str, Any]:
     raise JudgeError(f"no JSON object in the reply {snippet!r}")
 
 
-def api_key_from_env(api_key_env: str) -> str:
-    """The API key from the environment; the error names the variable, never a value."""
-    key = os.environ.get(api_key_env)
-    if not key:
-        raise JudgeError(
-            f"judge.backend=openai needs an API key in the environment variable {api_key_env}, which is "
-            "not set (for a local server that needs none, set it to any value)"
-        )
-    return key
-
-
 @dataclass(frozen=True)
 class Judgment:
     """One request's outcome: a validated verdict, or the reason it failed ('kind: detail')."""
@@ -124,11 +102,12 @@ class OpenAIJudge:
         rpm: float | None = None,
         tpm: float | None = None,
     ):
-        api_key_from_env(api_key_env)  # fail before any output is touched
-        self.rubric, self.model, self.base_url, self.api_key_env = rubric, model, base_url, api_key_env
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.conn = ChatClient(
+            base_url, api_key_env, setting="judge.backend=openai", concurrency=concurrency, timeout=timeout,
+            max_retries=max_retries, rpm=rpm, tpm=tpm, error=JudgeError,
+        )  # fmt: skip
+        self.rubric, self.model, self.timeout, self.max_retries = rubric, model, timeout, max_retries
         self.image_max_side = image_max_side
-        self.throttle = Throttle(rpm, tpm)
         self.judge_name = f"openai/{rubric.name}/{model}"
         self.response_format = {
             "type": "json_schema",
@@ -143,17 +122,11 @@ class OpenAIJudge:
         return self
 
     async def __aenter__(self) -> OpenAIJudge:
-        self.sem = asyncio.Semaphore(self.concurrency)
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key_from_env(self.api_key_env),
-            max_retries=self.max_retries,
-            timeout=self.timeout,
-        )
+        await self.conn.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.close()
+        await self.conn.__aexit__(*exc)
 
     async def ask(self, prompt: Prompt, repetition: int = 0, **untrusted: str) -> Judgment:
         """One judgment of `untrusted` (the answers) for `prompt`; `repetition` > 0 gets its own cache key.
@@ -161,7 +134,7 @@ class OpenAIJudge:
         Messages are built under the concurrency limit, so only `concurrency` message sets (images
         included) are held at a time, however many judgments are queued.
         """
-        async with self.sem:
+        async with self.conn.slot:
             judgment = await self._ask(prompt, repetition, untrusted)
         self.tally.add(judgment.verdict is not None, judgment.cached)
         return judgment
@@ -177,23 +150,17 @@ class OpenAIJudge:
         estimate = estimate_tokens(messages, int(sampling.get("max_tokens", 512)))
         problem = ""
         for _ in range(attempts):
-            await self.throttle.acquire(estimate)
             try:
                 self.tally.requests += 1
-                # The client's generic post (its documented way to send any body) keeps its retries,
-                # timeouts and errors but skips `create`'s per-field transform of the messages,
-                # which costs as much CPU as the rest of a request (a base64 image is a long string).
                 body = {"model": self.model, "messages": messages, "response_format": self.response_format, **sampling}
-                reply = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+                reply = await self.conn.chat(body, estimate)
             except openai.APIError as e:
-                return Judgment(None, _api_failure(e, self.timeout, self.max_retries))
+                return Judgment(None, api_failure(e, self.timeout, self.max_retries))
             usage = reply.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
             self.tally.prompt_tokens += prompt_tokens
             self.tally.completion_tokens += completion_tokens
-            if usage:
-                self.throttle.settle(estimate, prompt_tokens + completion_tokens)
             try:
                 verdict = parse_verdict((reply.choices[0].message.content if reply.choices else None) or "")
                 self.rubric.validate(verdict)
@@ -247,23 +214,6 @@ def combine_judgments(
             for j in judgments
         ]
     return record
-
-
-def _api_failure(e: openai.APIError, timeout: float, max_retries: int) -> str:
-    """A failed request as 'kind: detail' (the kind is what the summary counts)."""
-    after = f"after {max_retries} retries"
-    if isinstance(e, openai.APITimeoutError):
-        return f"timeout: no reply within {timeout:g}s, {after}"
-    if isinstance(e, openai.APIConnectionError):
-        return f"connection_error: {e}, {after}"
-    if isinstance(e, openai.APIStatusError):
-        detail = f"HTTP {e.status_code} {str(e.message)[:200]}"
-        if e.status_code == 429:
-            return f"rate_limited: {detail}, {after}"
-        if e.status_code >= 500:
-            return f"server_error: {detail}, {after}"
-        return f"api_error: {detail}"
-    return f"api_error: {str(e)[:200]}"
 
 
 def _schema_name(name: str) -> str:

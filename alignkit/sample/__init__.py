@@ -3,10 +3,15 @@
 Prompts are processed in fixed chunks (by position in the prompt list), each with its own seed.
 A chunk that is only partly on disk after a kill is generated again in full and only its missing
 prompts are written, so the final file is the same wherever a run was interrupted.
+
+Exact duplicates among a prompt's K samples (same text) are counted in the summary; with
+`drop_duplicates` they are not written (a pair of identical answers teaches nothing and a judge
+scores both alike). Ids stay stable: the kept samples keep their indices, so a prompt may lack some.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ __all__ = [
     "run_sample", "sample_prompts",
 ]  # fmt: skip
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "openai")
 
 
 def make_backend(
@@ -35,10 +40,27 @@ def make_backend(
     top_p: float = 1.0,
     batch_size: int = 8,
     vllm_options: dict | None = None,
+    openai_options: dict | None = None,
 ) -> Backend:
-    """Build a backend by name; `model` may be a "tiny:..." name, a hub id or a local path."""
-    model = resolve_model(model)
+    """Build a backend by name; `model` may be a "tiny:..." name, a hub id or a local path.
+
+    `openai_options` go to `OpenAIBackend` (base_url, model_name: the served name, default `model`;
+    api_key_env, concurrency, ...). That server must serve `adapter` itself, under `model_name`.
+    """
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if backend == "openai":
+        from alignkit.sample.openai_backend import OpenAIBackend
+
+        opts = dict(openai_options or {})
+        if adapter and not opts.get("model_name"):
+            raise ValueError(
+                f"policy.adapter={adapter} with sample.backend=openai: the server must serve the adapter; "
+                "set sample.model_name to the name it serves it under (vllm serve BASE --enable-lora "
+                "--lora-modules NAME=ADAPTER_DIR)"
+            )
+        model_name = opts.pop("model_name", None) or model
+        return OpenAIBackend(model_name, opts.pop("base_url", None), adapter=adapter, **opts, **settings)
+    model = resolve_model(model)
     if backend == "transformers":
         from alignkit.sample.transformers_backend import TransformersBackend
 
@@ -61,15 +83,44 @@ def _request(prompt: Prompt, template: Template) -> Request:
     return Request(prompt.prompt_id, template.messages(prompt.question, len(images)), images)
 
 
-def _samples(prompt_id: str, gens: list[Generation], template: Template, policy: str) -> list[Sample]:
-    out = []
+def _samples(
+    prompt_id: str, gens: list[Generation], template: Template, policy: str, drop_duplicates: bool
+) -> list[Sample]:
+    """A prompt's Samples, indexed by draw order; with `drop_duplicates`, repeats of an earlier text are left out."""
+    out, seen = [], set()
     for k, g in enumerate(gens):
+        if drop_duplicates and g.text in seen:
+            continue
+        seen.add(g.text)
         reasoning, answer, parsed = template.parse(g.text)
         out.append(
             Sample(sample_id(prompt_id, k), prompt_id, g.text, reasoning, answer, parsed,
                    g.num_tokens, g.finish_reason, policy)
         )  # fmt: skip
     return out
+
+
+def _finished(done: dict[str, dict[str, Any]], num_samples: int, drop_duplicates: bool) -> set[str]:
+    """Prompts whose samples are all on disk.
+
+    With `drop_duplicates` a finished prompt may lack ids on purpose. A prompt's samples are
+    appended together, so a kill tears only the last prompt written: every earlier one is finished.
+    """
+    counts: defaultdict[str, int] = defaultdict(int)
+    for r in done.values():
+        counts[r["prompt_id"]] += 1
+    finished = {p for p, n in counts.items() if n == num_samples}
+    if drop_duplicates and done:
+        finished |= set(counts) - {next(reversed(done.values()))["prompt_id"]}
+    return finished
+
+
+def _duplicates(records: list[dict[str, Any]], num_samples: int) -> int:
+    """Samples that repeat an earlier sample of their prompt word for word (written or dropped)."""
+    texts: defaultdict[str, set[str]] = defaultdict(set)
+    for r in records:
+        texts[r["prompt_id"]].add(r["text"])
+    return sum(num_samples - len(t) for t in texts.values())
 
 
 def sample_prompts(
@@ -82,11 +133,12 @@ def sample_prompts(
     num_samples: int = 4,
     seed: int = 0,
     chunk_size: int = 16,
+    drop_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Sample with an existing backend (so one engine can serve several runs); see `run_sample`."""
     tmpl = load_template(template)
     out = ResumableJsonl(out_path, fingerprint, id_key="sample_id")
-    complete = {p.prompt_id for p in prompts if all(sample_id(p.prompt_id, k) in out.done for k in range(num_samples))}
+    complete = {p.prompt_id for p in prompts} & _finished(out.done, num_samples, drop_duplicates)
     failed: list[dict[str, str]] = []
     bar = tqdm(total=len(prompts), initial=len(complete), desc="sample", unit="prompt")
     try:
@@ -104,7 +156,8 @@ def sample_prompts(
             gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
             for r, g in zip(requests, gens):
                 # Samples already on disk (a prompt torn by a kill) were drawn identically: keep them.
-                out.append([s for s in _samples(r.prompt_id, g, tmpl, backend.policy) if s.sample_id not in out.done])
+                samples = _samples(r.prompt_id, g, tmpl, backend.policy, drop_duplicates)
+                out.append([s for s in samples if s.sample_id not in out.done])
             bar.update(sum(p.prompt_id not in complete for p in chunk))
     except BaseException:
         out.close()
@@ -113,9 +166,12 @@ def sample_prompts(
         bar.close()
     records = list(out.done.values())
     out.finish()
+    duplicates = _duplicates(records, num_samples)
     return {
         "num_prompts": len(prompts),
         "num_samples": len(records),
+        "duplicates": duplicates,
+        "duplicates_dropped": duplicates if drop_duplicates else 0,
         "truncated": sum(r["finish_reason"] == "length" for r in records),
         "unparsed": sum(not r["answer_parsed"] for r in records),
         "resumed_prompts": len(complete),
@@ -139,19 +195,23 @@ def run_sample(
     template: str = "cot",
     batch_size: int = 8,
     chunk_size: int = 16,
+    drop_duplicates: bool = False,
     vllm_options: dict | None = None,
+    openai_options: dict | None = None,
 ) -> dict[str, Any]:
     """Write `num_samples` Samples per prompt to `out_path` (resumable) and return a summary.
 
-    The summary has num_prompts, num_samples, truncated, unparsed, resumed_prompts and failed
-    (prompt id + message for each prompt skipped because an image could not be read).
+    The summary has num_prompts, num_samples (written), duplicates (samples repeating an earlier
+    one of their prompt), duplicates_dropped (those not written), truncated (finish_reason
+    "length"), unparsed, resumed_prompts and failed (prompt id + message for each prompt skipped
+    because an image could not be read).
     """
     load_template(template)  # fail on a bad template before loading a model
     engine = make_backend(
         backend, model, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, vllm_options=vllm_options,
+        batch_size=batch_size, vllm_options=vllm_options, openai_options=openai_options,
     )  # fmt: skip
     return sample_prompts(
         engine, prompts, out_path, fingerprint=fingerprint, template=template, num_samples=num_samples,
-        seed=seed, chunk_size=chunk_size,
+        seed=seed, chunk_size=chunk_size, drop_duplicates=drop_duplicates,
     )  # fmt: skip

@@ -23,6 +23,7 @@ class Generation:
     text: str
     num_tokens: int
     finish_reason: str  # "stop" or "length"
+    token_ids: list[int] = field(default_factory=list)  # the sampled tokens (eos included), for RL
 
 
 class Backend(Protocol):

@@ -7,6 +7,8 @@ makes a call's output depend only on its requests and seed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from alignkit.sample.base import Generation, Request, policy_name
@@ -26,19 +28,33 @@ class TransformersBackend:
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.policy = policy_name(model, adapter)
-        self.processor = AutoProcessor.from_pretrained(model)
-        self.processor.tokenizer.padding_side = "left"  # generation continues from the right edge
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
         if adapter:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, adapter)
-        self.model.eval()
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+            hf_model = PeftModel.from_pretrained(hf_model, adapter)
+        processor = AutoProcessor.from_pretrained(model)
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+        self._attach(hf_model.eval(), processor, policy_name(model, adapter), **settings)
+
+    @classmethod
+    def in_process(cls, model, processor, policy: str, **settings: Any) -> TransformersBackend:
+        """A backend over a model already in memory, e.g. a policy being trained (PPO rollouts): it
+        samples from the model's current weights. `settings` are __init__'s max_new_tokens,
+        temperature, top_p and batch_size; the caller puts the model in eval mode."""
+        self = cls.__new__(cls)
+        self._attach(model, processor, policy, **settings)
+        return self
+
+    def _attach(
+        self, model, processor, policy: str, *, max_new_tokens: int, temperature: float, top_p: float, batch_size: int
+    ) -> None:
+        self.policy, self.model, self.processor = policy, model, processor
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
+        self.processor.tokenizer.padding_side = "left"  # generation continues from the right edge
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     @torch.no_grad()
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
@@ -70,4 +86,4 @@ class TransformersBackend:
         stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
         tokens = row if stop is None else row[: stop + 1]
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text, len(tokens), "length" if stop is None else "stop")
+        return Generation(text, len(tokens), "length" if stop is None else "stop", tokens)

@@ -23,7 +23,9 @@ def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
     defaults: dict[str, Any] = {"tensor_parallel_size": 1, "dtype": "auto", "max_model_len": None}
     if current_platform.is_cpu():
         # torch.compile added ~90 s to every engine start on a 2-core machine; CPU runs are small.
-        defaults |= {"gpu_memory_utilization": 0.1, "enforce_eager": True}
+        # A seeded request whose prefill is split over steps fails on CPU in vLLM 0.32 ("CPU Generator
+        # does not use offset" when the partial step's token is discarded): prefill whole prompts.
+        defaults |= {"gpu_memory_utilization": 0.1, "enforce_eager": True, "enable_chunked_prefill": False}
     return defaults | (options or {})
 
 
@@ -42,7 +44,7 @@ class VllmBackend:
         from transformers import AutoProcessor
         from vllm import LLM
 
-        self.policy = policy_name(model, adapter)
+        self.model, self.policy = model, policy_name(model, adapter)
         # The processor owns the multimodal chat template (tokenizers of hub VLMs may lack it).
         self.processor = AutoProcessor.from_pretrained(model)
         opts = _engine_options(options)
@@ -60,6 +62,18 @@ class VllmBackend:
             what = f" with LoRA adapter {adapter}" if adapter else ""
             raise RuntimeError(f"vLLM could not start for model {model}{what}: {e}") from e
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def use_adapter(self, adapter: str) -> None:
+        """Sample from another LoRA adapter of the rank the engine started with (PPO: each rollout's policy).
+
+        Each call gets a new LoRA id, since vLLM caches adapters by id, not by path.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if self.lora is None:
+            raise RuntimeError("use_adapter needs an engine started with an adapter (enable_lora)")
+        self.lora = LoRARequest(Path(adapter).name, self.lora.lora_int_id + 1, str(adapter))
+        self.policy = policy_name(self.model, adapter)
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
         from vllm import SamplingParams
@@ -87,4 +101,4 @@ class VllmBackend:
 
 def _generation(completion: Any) -> Generation:
     finish = "length" if completion.finish_reason == "length" else "stop"
-    return Generation(completion.text, len(completion.token_ids), finish)
+    return Generation(completion.text, len(completion.token_ids), finish, list(completion.token_ids))

@@ -1,9 +1,11 @@
 """TEST FIXTURE: a local OpenAI-compatible chat-completions server. Not a judge.
 
 It lets tests (and users trying `judge.backend=openai` without an account) exercise the real
-HTTP path of the judge: a `ThreadingHTTPServer` on 127.0.0.1 answering `POST
-/v1/chat/completions` and `GET /v1/models`. Replies come from a pluggable callable (request
-body -> verdict dict or raw text); every request is recorded so tests can count them and
+HTTP path of the judge and of the `openai` sampling backend: a `ThreadingHTTPServer` on 127.0.0.1
+answering `POST /v1/chat/completions` and `GET /v1/models`. Replies come from a pluggable callable
+(request body -> verdict dict or raw text, or a list of texts: one choice each, for sampling
+requests, cut at `max_tokens` words with finish_reason "length"; `honour_n=False` plays a server
+that ignores `n` and answers one choice); every request is recorded so tests can count them and
 inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, a
 hung request, malformed JSON, a schema-violating verdict, a reply ignoring `response_format`);
 `delay_s` answers every request after a fixed delay (the throughput benchmark's latency L).
@@ -26,7 +28,7 @@ from typing import Any, Callable
 from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 
-Reply = Callable[[dict[str, Any]], "dict[str, Any] | str"]
+Reply = Callable[[dict[str, Any]], "dict[str, Any] | str | list[str]"]
 FAULTS = ("rate_limit", "server_error", "hang", "malformed", "schema_violation", "plain_text")
 
 
@@ -81,9 +83,11 @@ class ChatServer:
         retry_after: float = 0.05,
         hang_s: float = 2.0,
         delay_s: float = 0.0,
+        honour_n: bool = True,
     ):
         self.reply = reply or heuristic_reply
         self.model, self.retry_after, self.hang_s, self.delay_s = model, retry_after, hang_s, delay_s
+        self.honour_n = honour_n
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -211,6 +215,10 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fx.delay_s)
         out = fx.reply(body)
         schema = _schema(body)
+        if isinstance(out, list):
+            choices = [_cut(text, body.get("max_tokens")) for text in out[: None if fx.honour_n else 1]]
+            self._completion(fx, body, choices)
+            return
         if fault == "malformed":
             content = '{"rationale": "the reply was cut off, "score": '
         elif fault == "schema_violation":
@@ -220,9 +228,13 @@ class _Handler(BaseHTTPRequestHandler):
             content = f"Sure! Here is my verdict:\n```json\n{verdict}\n```\nHope this helps."
         else:
             content = json.dumps(out) if isinstance(out, dict) else out
+        self._completion(fx, body, [(content, "stop")])
+
+    def _completion(self, fx: ChatServer, body: dict[str, Any], choices: list[tuple[str, str]]) -> None:
+        """Reply with one choice per (text, finish_reason); a token is a word here."""
         req = RecordedRequest("POST", self.path, {}, body)
         prompt_tokens = len(req.text().split()) + 85 * len(req.image_urls())
-        completion_tokens = len(content.split())
+        completion_tokens = sum(len(text.split()) for text, _ in choices)
         self._json(
             200,
             {
@@ -232,11 +244,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": body.get("model", fx.model),
                 "choices": [
                     {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
                         "logprobs": None,
                     }
+                    for i, (text, finish) in enumerate(choices)
                 ],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
@@ -255,6 +268,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
+
+
+def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:
+    """A sampled text and its finish reason: cut at `max_tokens` words ("length"), as a server would."""
+    words = text.split()
+    if max_tokens is not None and len(words) > max_tokens:
+        return " ".join(words[:max_tokens]), "length"
+    return text, "stop"
 
 
 def _lower(headers: Any) -> dict[str, str]:
@@ -283,8 +304,11 @@ def _violate(verdict: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
 # the placeholder judge served by default
 
 
-def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
+def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | list[str]:
     """A placeholder verdict filling the requested schema, NOT a real judgement.
+
+    A request without a schema is a sampling request: it gets `n` placeholder answers that
+    differ by choice index and seed.
 
     It reads the built-in judge prompts' wording: hallucination from the object mentions in the
     <answer> block against the "Objects actually in the image" line, correctness from the
@@ -294,7 +318,8 @@ def heuristic_reply(body: dict[str, Any]) -> dict[str, Any] | str:
     """
     schema = _schema(body)
     if not schema:
-        return "This test server answers judge requests; send a response_format json_schema."
+        seed = body.get("seed")
+        return [f"Placeholder sample {i} (seed {seed}).\nAnswer: {i}" for i in range(int(body.get("n") or 1))]
     text = RecordedRequest("POST", "", {}, body).text()
     answer = _between(text, "<answer>", "</answer>")
     final = _between(text, "<final_answer>", "</final_answer>")

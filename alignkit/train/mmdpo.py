@@ -9,8 +9,8 @@ that keeps the policy closer to the reference on them while pushing harder on th
 w = 0 is plain DPO. An optional NLL term (weight γ) on the chosen answer is TRL's `sft` loss.
 
 Reference log-probs are computed once, before training, and cached on disk
-(`out_dir/ref_logps/<model fingerprint>.jsonl`, see `alignkit.train.reference`), so each training
-step runs one model forward instead of two. Reads top to bottom: set-up, resume point, reference
+(`ref_cache_dir/<model fingerprint>.jsonl`, by default `out_dir/ref_logps/`; see
+`alignkit.train.reference`), so each training step runs one model forward instead of two. Reads top to bottom: set-up, resume point, reference
 log-probs, train, save; the run directory and resume rules are those of `alignkit.train.common`.
 """
 
@@ -146,6 +146,7 @@ def train_mmdpo(
     save_steps: int = 50,
     seed: int = 0,
     logging_steps: int = 1,
+    ref_cache_dir: Path | None = None,
 ) -> Path:
     """Train with MM-DPO on a pairs file; returns `out_dir/adapter` (LoRA, QLoRA) or `out_dir/model` (full).
 
@@ -154,6 +155,8 @@ def train_mmdpo(
     numeric margin column (`margin` from the judge, or a reward model's, e.g. `rm_margin`).
     `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or `full`. The other
     arguments are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
+    `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
+    keeps it outside `out_dir`, which it clears when a training setting changes.
     """
     from alignkit.testing.tiny_models import resolve_model
 
@@ -194,7 +197,8 @@ def train_mmdpo(
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
     )
     fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=max_length)
-    trainer.cache_reference_logps(out_dir / "ref_logps" / f"{fingerprint}.jsonl", keys)
+    cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else out_dir / "ref_logps"
+    trainer.cache_reference_logps(cache_dir / f"{fingerprint}.jsonl", keys)
 
     # train
     trainer.train(resume_from_checkpoint=resume_from)

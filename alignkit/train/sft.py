@@ -46,16 +46,21 @@ def read_sft_file(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def tokenize(processor: Any, text: str, images: list | None) -> dict[str, torch.Tensor]:
+    """One text with its images through the processor; per-token tensors (input_ids, attention_mask,
+    mm_token_type_ids, ...) lose the batch dim, image tensors (pixel_values, image_grid_thw) keep theirs."""
+    enc = processor(text=[text], images=images, return_tensors="pt")
+    seq = enc["input_ids"].shape[1]
+    return {k: v[0] if v.dim() == 2 and v.shape == (1, seq) else v for k, v in enc.items()}
+
+
 def encode(processor: Any, example: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Tokenize one example with its images; labels are -100 on the prompt (completion-only loss)."""
     images = [load_image(p) for p in example["images"]] or None
     full = processor.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
     prompt = processor.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
-    enc = processor(text=[full], images=images, return_tensors="pt")
+    out = tokenize(processor, full, images)
     prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    seq = enc["input_ids"].shape[1]
-    # per-token tensors (input_ids, attention_mask, mm_token_type_ids, ...) lose the batch dim
-    out = {k: v[0] if v.dim() == 2 and v.shape == (1, seq) else v for k, v in enc.items()}
     labels = out["input_ids"].clone()
     labels[:prompt_len] = -100
     out["labels"] = labels

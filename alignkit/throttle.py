@@ -1,4 +1,4 @@
-"""Request and token caps per minute for the judge, by spacing request starts evenly.
+"""Request and token caps per minute for OpenAI-compatible requests (judge, sampler): even spacing.
 
 Each cap is a leaky bucket without burst: with `rpm` set, request starts are at least 60/rpm
 seconds apart; with `tpm` set, a request estimated at t tokens holds the next start back by

@@ -1,0 +1,118 @@
+"""What the judge and the `openai` sampling backend share when they call an OpenAI-compatible server.
+
+One place for: the API key (read from the environment variable a recipe names, never from the
+recipe), the async client with its retry settings, the concurrency limit and the rpm/tpm caps
+(`alignkit.throttle`), images as data URLs, and how a failed request is described.
+Transport faults are retried by the openai client itself: it honours `Retry-After` on 429 (up to
+60 s) and otherwise backs off exponentially (0.5 s * 2^n, at most 8 s, 25% jitter) on 408, 409,
+429, 5xx, timeouts and connection errors, `max_retries` times. Those retries wait as the server
+says and are not booked against the caps again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+from PIL import Image
+
+from alignkit.throttle import Throttle
+
+
+def api_key_from_env(api_key_env: str, setting: str, error: type[Exception] = ValueError) -> str:
+    """The API key from the environment; the error (of type `error`) names the variable, never a value."""
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise error(
+            f"{setting} needs an API key in the environment variable {api_key_env}, which is "
+            "not set (for a local server that needs none, set it to any value)"
+        )
+    return key
+
+
+def data_url(img: Image.Image, max_side: int | None = None, jpeg: bool = False) -> str:
+    """An image as a base64 data URL (lossless PNG unless `jpeg`), downscaled to `max_side` if given.
+
+    Encoding is deterministic, so the same pixels always give the same URL (and cache key)."""
+    if max_side and max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if jpeg else "PNG", **({"quality": 90} if jpeg else {}))
+    mime = "image/jpeg" if jpeg else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class ChatClient:
+    """An async chat-completions client: at most `concurrency` requests in flight, starts capped by rpm/tpm.
+
+    Use as `async with ChatClient(...) as c:`; hold `c.slot` around the requests that count as one
+    unit of concurrency (the judge holds it across its re-asks), and send each with `c.chat`.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key_env: str,
+        *,
+        setting: str,
+        concurrency: int,
+        timeout: float,
+        max_retries: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        error: type[Exception] = ValueError,
+    ):
+        """`setting` names the recipe key in a missing-key error (raised here, before any output is touched)."""
+        api_key_from_env(api_key_env, setting, error)
+        self.base_url, self.api_key_env, self.setting, self.error = base_url, api_key_env, setting, error
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.throttle = Throttle(rpm, tpm)
+
+    async def __aenter__(self) -> ChatClient:
+        self.slot = asyncio.Semaphore(self.concurrency)  # made here: it belongs to the running event loop
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=api_key_from_env(self.api_key_env, self.setting, self.error),
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def chat(self, body: dict[str, Any], estimated_tokens: int) -> ChatCompletion:
+        """POST one chat completion once the caps allow it; the token booking is corrected by its usage.
+
+        The client's generic post (its documented way to send any body) keeps its retries, timeouts
+        and errors but skips `create`'s per-field transform of the messages, which costs as much CPU
+        as the rest of a request (a base64 image is a long string).
+        """
+        await self.throttle.acquire(estimated_tokens)
+        reply = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+        if reply.usage:
+            self.throttle.settle(estimated_tokens, reply.usage.prompt_tokens + reply.usage.completion_tokens)
+        return reply
+
+
+def api_failure(e: openai.APIError, timeout: float, max_retries: int) -> str:
+    """A failed request as 'kind: detail' (the kind is what summaries count)."""
+    after = f"after {max_retries} retries"
+    if isinstance(e, openai.APITimeoutError):
+        return f"timeout: no reply within {timeout:g}s, {after}"
+    if isinstance(e, openai.APIConnectionError):
+        return f"connection_error: {e}, {after}"
+    if isinstance(e, openai.APIStatusError):
+        detail = f"HTTP {e.status_code} {str(e.message)[:200]}"
+        if e.status_code == 429:
+            return f"rate_limited: {detail}, {after}"
+        if e.status_code >= 500:
+            return f"server_error: {detail}, {after}"
+        return f"api_error: {detail}"
+    return f"api_error: {str(e)[:200]}"

@@ -1,0 +1,108 @@
+"""Sampling from any OpenAI-compatible chat-completions server (e.g. `vllm serve MODEL`).
+
+One request per prompt asks for all K answers (`n=K`) with the prompt's own seed, its images as
+lossless PNG data URLs (the pixels the local backends see). A server that ignores `n` answers
+fewer choices; the missing ones are asked one request each, with a seed per sample index (a
+seeded server would otherwise repeat its one answer). Seeds reproduce only on servers that honour
+them. The client, its retries, the concurrency limit and rate caps are the judge's
+(`alignkit.openai_client`). A LoRA adapter cannot be loaded from here: the server must serve it
+(`vllm serve BASE --enable-lora --lora-modules NAME=PATH`) and `model_name` must be NAME.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from alignkit.openai_client import ChatClient, api_failure, data_url
+from alignkit.sample.base import Generation, Request, derive_seed, policy_name
+from alignkit.throttle import estimate_tokens
+
+
+class OpenAIBackend:
+    def __init__(
+        self,
+        model_name: str,
+        base_url: str | None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        rpm: float | None = None,
+        tpm: float | None = None,
+    ):
+        """`adapter` only labels the samples' policy: the server must already serve it as `model_name`."""
+        self.conn = ChatClient(
+            base_url, api_key_env, setting="sample.backend=openai", concurrency=concurrency, timeout=timeout,
+            max_retries=max_retries, rpm=rpm, tpm=tpm,
+        )  # fmt: skip
+        self.model_name, self.policy = model_name, policy_name(model_name, adapter)
+        self.sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        return asyncio.run(self._generate(requests, num_samples, seed))
+
+    async def _generate(self, requests: list[Request], k: int, seed: int) -> list[list[Generation]]:
+        async with self.conn:
+            return list(await asyncio.gather(*(self._prompt(r, k, derive_seed(seed, r.prompt_id)) for r in requests)))
+
+    async def _prompt(self, request: Request, k: int, seed: int) -> list[Generation]:
+        """K answers for one prompt: one request with n=K, then one per answer the server left out."""
+        messages = _messages(request)
+        gens = await self._ask(request.prompt_id, messages, k, seed)
+        extra = await asyncio.gather(
+            *(self._ask(request.prompt_id, messages, 1, derive_seed(seed, i)) for i in range(len(gens), k))
+        )
+        return (gens + [g for gs in extra for g in gs])[:k]
+
+    async def _ask(self, prompt_id: str, messages: list[dict[str, Any]], n: int, seed: int) -> list[Generation]:
+        body = {"model": self.model_name, "messages": messages, "n": n, "seed": seed, **self.sampling}
+        async with self.conn.slot:
+            try:
+                reply = await self.conn.chat(body, estimate_tokens(messages, n * self.sampling["max_tokens"]))
+            except openai.APIError as e:
+                failure = api_failure(e, self.conn.timeout, self.conn.max_retries)
+                raise RuntimeError(f"prompt {prompt_id}: sampling request failed: {failure}") from e
+        if not reply.choices:
+            raise RuntimeError(f"prompt {prompt_id}: the server answered no choices")
+        return _generations(reply, self.sampling["max_tokens"])
+
+
+def _messages(request: Request) -> list[dict[str, Any]]:
+    """The request's chat turns with each image placeholder replaced by its image as a data URL."""
+    images = iter(request.images)
+    return [
+        {**m, "content": [
+            {"type": "image_url", "image_url": {"url": data_url(next(images))}} if part["type"] == "image" else part
+            for part in m["content"]
+        ]}
+        for m in request.messages
+    ]  # fmt: skip
+
+
+def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
+    """One Generation per choice, with token counts from the reply's usage.
+
+    `usage` counts all choices together. With one choice that is its count; with several, a
+    truncated choice used exactly `max_tokens` and the rest is split over the others in proportion
+    to their text length (an estimate; exact counts would need per-token logprobs in every reply).
+    """
+    choices = sorted(reply.choices, key=lambda c: c.index)
+    texts = [c.message.content or "" for c in choices]
+    cut = [c.finish_reason == "length" for c in choices]
+    total = reply.usage.completion_tokens if reply.usage else 0
+    if len(choices) == 1:
+        counts = [total]
+    else:
+        rest = max(total - max_tokens * sum(cut), 0)
+        chars = sum(len(t) for t, c in zip(texts, cut) if not c) or 1
+        counts = [max_tokens if c else round(rest * len(t) / chars) for t, c in zip(texts, cut)]
+    return [Generation(t, n, "length" if c else "stop") for t, n, c in zip(texts, counts, cut)]

@@ -1,0 +1,587 @@
+"""PPO for vision-language models in one file, in the manner of cleanrl's ppo.py.
+
+Each step:
+
+    # rollout      K answers per image+text prompt from the current policy (transformers or vLLM)
+    # rewards      one score per answer (judge, reward model, function); running mean/std scaling, clipping
+    # forward      log-probs of the sampled tokens under the policy and the reference, values
+    # kl penalty   per-token reward -β·(log π − log π_ref), the scaled score added on the final token
+    # advantages   GAE(γ, λ) over the response tokens, whitened
+    # update       `ppo_epochs` passes over shuffled minibatches: clipped policy loss + clipped value loss
+    # kl control   β adapts toward `target_kl` (Ziegler et al. 2019), when set
+    # log + checkpoint
+
+The reference policy is the policy with its LoRA adapter disabled, so there is no second copy
+(full fine-tuning keeps a frozen one). The value head reads the policy's last hidden states
+(`value_model="shared"`) or a second backbone of its own (`"separate"`). Sampled token ids are
+trained on as sampled (never re-tokenized from text), so the importance ratio is exact.
+
+Run directory (as in `alignkit.train.common`): `checkpoints/checkpoint-N/` (the PEFT adapter,
+`state.pt` with the value head, optimizer, reward statistics and KL coefficient, then
+`trainer_state.json` last), `metrics.jsonl` (one line per step), and the final `adapter/` (or
+`model/` after full fine-tuning) with the processor. A re-run with the same settings resumes
+from the last complete checkpoint; rollouts are seeded per step, so a resumed run is the run
+that was killed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from alignkit.records import Prompt, Sample
+from alignkit.sample.base import Generation, Request, derive_seed
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters. Defaults follow Schulman et al. 2017 and cleanrl's ppo.py for the
+    optimisation, and Ziegler et al. 2019 / TRL's PPOTrainer (removed in TRL 1.13) for the
+    language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
+
+    steps: int = 100
+    """PPO steps; each samples one rollout batch and runs `ppo_epochs` passes over it."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch; the batch holds prompts_per_step * num_samples answers."""
+    num_samples: int = 4
+    """K answers per prompt (per image)."""
+    max_new_tokens: int = 64
+    """Longest answer; a truncated answer is scored as it stands."""
+    temperature: float = 1.0
+    """Rollout temperature. 1.0 samples the policy itself, which the ratio π/π_old assumes."""
+    top_p: float = 1.0
+    learning_rate: float = 1e-5
+    """Adam step size (TRL's PPO default for LMs; LoRA on small models tolerates 10-100x more)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (cleanrl `update_epochs`, TRL `num_ppo_epochs`)."""
+    num_minibatches: int = 4
+    """Minibatches per pass (cleanrl); each is rollout batch / num_minibatches answers."""
+    gamma: float = 1.0
+    """Discount. 1.0 for text (TRL): the only non-KL reward comes at the last token."""
+    lam: float = 0.95
+    """GAE λ (Schulman et al. 2016; cleanrl, TRL)."""
+    clip_range: float = 0.2
+    """Policy ratio clip ε (PPO paper, cleanrl `clip_coef`)."""
+    clip_range_value: float = 0.2
+    """Value clip: new values stay within ± this of the rollout's values (cleanrl `clip_vloss`, TRL)."""
+    vf_coef: float = 0.1
+    """Value-loss weight (TRL; cleanrl's 0.5 lets a shared backbone's value loss swamp the policy's)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight (0 for LMs, as in TRL; the KL penalty already keeps the policy spread)."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip (cleanrl)."""
+    whiten_advantages: bool = True
+    """Advantages to mean 0, std 1 over the batch's response tokens (cleanrl `norm_adv`, TRL)."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty to the reference policy (TRL); the initial β when adaptive."""
+    target_kl: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): β moves so the per-answer KL approaches this (their 6 nats); None keeps β fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in answers: how slowly β moves (Ziegler et al. 2019)."""
+    normalize_rewards: bool = True
+    """Scale scores by a running mean/std over all answers so far (Ziegler et al. normalise their
+    reward model likewise): judge scores in [0, 1] and reward-model logits get one scale, so β and
+    the learning rate mean the same thing for any reward source."""
+    reward_clip: float = 10.0
+    """Normalised scores are clipped to ± this (the VecNormalize default cleanrl uses); 0 turns clipping off."""
+    value_model: Literal["shared", "separate"] = "shared"
+    """`shared`: the value head reads the policy's hidden states (one forward, as TRL's value-head model);
+    `separate`: a second backbone (same base, own LoRA) for the value, as in InstructGPT."""
+    save_steps: int = 20
+    """Checkpoint (PEFT adapter + training state) every this many steps."""
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# math on [answers, response tokens] grids; `mask` is 1 on real response tokens, 0 on padding
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance, as TRL)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+class RunningMeanStd:
+    """Running mean and variance of every score seen so far (Chan et al.'s parallel update, as cleanrl)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        batch_mean, batch_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor, clip: float) -> torch.Tensor:
+        z = (x - self.mean) / (self.var + 1e-8) ** 0.5
+        return z.clamp(-clip, clip) if clip > 0 else z
+
+
+def kl_penalised_rewards(
+    logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −β·(log π − log π_ref), plus each answer's score on its final token; and the per-token KL."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns by GAE(γ, λ); an answer ends (V = 0 after it) at its last masked token."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate, max(−A·r, −A·clip(r, 1−ε, 1+ε)) per token; plus clip fraction and approx KL."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean(((ratio - 1).abs() > clip_range).float(), mask).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),  # Schulman's unbiased k3 estimator
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """½·max((V − R)², (V_clipped − R)²), V_clipped = V_old + clip(V − V_old, ±ε_v)."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over response tokens: 1 is a perfect value function, ≤ 0 a useless one."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float("nan") if var_returns == 0 else (1 - var_residual / var_returns).item()
+
+
+class AdaptiveKL:
+    """Ziegler et al.'s controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) after each batch of n answers."""
+
+    def __init__(self, kl_coef: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + error * n / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------
+# models: the value head, and the forward pass on response tokens
+
+
+class ValueHead(nn.Module):
+    """V(s_t) for every response token: a linear layer on last hidden states, the policy's or its own backbone's."""
+
+    def __init__(self, hidden_size: int, backbone: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone  # None: the policy's hidden states (shared)
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)  # V = 0 at the start: no made-up baseline
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, policy_hidden: torch.Tensor, inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        hidden = policy_hidden if self.backbone is None else response_hidden(_lm(self.backbone), inputs, idx)
+        return self.head(hidden.float()).squeeze(-1)
+
+
+def _lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (adapters are injected in place, so they still run)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_hidden(lm: nn.Module, inputs: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """Last hidden states at positions `idx` [B, W]: position p predicts token p + 1."""
+    hidden = lm.model(**inputs).last_hidden_state
+    return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def token_logps(
+    lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) and the entropy at each position, at the rollout temperature (the distribution
+    the tokens were drawn from); the LM head runs on response positions only."""
+    logits = lm.get_output_embeddings()(hidden).float() / max(temperature, 1e-7)
+    logps = torch.log_softmax(logits, dim=-1)
+    entropy = -(logps.exp() * logps).sum(-1)
+    return logps.gather(-1, targets[..., None]).squeeze(-1), entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout engines
+
+
+class RolloutEngine(Protocol):
+    """Samples answers from the current policy; `sync` hands it the policy's weights before each batch."""
+
+    def sync(self, policy: nn.Module, step: int) -> None: ...
+
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]: ...
+
+
+class TransformersRollouts:
+    """`generate` on the policy being trained: always current, nothing to copy."""
+
+    def __init__(self, policy: nn.Module, processor: Any, **settings: Any):
+        from alignkit.sample.transformers_backend import TransformersBackend
+
+        self.backend = TransformersBackend.in_process(policy, processor, "ppo-policy", **settings)
+
+    def sync(self, policy: nn.Module, step: int) -> None:
+        pass
+
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        return self.backend.generate(requests, num_samples, seed)
+
+
+class VllmRollouts:
+    """A vLLM engine on the base model; before each batch the current LoRA adapter is saved and loaded."""
+
+    def __init__(self, model_path: str, policy: nn.Module, adapter_dir: Path, vllm_options: dict | None, **settings):
+        from alignkit.sample.vllm_backend import VllmBackend
+
+        if not hasattr(policy, "peft_config"):
+            raise ValueError("rollout engine 'vllm' needs LoRA (finetune: lora): it loads the adapter each step")
+        self.dir = adapter_dir
+        settings.pop("batch_size", None)  # vLLM schedules its own batches
+        self.backend = VllmBackend(model_path, str(self._save(policy, 0)), options=vllm_options, **settings)
+
+    def _save(self, policy: nn.Module, step: int) -> Path:
+        shutil.rmtree(self.dir, ignore_errors=True)  # the engine has loaded the previous step's adapter
+        path = self.dir / f"step-{step}"
+        policy.save_pretrained(path)
+        return path
+
+    def sync(self, policy: nn.Module, step: int) -> None:
+        self.backend.use_adapter(str(self._save(policy, step)))
+
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        return self.backend.generate(requests, num_samples, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# a rollout batch
+
+
+@dataclass
+class Batch:
+    """One rollout batch: per-answer encodings (prompt + sampled tokens) and [N, W] response grids."""
+
+    features: list[dict[str, torch.Tensor]]  # per answer, for `sft.collate`
+    starts: torch.Tensor  # [N] prompt length: the first response token's position
+    targets: torch.Tensor  # [N, W] sampled token ids, left-aligned
+    mask: torch.Tensor  # [N, W]
+    samples: list[Sample]
+    prompts: list[Prompt]
+
+    def positions(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """[rows, W] positions whose hidden state predicts each response token (clamped inside the rows' width)."""
+        return (self.starts[rows, None] - 1 + torch.arange(self.targets.shape[1])).clamp(max=width - 1)
+
+
+def with_response(prompt: dict[str, torch.Tensor], response: list[int]) -> dict[str, torch.Tensor]:
+    """A prompt's encoding with the sampled tokens appended (attention 1, other per-token fields 0)."""
+    ids = torch.tensor(response, dtype=prompt["input_ids"].dtype)
+    out = {}
+    for key, value in prompt.items():
+        if value.dim() == 1:  # per-token
+            tail = ids if key == "input_ids" else torch.full_like(ids, int(key == "attention_mask"))
+            out[key] = torch.cat([value, tail.to(value.dtype)])
+        else:
+            out[key] = value
+    return out
+
+
+def collect(engine: RolloutEngine, processor: Any, prompts: list[Prompt], template: Any, k: int, seed: int) -> Batch:
+    """# rollout: K answers per prompt, as records (for the rewards) and token grids (for training)."""
+    from alignkit.sample import _request, _samples
+    from alignkit.train.sft import tokenize
+
+    requests = [_request(p, template) for p in prompts]
+    generations = engine.generate(requests, k, seed)
+    # A (random-weight) policy can sample an image placeholder, which the model would read as an
+    # image slot without pixels: such an answer is trained on up to that token only.
+    placeholders = {processor.tokenizer.convert_tokens_to_ids(getattr(processor, name))
+                    for name in ("image_token", "video_token") if getattr(processor, name, None)}  # fmt: skip
+    features, samples, rows, out_prompts = [], [], [], []
+    for prompt, request, gens in zip(prompts, requests, generations):
+        text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        encoded = tokenize(processor, text, request.images or None)
+        for sample, gen in zip(_samples(prompt.prompt_id, gens, template, "ppo", False), gens):
+            cut = next((i for i, t in enumerate(gen.token_ids) if t in placeholders), len(gen.token_ids))
+            tokens = gen.token_ids[:cut] or [processor.tokenizer.eos_token_id]  # an empty answer still ends
+            features.append(with_response(encoded, tokens))
+            rows.append(tokens)
+            samples.append(sample)
+            out_prompts.append(prompt)
+    width = max(len(r) for r in rows)
+    targets = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+    starts = torch.tensor([len(f["input_ids"]) - len(r) for f, r in zip(features, rows)])
+    return Batch(features, starts, targets, mask, samples, out_prompts)
+
+
+def evaluate(
+    policy: nn.Module, value: ValueHead | None, batch: Batch, rows: torch.Tensor, pad_id: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """# forward: log π of the sampled tokens, entropy and values (if `value`) for the batch's `rows`."""
+    from alignkit.train.sft import collate
+
+    inputs = collate([batch.features[i] for i in rows.tolist()], pad_id)
+    idx = batch.positions(rows, inputs["input_ids"].shape[1])
+    hidden = response_hidden(_lm(policy), inputs, idx)
+    logp, entropy = token_logps(_lm(policy), hidden, batch.targets[rows], temperature)
+    return logp, entropy, None if value is None else value(hidden, inputs, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(random.Random(derive_seed(seed, "prompts", epoch)).sample(range(n), n))
+
+
+def step_prompts(n: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompt indices of a step: consecutive slices of one seeded shuffle per pass over the prompts."""
+    return [_epoch_order(n, seed, j // n)[j % n] for j in range(step * per_step, (step + 1) * per_step)]
+
+
+def train_ppo(
+    prompts: Sequence[Prompt],
+    out_dir: Path,
+    *,
+    model: str,
+    reward: Any,
+    config: PPOConfig = PPOConfig(),
+    rollout: Literal["transformers", "vllm"] = "transformers",
+    template: str = "cot",
+    finetune: Literal["lora", "full"] = "lora",
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    vllm_options: dict | None = None,
+) -> Path:
+    """Train `model` with PPO on `prompts`; returns `out_dir/adapter` (LoRA) or `out_dir/model` (full).
+
+    `reward` is an `alignkit.train.rewards.RewardFn` (or any callable `(prompts, samples) -> list[float]`
+    with a `name`). `rollout` picks the engine: the policy itself through transformers, or vLLM
+    with the current adapter loaded every step (LoRA only).
+    """
+    from alignkit.sample.templates import load_template
+    from alignkit.testing.tiny_models import resolve_model
+    from alignkit.train.common import resume_point
+    from alignkit.train.model import load_policy, lora_config
+
+    c = config
+    out_dir = Path(out_dir)
+    model_path = resolve_model(model)
+    tmpl = load_template(template)
+    torch.manual_seed(c.seed)
+
+    # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine
+    policy, processor = load_policy(model_path, dtype=torch.float32)
+    pad_id = processor.tokenizer.pad_token_id
+    reference = None
+    if finetune == "lora":
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(lora_r, lora_alpha, lora_dropout, target_modules))
+    else:  # full fine-tuning: the one case that needs a frozen copy
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    hidden_size = _lm(policy).config.get_text_config().hidden_size
+    critic_backbone = None
+    if c.value_model == "separate":
+        critic_backbone, _ = load_policy(model_path, dtype=torch.float32)
+        if finetune == "lora":
+            from peft import get_peft_model
+
+            critic_backbone = get_peft_model(critic_backbone, lora_config(lora_r, lora_alpha, lora_dropout, target_modules))
+    value = ValueHead(hidden_size, critic_backbone)
+    params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=c.learning_rate, eps=1e-5)  # cleanrl's eps
+    reward_stats, kl_ctl = RunningMeanStd(), AdaptiveKL(c.kl_coef, c.target_kl, c.kl_horizon)
+    sampling = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                    batch_size=c.prompts_per_step)  # fmt: skip
+    if rollout == "vllm":
+        engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", vllm_options, **sampling)
+    else:
+        engine = TransformersRollouts(policy, processor, **sampling)
+
+    # resume: the last complete checkpoint of a run with these settings (more steps extend a run)
+    settings = {"config": {k: v for k, v in asdict(c).items() if k not in ("steps", "save_steps")}, "model": model_path, "rollout": rollout, "template": template,
+                "finetune": finetune, "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+                "reward": getattr(reward, "name", repr(reward)), "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
+    start = 0
+    if (last := resume_point(out_dir, settings)) is not None:
+        state = torch.load(Path(last) / "state.pt", weights_only=False)
+        policy.load_state_dict(state["policy"], strict=False)
+        value.load_state_dict(state["value"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        reward_stats.__dict__.update(state["reward_stats"])
+        kl_ctl.value, start = state["kl_coef"], state["step"]
+    metrics_file = out_dir / "metrics.jsonl"
+
+    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="ppo")
+    for step in bar:
+        started = time.monotonic()
+
+        # rollout
+        policy.eval()
+        engine.sync(policy, step)
+        chosen = [prompts[i] for i in step_prompts(len(prompts), c.prompts_per_step, step, c.seed)]
+        batch = collect(engine, processor, chosen, tmpl, c.num_samples, derive_seed(c.seed, "rollout", step))
+        n, mask = len(batch.samples), batch.mask
+        rollout_seconds = time.monotonic() - started
+
+        # rewards: raw scores, then running mean/std scaling and clipping
+        raw = torch.tensor(reward(batch.prompts, batch.samples), dtype=torch.float32)
+        if c.normalize_rewards:
+            reward_stats.update(raw)
+            scores = reward_stats.normalize(raw, c.reward_clip)
+        else:
+            scores = raw.clamp(-c.reward_clip, c.reward_clip) if c.reward_clip > 0 else raw
+
+        # forward: old log-probs and values under the rollout policy, reference log-probs
+        minibatch, t = max(1, n // c.num_minibatches), c.temperature
+        chunks = torch.arange(n).split(minibatch)
+        with torch.no_grad():
+            old = [evaluate(policy, value, batch, rows, pad_id, t) for rows in chunks]
+            old_logp, old_values = torch.cat([o[0] for o in old]), torch.cat([o[2] for o in old])
+            if reference is None:
+                with policy.disable_adapter():
+                    ref_logp = torch.cat([evaluate(policy, None, batch, rows, pad_id, t)[0] for rows in chunks])
+            else:
+                ref_logp = torch.cat([evaluate(reference, None, batch, rows, pad_id, t)[0] for rows in chunks])
+
+        # kl penalty: per-token -β·KL, the scaled score on the final token
+        rewards, kl = kl_penalised_rewards(old_logp, ref_logp, scores, mask, kl_ctl.value)
+
+        # advantages
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # update: ppo_epochs passes over shuffled minibatches
+        policy.train()
+        generator = torch.Generator().manual_seed(derive_seed(c.seed, "minibatches", step))
+        logs: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
+        for _ in range(c.ppo_epochs):
+            for rows in torch.randperm(n, generator=generator).split(minibatch):
+                m = mask[rows]
+                logp, entropy, values = evaluate(policy, value, batch, rows, pad_id, t)
+
+                # policy loss
+                pg_loss, stats = policy_loss(logp, old_logp[rows], advantages[rows], m, c.clip_range)
+
+                # value loss
+                vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_range_value)
+
+                entropy_mean = masked_mean(entropy, m)
+                loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy_mean
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                for key, v in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
+                               ("entropy", entropy_mean.item()), *stats.items()):  # fmt: skip
+                    logs[key].append(v)
+
+        # kl control: per-answer KL to the reference, summed over its tokens
+        kl_per_answer = kl.sum(1).mean().item()
+        kl_used = kl_ctl.value
+        kl_ctl.update(kl_per_answer, n)
+
+        # log
+        record = {
+            "step": step + 1,
+            "reward/raw": raw.mean().item(),
+            "reward/scaled": scores.mean().item(),
+            "reward/failures": getattr(reward, "failures", 0),
+            "kl": kl_per_answer,
+            "kl_coef": kl_used,
+            **{key: sum(v) / len(v) for key, v in logs.items()},
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": mask.sum(1).mean().item(),
+            "rollout_seconds": round(rollout_seconds, 3),
+            "step_seconds": round(time.monotonic() - started, 3),
+        }
+        with metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(reward=f"{record['reward/raw']:.3f}", kl=f"{record['kl']:.3f}")
+
+        # checkpoint
+        if (step + 1) % c.save_steps == 0 and step + 1 < c.steps:
+            state = {"policy": _trainable(policy), "value": _trainable(value), "optimizer": optimizer.state_dict(),
+                     "reward_stats": dict(reward_stats.__dict__), "kl_coef": kl_ctl.value, "step": step + 1}  # fmt: skip
+            _save_checkpoint(out_dir / "checkpoints", step + 1, policy, state)
+    bar.close()
+
+    # save: the adapter (or model) with the processor, via a temporary name
+    final = out_dir / ("adapter" if finetune == "lora" else "model")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    shutil.rmtree(out_dir / "rollout_adapter", ignore_errors=True)
+    return final
+
+
+def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, policy: nn.Module, state: dict[str, Any], keep: int = 2) -> None:
+    """checkpoint-N/: the PEFT adapter (or model), state.pt, then trainer_state.json, which marks it complete."""
+    path = ckpt_dir / f"checkpoint-{step}"
+    policy.save_pretrained(path)
+    torch.save(state, path / "state.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
+    for old in done[:-keep]:
+        shutil.rmtree(old)

@@ -1,0 +1,130 @@
+"""Online rewards for RL (PPO): one score per sampled answer, from the same scorers the RLAIF loop uses.
+
+A reward function takes aligned lists of prompts and samples and returns one float per sample,
+so a scorer can batch (the critique reward model) or run concurrently (the LLM judge). Sources:
+
+- `judge`: the recipe's judge (`reference` or an OpenAI-compatible LLM judge), through
+  `alignkit.judge`'s own client: concurrency limit, rate caps, retries and the sqlite verdict
+  cache, so an answer sampled twice (or a resumed run) is never paid for twice;
+- `reward_model`: the critique reward model's score (`alignkit.reward`);
+- `function`: a Python function named "module:function" (or "path/to/file.py:function"),
+  called as `function(prompt, sample) -> float`.
+
+`combine` sums several with weights. A verdict that failed (the judge gave no valid answer after
+its retries) scores 0 and is counted in `failures`, so training goes on and the log shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignkit.records import Prompt, Sample
+
+
+class RewardFn:
+    """A named batch scorer: `fn(prompts, samples) -> scores`; `failures` counts unscored samples."""
+
+    def __init__(self, name: str, fn: Callable[[Sequence[Prompt], Sequence[Sample]], list[float | None]]):
+        self.name, self.fn, self.failures = name, fn, 0
+
+    def __call__(self, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float]:
+        scores = self.fn(prompts, samples)
+        self.failures += sum(s is None for s in scores)
+        return [0.0 if s is None else float(s) for s in scores]
+
+
+def judge_reward(*, rubric: str, backend: str, cache_path: Path, **options: Any) -> RewardFn:
+    """The judge's combined score (0..1). `options` are `run_judge`'s (model, base_url, concurrency, ...)."""
+    from alignkit.judge import _make_judge, load_rubric
+    from alignkit.judge.cache import VerdictCache
+    from alignkit.judge.openai_judge import judge_samples
+    from alignkit.judge.progress import Tally
+    from alignkit.judge.reference import judge_reference
+
+    rub = load_rubric(rubric)
+    num_judgments = options.pop("num_judgments", 1)
+    judge = _make_judge(rub, backend, num_judgments, **options)
+    if judge is None:
+        return RewardFn(f"reference/{rub.name}", lambda ps, ss: [judge_reference(rub, p, s).score for p, s in zip(ps, ss)])
+    cache = VerdictCache(cache_path)
+
+    def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
+        verdicts: dict[str, dict[str, Any]] = {}
+
+        async def ask_all() -> None:
+            async with judge.session(cache, Tally()):
+                items = list(zip(prompts, samples))
+                await judge_samples(judge, items, num_judgments, lambda v: verdicts.__setitem__(v["sample_id"], v))
+
+        asyncio.run(ask_all())
+        return [verdicts[s.sample_id]["score"] for s in samples]
+
+    return RewardFn(judge.judge_name, score)
+
+
+def reward_model_reward(path: str | Path, template: str, **score_options: Any) -> RewardFn:
+    """The critique reward model's score of each full answer, asked as the policy was (`template`).
+
+    `score_options` are `score_answers`' (num_critiques, max_new_tokens, temperature, batch_size).
+    """
+    from alignkit.pairs import _conversation
+    from alignkit.records import load_image
+    from alignkit.reward import Answer, load_reward_model, score_answers
+    from alignkit.sample.templates import load_template
+
+    rm, tmpl = load_reward_model(path), load_template(template)
+
+    def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
+        answers = [
+            Answer(tmpl.messages(p.question, len(p.images)), _conversation("assistant", s.text),
+                   [load_image(i) for i in p.images])
+            for p, s in zip(prompts, samples)
+        ]  # fmt: skip
+        return [r.score for r in score_answers(rm, answers, **score_options)]
+
+    return RewardFn(f"reward_model/{Path(path).name}", score)
+
+
+def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
+    """The function a "module:function" or "path/to/file.py:function" spec names."""
+    module_name, sep, name = spec.rpartition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        file = Path(module_name)
+        if not file.is_file():
+            raise ValueError(f"reward function {spec!r}: file {file} not found")
+        module_spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def function_reward(spec: str) -> RewardFn:
+    """A Python function `(prompt, sample) -> float` as a reward."""
+    fn = load_function(spec)
+    return RewardFn(spec, lambda ps, ss: [fn(p, s) for p, s in zip(ps, ss)])
+
+
+def combine(weighted: Sequence[tuple[float, RewardFn]]) -> RewardFn:
+    """The weighted sum of several rewards; the only reward, unchanged, when there is one with weight 1."""
+    if len(weighted) == 1 and weighted[0][0] == 1.0:
+        return weighted[0][1]
+
+    def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
+        parts = [(w, fn(prompts, samples)) for w, fn in weighted]
+        combined.failures = sum(fn.failures for _, fn in weighted)  # a failed part scored 0
+        return [sum(w * scores[i] for w, scores in parts) for i in range(len(samples))]
+
+    combined = RewardFn(" + ".join(f"{w:g}*{fn.name}" for w, fn in weighted), score)
+    return combined
