@@ -38,11 +38,21 @@ class StageInputError(RuntimeError):
     """A stage was asked to run before the stage that makes its input."""
 
 
+# Stages that run once per round; round r > 1 writes them under round-<r>/ and keys them `name@round-r`.
+ROUND_STAGES = ("sample", "judge", "pairs", "reward_model", "score", "train")
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Where each stage writes inside a run directory."""
+    """Where each stage writes inside a run directory (round 1 at the top, round r in round-<r>/)."""
 
     root: Path
+    round: int = 1
+
+    @property
+    def work(self) -> Path:
+        """The directory of this round's samples, verdicts, pairs and training."""
+        return self.root if self.round == 1 else self.root / f"round-{self.round}"
 
     @property
     def recipe(self) -> Path:
@@ -58,11 +68,11 @@ class RunPaths:
 
     @property
     def samples(self) -> Path:
-        return self.root / "samples.jsonl"
+        return self.work / "samples.jsonl"
 
     @property
     def verdicts(self) -> Path:
-        return self.root / "verdicts.jsonl"
+        return self.work / "verdicts.jsonl"
 
     @property
     def judge_cache(self) -> Path:
@@ -70,20 +80,20 @@ class RunPaths:
 
     @property
     def pairs(self) -> Path:
-        return self.root / "pairs.jsonl"
+        return self.work / "pairs.jsonl"
 
     @property
     def train(self) -> Path:
-        return self.root / "train"
+        return self.work / "train"
 
     @property
     def adapter(self) -> Path:
-        return self.root / "train" / "adapter"
+        return self.work / "train" / "adapter"
 
     @property
     def model(self) -> Path:
         """The fully fine-tuned policy (MM-DPO with `finetune: full`), instead of `adapter`."""
-        return self.root / "train" / "model"
+        return self.work / "train" / "model"
 
     @property
     def ref_logps(self) -> Path:
@@ -99,9 +109,9 @@ def fingerprint(stage: str, settings: dict[str, Any], inputs: list[Path]) -> str
 class Runner:
     """Runs the stages of one recipe; keeps per-stage state in `stages.json`."""
 
-    def __init__(self, recipe: Recipe, console: Console | None = None):
+    def __init__(self, recipe: Recipe, console: Console | None = None, round: int = 1):
         self.recipe = recipe
-        self.paths = RunPaths(Path(recipe.output_dir).resolve())  # records carry absolute image paths
+        self.paths = RunPaths(Path(recipe.output_dir).resolve(), round)  # records carry absolute image paths
         self.console = console or Console()
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = json.loads(self.paths.state.read_text()) if self.paths.state.exists() else {}
@@ -125,6 +135,8 @@ class Runner:
                 f"stage '{name}' needs {', '.join(str(p) for p in missing)}; run the earlier stages first "
                 f"(alignkit run RECIPE, or the stage command that writes it)"
             )
+        if self.paths.round > 1 and name in ROUND_STAGES:
+            name = f"{name}@round-{self.paths.round}"
         fp = fingerprint(name, settings, inputs)
         last = self.state.get(name, {})
         if output.exists() and last.get("fingerprint") == fp and last.get("status") == "done":
@@ -307,7 +319,7 @@ class Runner:
                 options = self._judge_options() | ({"backend": "reference"} if spec.source == "reference" else {})
                 return rewards.judge_reward(cache_path=self.paths.judge_cache, **options)
             if spec.source == "reward_model":
-                rm_dir = spec.path or self.paths.root / "reward_model" / "model"
+                rm_dir = spec.path or self.paths.work / "reward_model" / "model"
                 return rewards.reward_model_reward(rm_dir, sample.template, **self._score_options())
             return rewards.function_reward(spec.path)
 
@@ -341,7 +353,7 @@ class Runner:
         def work(fp: str) -> dict[str, Any]:
             summary = train_reward_model(
                 self.paths.pairs,
-                self.paths.root / "reward_model",
+                self.paths.work / "reward_model",
                 model=model,
                 finetune=cfg.finetune,
                 learning_rate=cfg.learning_rate,
@@ -365,7 +377,7 @@ class Runner:
                 )
             return summary
 
-        return self._stage("reward_model", settings, [], self.paths.root / "reward_model", work)
+        return self._stage("reward_model", settings, [], self.paths.work / "reward_model", work)
 
     def _score_options(self) -> dict[str, Any]:
         cfg = self.recipe.reward_model
@@ -378,8 +390,8 @@ class Runner:
         from alignkit.sample.templates import load_template
 
         cfg = self.recipe.reward_model
-        rm_dir = Path(cfg.checkpoint) if cfg.checkpoint else self.paths.root / "reward_model" / "model"
-        output = self.paths.root / "rm_scores.jsonl"
+        rm_dir = Path(cfg.checkpoint) if cfg.checkpoint else self.paths.work / "reward_model" / "model"
+        output = self.paths.work / "rm_scores.jsonl"
         settings = {"score": self._score_options(), "reward_model": str(rm_dir),
                     "template": self.recipe.sample.template, "seed": self.recipe.seed}  # fmt: skip
 
@@ -418,9 +430,17 @@ class Runner:
         )  # fmt: skip
 
     @property
-    def policy_model(self) -> str:
-        """The model preference training starts from: the SFT model if the recipe has SFT."""
+    def start_model(self) -> str:
+        """The policy before any round: the SFT model if the recipe has SFT, else policy.model."""
         return str(self.paths.root / "sft" / "model") if self.recipe.sft is not None else self.recipe.policy.model
+
+    @property
+    def policy_model(self) -> str:
+        """The model this round samples from and trains on: the start model in round 1, then the
+        previous round's trained policy (merged, so DPO's reference is the previous policy)."""
+        if self.paths.round == 1:
+            return self.start_model
+        return str(RunPaths(self.paths.root, self.paths.round - 1).train / "merged")
 
     def trained_policy(self) -> tuple[str, str | None] | None:
         """(model, adapter) of the policy the train stage wrote, or None before it has written one:
@@ -431,8 +451,32 @@ class Runner:
         return (self.policy_model, str(self.paths.adapter)) if self.paths.adapter.exists() else None
 
     def _policy_settings(self) -> dict[str, Any]:
-        """What identifies the starting policy in fingerprints (the SFT run, when there is one)."""
-        return {"model": self.policy_model, "sft": self.state.get("sft", {}).get("fingerprint")}
+        """What identifies this round's policy in fingerprints (the SFT run, the previous round's training)."""
+        previous = {}
+        if self.paths.round > 1:
+            key = "train" if self.paths.round == 2 else f"train@round-{self.paths.round - 1}"
+            previous = {"previous_train": self.state.get(key, {}).get("fingerprint")}
+        return {"model": self.policy_model, "sft": self.state.get("sft", {}).get("fingerprint")} | previous
+
+    def _merge_previous_round(self) -> None:
+        """Merge the previous round's adapter into its base, as this round's starting policy."""
+        from alignkit.train.model import merge_adapter
+
+        previous = Runner(self.recipe, self.console, round=self.paths.round - 1)
+        trained = previous.trained_policy()
+        if trained is None:
+            raise StageInputError(
+                f"round {self.paths.round} starts from round {self.paths.round - 1}'s trained policy, which "
+                f"does not exist yet; run the earlier round first (alignkit run RECIPE)"
+            )
+        out = previous.paths.train / "merged"
+        key = "train" if previous.paths.round == 1 else f"train@round-{previous.paths.round}"
+        settings = {"trained": trained, "train": self.state.get(key, {}).get("fingerprint")}
+
+        def work(fp: str) -> dict[str, Any]:
+            return {"merged": str(merge_adapter(*trained, out))}
+
+        self._stage(f"merge@round-{previous.paths.round}", settings, [], out, work)
 
     def sft(self) -> dict[str, Any]:
         """Supervised fine-tuning (e.g. a base policy from scratch on the shapes world) into sft/model."""
@@ -532,14 +576,15 @@ class Runner:
 
         if self.recipe.eval is None:
             raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
-        policy = self._policy_settings()
-        base = self._eval_policy("base", self.policy_model, self.recipe.policy.adapter, policy)
+        start = {"model": self.start_model, "sft": self.state.get("sft", {}).get("fingerprint")}
+        base = self._eval_policy("base", self.start_model, self.recipe.policy.adapter, start)
         trained_policy = self.trained_policy()
         if trained_policy is None:
             self.console.print(format_table(base))
             return {"base": str(self.paths.root / "eval" / "base" / "results.json")}
-        trained = self.state.get("train", {}).get("fingerprint")
-        after = self._eval_policy("round-1", *trained_policy, policy | {"train": trained})
+        key = "train" if self.paths.round == 1 else f"train@round-{self.paths.round}"
+        trained = self._policy_settings() | {"train": self.state.get(key, {}).get("fingerprint")}
+        after = self._eval_policy(f"round-{self.paths.round}", *trained_policy, trained)
         table = compare(base, after)
         (self.paths.root / "eval" / "comparison.txt").write_text(table + "\n")
         self.console.print(table)
@@ -556,4 +601,13 @@ class Runner:
         tmp = self.paths.recipe.with_suffix(".yaml.tmp")
         tmp.write_text(resolved_yaml(self.recipe))
         os.replace(tmp, self.paths.recipe)
-        return {name: getattr(self, name)() for name in STAGES if name in wanted}
+        results = {name: getattr(self, name)() for name in ("sft", "prompts") if name in wanted}
+        per_round = [name for name in STAGES if name in wanted and name not in results]
+        root = self.paths.root
+        for r in range(1, self.recipe.rounds + 1):
+            self.paths = RunPaths(root, r)
+            if r > 1 and per_round:
+                self._merge_previous_round()
+            for name in per_round:
+                results[name if r == 1 else f"{name}@round-{r}"] = getattr(self, name)()
+        return results

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,3 +84,31 @@ def lora_config(
         target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
+    """Save `model` with `adapter` merged into its weights (a copy of `model` when there is none).
+
+    Iterated rounds start from the previous round's policy as a plain model, so the next round's
+    LoRA reference (adapters disabled) is that policy. Written to a temporary name, then renamed.
+    """
+    import shutil
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if adapter is None:
+        shutil.copytree(model, tmp)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(model).save_pretrained(tmp)
+        GenerationConfig.from_pretrained(model).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
