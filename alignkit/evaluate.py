@@ -192,13 +192,14 @@ def evaluate_answers(prompts: list[Prompt], answers: dict[str, str]) -> dict:
 
 
 def _flatten(results: dict, prefix: str = "") -> dict[str, float | int]:
-    """{"describe": {"chair_i": 0.1}} -> {"describe.chair_i": 0.1}, in insertion order."""
+    """{"describe": {"chair_i": 0.1}} -> {"describe.chair_i": 0.1}, in insertion order; only numbers
+    (a result's policy name, decoding and failure list are context, not metrics)."""
     flat: dict[str, float | int] = {}
     for key, value in results.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat |= _flatten(value, name + ".")
-        else:
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = value
     return flat
 
