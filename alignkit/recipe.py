@@ -317,6 +317,9 @@ class Recipe(Section):
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 
 
+DATA_PATH_KEYS = (("data", "prompts"), ("sft", "data"), ("eval", "prompts"))
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `section.key=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
@@ -383,9 +386,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for o in overrides:
         apply_override(raw, o)
     # Relative data paths are relative to the recipe file, so a recipe runs from any directory.
-    prompts = (raw.get("data") or {}).get("prompts") if isinstance(raw.get("data"), dict) else None
-    if isinstance(prompts, str) and not Path(prompts).is_absolute():
-        raw["data"]["prompts"] = str((path.parent / prompts).resolve())
+    for section, key in DATA_PATH_KEYS:
+        node = raw.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            node[key] = str((path.parent / value).resolve())
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

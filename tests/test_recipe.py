@@ -74,9 +74,11 @@ def test_exactly_one_prompt_source(tmp_path):
         load_recipe(write(tmp_path, "output_dir: x\ndata: {}\n"))
 
 
-def test_relative_prompts_path_is_relative_to_recipe(tmp_path):
-    r = load_recipe(write(tmp_path, "output_dir: x\ndata:\n  prompts: data/p.jsonl\n"))
+def test_relative_data_paths_are_relative_to_recipe(tmp_path):
+    r = load_recipe(write(tmp_path, "output_dir: x\ndata:\n  prompts: data/p.jsonl\n"
+                                    "sft:\n  data: s.jsonl\neval:\n  prompts: /abs/e.jsonl\n"))
     assert Path(r.data.prompts) == (tmp_path / "data" / "p.jsonl").resolve()
+    assert Path(r.sft.data) == (tmp_path / "s.jsonl").resolve() and r.eval.prompts == "/abs/e.jsonl"
 
 
 def test_api_key_cannot_be_put_in_a_recipe(tmp_path):
