@@ -25,7 +25,7 @@ from alignkit.judge.report import format_report, quality_report, write_report
 from alignkit.judge.rubric import JudgeError, Rubric, RubricError, load_rubric
 from alignkit.records import Prompt, ResumableJsonl, Sample
 
-__all__ = ["JudgeError", "Rubric", "RubricError", "load_rubric", "run_judge"]
+__all__ = ["JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "run_judge"]
 
 BACKENDS = ("reference", "openai")
 FLUSH_SECONDS = 0.2  # how often finished verdicts are appended (and fsynced) to the output
@@ -76,7 +76,7 @@ def run_judge(
     """
     rub = load_rubric(rubric)
     items = _join(prompts, samples)
-    judge = _make_judge(
+    judge = make_judge(
         rub, backend, num_judgments, model=model, base_url=base_url, api_key_env=api_key_env,
         concurrency=concurrency, timeout=timeout, max_retries=max_retries, image_max_side=image_max_side,
         rpm=rpm, tpm=tpm,
@@ -148,7 +148,7 @@ def run_judge(
     }
 
 
-def _make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) -> OpenAIJudge | None:
+def make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) -> OpenAIJudge | None:
     """The OpenAI judge, or None for the reference backend; refuses settings that do not combine."""
     if num_judgments < 1:
         raise JudgeError(f"judge.num_judgments must be at least 1, got {num_judgments}")

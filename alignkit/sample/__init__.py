@@ -24,7 +24,7 @@ from alignkit.testing.tiny_models import resolve_model
 
 __all__ = [
     "Backend", "Generation", "Request", "Template", "load_template", "make_backend", "parse_output",
-    "run_sample", "sample_prompts",
+    "run_sample", "sample_prompts", "to_request", "to_samples",
 ]  # fmt: skip
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -72,7 +72,7 @@ def make_backend(
     raise ValueError(f"unknown sampling backend {backend!r}; known: {BACKENDS}")
 
 
-def _request(prompt: Prompt, template: Template) -> Request:
+def to_request(prompt: Prompt, template: Template) -> Request:
     """Render a prompt and load its images; an unreadable image is an error naming the prompt."""
     images = []
     for path in prompt.images:
@@ -83,7 +83,7 @@ def _request(prompt: Prompt, template: Template) -> Request:
     return Request(prompt.prompt_id, template.messages(prompt.question, len(images)), images)
 
 
-def _samples(
+def to_samples(
     prompt_id: str, gens: list[Generation], template: Template, policy: str, drop_duplicates: bool
 ) -> list[Sample]:
     """A prompt's Samples, indexed by draw order; with `drop_duplicates`, repeats of an earlier text are left out."""
@@ -149,14 +149,14 @@ def sample_prompts(
             requests = []
             for p in chunk:
                 try:
-                    requests.append(_request(p, tmpl))
+                    requests.append(to_request(p, tmpl))
                 except ValueError as e:
                     failed.append({"prompt_id": p.prompt_id, "error": str(e)})
             chunk_seed = derive_seed(seed, "chunk", c // chunk_size)
             gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
             for r, g in zip(requests, gens):
                 # Samples already on disk (a prompt torn by a kill) were drawn identically: keep them.
-                samples = _samples(r.prompt_id, g, tmpl, backend.policy, drop_duplicates)
+                samples = to_samples(r.prompt_id, g, tmpl, backend.policy, drop_duplicates)
                 out.append([s for s in samples if s.sample_id not in out.done])
             bar.update(sum(p.prompt_id not in complete for p in chunk))
     except BaseException:

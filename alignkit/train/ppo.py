@@ -335,10 +335,10 @@ def with_response(prompt: dict[str, torch.Tensor], response: list[int]) -> dict[
 
 def collect(engine: RolloutEngine, processor: Any, prompts: list[Prompt], template: Any, k: int, seed: int) -> Batch:
     """# rollout: K answers per prompt, as records (for the rewards) and token grids (for training)."""
-    from alignkit.sample import _request, _samples
+    from alignkit.sample import to_request, to_samples
     from alignkit.train.sft import tokenize
 
-    requests = [_request(p, template) for p in prompts]
+    requests = [to_request(p, template) for p in prompts]
     generations = engine.generate(requests, k, seed)
     # A (random-weight) policy can sample an image placeholder, which the model would read as an
     # image slot without pixels: such an answer is trained on up to that token only.
@@ -348,7 +348,7 @@ def collect(engine: RolloutEngine, processor: Any, prompts: list[Prompt], templa
     for prompt, request, gens in zip(prompts, requests, generations):
         text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
         encoded = tokenize(processor, text, request.images or None)
-        for sample, gen in zip(_samples(prompt.prompt_id, gens, template, "ppo", False), gens):
+        for sample, gen in zip(to_samples(prompt.prompt_id, gens, template, "ppo", False), gens):
             cut = next((i for i, t in enumerate(gen.token_ids) if t in placeholders), len(gen.token_ids))
             tokens = gen.token_ids[:cut] or [processor.tokenizer.eos_token_id]  # an empty answer still ends
             features.append(with_response(encoded, tokens))

@@ -40,7 +40,7 @@ class RewardFn:
 
 def judge_reward(*, rubric: str, backend: str, cache_path: Path, **options: Any) -> RewardFn:
     """The judge's combined score (0..1). `options` are `run_judge`'s (model, base_url, concurrency, ...)."""
-    from alignkit.judge import _make_judge, load_rubric
+    from alignkit.judge import make_judge, load_rubric
     from alignkit.judge.cache import VerdictCache
     from alignkit.judge.openai_judge import judge_samples
     from alignkit.judge.progress import Tally
@@ -48,7 +48,7 @@ def judge_reward(*, rubric: str, backend: str, cache_path: Path, **options: Any)
 
     rub = load_rubric(rubric)
     num_judgments = options.pop("num_judgments", 1)
-    judge = _make_judge(rub, backend, num_judgments, **options)
+    judge = make_judge(rub, backend, num_judgments, **options)
     if judge is None:
         return RewardFn(f"reference/{rub.name}", lambda ps, ss: [judge_reference(rub, p, s).score for p, s in zip(ps, ss)])
     cache = VerdictCache(cache_path)
