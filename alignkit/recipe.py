@@ -60,6 +60,9 @@ class VllmConfig(Section):
     enforce_eager: bool | None = None
     """Skip graph compilation (default: on for CPU, where compiling costs ~90 s per engine start)."""
     tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    """Independent engines, one per process and `tensor_parallel_size` GPUs (on CPU: a share of the
+    cores); each call's prompts are split between them. Samples do not depend on it."""
     dtype: str = "auto"
     max_model_len: int | None = 2048
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.records import Sample, load_image, read_records, sample_id
-from alignkit.sample import Request, make_backend, run_sample, sample_prompts
+from alignkit.sample import Request, make_backend, run_sample, sample_prompts, to_request
 from alignkit.sample.templates import load_template, parse_output
 from alignkit.testing.shapes import make_shapes_prompts
 
@@ -230,6 +230,19 @@ def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_vllm_data_parallel_matches_one_engine(vllm_backend, tiny_qwen_dir, prompts):
+    """Two engines in two processes return, in order, exactly the samples one engine draws.
+
+    Runs before the LoRA test: an in-process engine freed there tears down vLLM's process-wide
+    parallel state, which the module's engine needs."""
+    options = VLLM_OPTIONS | {"data_parallel_size": 2}
+    backend = make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=12, vllm_options=options)
+    requests = [to_request(p, load_template("cot")) for p in prompts[:5]]
+    got = backend.generate(requests, K, seed=3)
+    assert [len(gs) for gs in got] == [K] * 5
+    assert [[g.text for g in gs] for gs in got] == [[g.text for g in gs] for gs in vllm_backend.generate(requests, K, 3)]
+
+@pytest.mark.slow
 def test_vllm_samples_from_lora_adapter(tiny_qwen_dir, lora_dir, prompts, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # On CPU the KV budget is a share of host RAM minus what this process holds (maybe another engine).
@@ -241,3 +254,18 @@ def test_vllm_samples_from_lora_adapter(tiny_qwen_dir, lora_dir, prompts, monkey
     tuned = backend.generate(requests, K, seed=0)
     backend.lora = None  # the same engine and seed without the adapter
     assert [[g.text for g in gs] for gs in tuned] != [[g.text for g in gs] for gs in backend.generate(requests, K, 0)]
+
+
+def test_data_parallel_ranks_get_disjoint_devices():
+    from alignkit.sample.vllm_backend import _rank_env
+
+    visible = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert [_rank_env(r, 2, 2, visible, None) for r in (0, 1)] == [
+        {"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]  # fmt: skip
+    assert _rank_env(2, 3, 1, {}, None) == {"CUDA_VISIBLE_DEVICES": "2"}
+    with pytest.raises(ValueError, match="needs that many GPUs; visible: 0,1"):
+        _rank_env(0, 2, 2, {"CUDA_VISIBLE_DEVICES": "0,1"}, None)
+    cpus = list(range(8))
+    assert [_rank_env(r, 2, 2, {}, cpus) for r in (0, 1)] == [
+        {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}, {"VLLM_CPU_OMP_THREADS_BIND": "4,5|6,7"}]  # fmt: skip
+

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "sft.synthetic.num_examples=1024", "data.synthetic.num_prompts=96", "sample.backend=transformers",
+    "sft.synthetic.num_examples=1024", "sft.max_steps=1500", "data.synthetic.num_prompts=96", "sample.backend=transformers",
     "sample.num_samples=6", "eval.synthetic.num_prompts=128",
 ]  # fmt: skip (700 SFT steps were too few: that base policy's CHAIR_i was 0.53 and DPO did not fix it)
 

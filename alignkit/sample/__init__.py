@@ -66,9 +66,9 @@ def make_backend(
 
         return TransformersBackend(model, adapter, batch_size=batch_size, **settings)
     if backend == "vllm":
-        from alignkit.sample.vllm_backend import VllmBackend
+        from alignkit.sample.vllm_backend import make_vllm_backend
 
-        return VllmBackend(model, adapter, options=vllm_options, **settings)
+        return make_vllm_backend(model, adapter, options=vllm_options, **settings)
     raise ValueError(f"unknown sampling backend {backend!r}; known: {BACKENDS}")
 
 

@@ -6,11 +6,19 @@ samples do not depend on which other prompts share the batch. On CPU, vLLM's
 fails at start-up there, so the CPU default here is 0.1 (and eager mode, see `_engine_options`).
 Code that creates this backend needs an `if __name__ == "__main__":` guard: vLLM starts its
 workers with spawn.
+
+`data_parallel_size: N` runs N independent engines, one per process, each on its own
+`tensor_parallel_size` GPUs (on CPU: its own slice of the cores), and splits every call's prompts
+between them. Samples do not change with N: a prompt's seed depends on its id only.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,15 @@ def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
         # does not use offset" when the partial step's token is discarded): prefill whole prompts.
         defaults |= {"gpu_memory_utilization": 0.1, "enforce_eager": True, "enable_chunked_prefill": False}
     return defaults | (options or {})
+
+
+def make_vllm_backend(model: str, adapter: str | None = None, *, options: dict[str, Any] | None = None, **settings: Any):
+    """A `VllmBackend`, or a `DataParallelVllm` over several when options has data_parallel_size > 1."""
+    opts = dict(options or {})
+    size = opts.pop("data_parallel_size", 1)
+    if size > 1:
+        return DataParallelVllm(model, adapter, size=size, options=opts, **settings)
+    return VllmBackend(model, adapter, options=opts, **settings)
 
 
 class VllmBackend:
@@ -97,6 +114,109 @@ class VllmBackend:
         ]
         outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
         return [[_generation(c) for c in o.outputs] for o in outs]
+
+
+class DataParallelVllm:
+    """Several vLLM engines, one per worker process; each call's requests are split evenly between them."""
+
+    def __init__(self, model: str, adapter: str | None = None, *, size: int, options: dict[str, Any], **settings: Any):
+        from vllm.platforms import current_platform
+
+        self.model, self.policy = model, policy_name(model, adapter)
+        tensor_parallel = options.get("tensor_parallel_size", 1)
+        cpus = sorted(os.sched_getaffinity(0)) if current_platform.is_cpu() else None
+        if cpus is not None and len(cpus) < size * tensor_parallel:
+            raise ValueError(f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many CPU cores; this machine has {len(cpus)}")
+        ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's torch threads
+        self.workers = []
+        for rank in range(size):
+            parent, child = ctx.Pipe()
+            env = _rank_env(rank, size, tensor_parallel, dict(os.environ), cpus)
+            proc = ctx.Process(target=_serve, args=(child, env, model, adapter, options, settings), name=f"vllm-dp{rank}")
+            proc.start()
+            self.workers.append((proc, parent))
+        weakref.finalize(self, _stop, list(self.workers))
+        for rank, (_, conn) in enumerate(self.workers):
+            _reply(conn, rank)
+
+    def use_adapter(self, adapter: str) -> None:
+        """As `VllmBackend.use_adapter`, on every engine."""
+        for _, conn in self.workers:
+            conn.send(("use_adapter", adapter))
+        for rank, (_, conn) in enumerate(self.workers):
+            _reply(conn, rank)
+        self.policy = policy_name(self.model, adapter)
+
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        per = -(-len(requests) // len(self.workers))
+        shards = [requests[i * per : (i + 1) * per] for i in range(len(self.workers))]
+        for (_, conn), shard in zip(self.workers, shards):
+            conn.send(("generate", shard, num_samples, seed))
+        return [g for rank, (_, conn) in enumerate(self.workers) for g in _reply(conn, rank)]
+
+
+def _rank_env(rank: int, size: int, tensor_parallel: int, environ: dict[str, str], cpus: list[int] | None) -> dict[str, str]:
+    """Environment for data-parallel rank `rank` of `size`: its `tensor_parallel` GPUs out of those
+    visible (CUDA_VISIBLE_DEVICES, else 0, 1, ...); on CPU (`cpus`: the usable cores) an even share
+    of the cores, one group per tensor-parallel worker in vLLM's VLLM_CPU_OMP_THREADS_BIND syntax."""
+    if cpus is None:
+        first = rank * tensor_parallel
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(size * tensor_parallel)]
+        if len(devices) < size * tensor_parallel:
+            raise ValueError(
+                f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many GPUs; "
+                f"visible: {','.join(devices)}"
+            )
+        return {"CUDA_VISIBLE_DEVICES": ",".join(devices[first : first + tensor_parallel])}
+    per_worker = len(cpus) // (size * tensor_parallel)
+    groups = [cpus[(rank * tensor_parallel + w) * per_worker :][:per_worker] for w in range(tensor_parallel)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
+
+
+def _serve(conn, env: dict[str, str], model: str, adapter: str | None, options: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A data-parallel worker: start one engine, then answer the parent's calls until it hangs up."""
+    os.environ.update(env)  # before vLLM or CUDA start in this process
+    try:
+        backend = VllmBackend(model, adapter, options=options, **settings)
+        conn.send(("ok", None))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            call, *args = conn.recv()
+        except EOFError:
+            return
+        if call == "stop":
+            return
+        try:
+            conn.send(("ok", getattr(backend, call)(*args)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+def _reply(conn, rank: int) -> Any:
+    """A worker's answer; its exception, re-raised here with its traceback."""
+    try:
+        status, value = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"vLLM data-parallel worker {rank} died (see its output above)") from None
+    if status == "error":
+        raise RuntimeError(f"vLLM data-parallel worker {rank} failed:\n{value}")
+    return value
+
+
+def _stop(workers: list) -> None:
+    for proc, conn in workers:
+        try:
+            conn.send(("stop",))
+        except OSError:
+            pass
+    for proc, _ in workers:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _generation(completion: Any) -> Generation:

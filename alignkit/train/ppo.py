@@ -279,13 +279,13 @@ class VllmRollouts:
     """A vLLM engine on the base model; before each batch the current LoRA adapter is saved and loaded."""
 
     def __init__(self, model_path: str, policy: nn.Module, adapter_dir: Path, vllm_options: dict | None, **settings):
-        from alignkit.sample.vllm_backend import VllmBackend
+        from alignkit.sample.vllm_backend import make_vllm_backend
 
         if not hasattr(policy, "peft_config"):
             raise ValueError("rollout engine 'vllm' needs LoRA (finetune: lora): it loads the adapter each step")
         self.dir = adapter_dir
         settings.pop("batch_size", None)  # vLLM schedules its own batches
-        self.backend = VllmBackend(model_path, str(self._save(policy, 0)), options=vllm_options, **settings)
+        self.backend = make_vllm_backend(model_path, str(self._save(policy, 0)), options=vllm_options, **settings)
 
     def _save(self, policy: nn.Module, step: int) -> Path:
         shutil.rmtree(self.dir, ignore_errors=True)  # the engine has loaded the previous step's adapter
@@ -471,6 +471,7 @@ def train_ppo(
 
         # rollout
         policy.eval()
+        value.eval()  # a separate critic has (LoRA) dropout too: none in the rollout's values
         engine.sync(policy, step)
         chosen = [prompts[i] for i in step_prompts(len(prompts), c.prompts_per_step, step, c.seed)]
         batch = collect(engine, processor, chosen, tmpl, c.num_samples, derive_seed(c.seed, "rollout", step))
@@ -507,6 +508,7 @@ def train_ppo(
 
         # update: ppo_epochs passes over shuffled minibatches
         policy.train()
+        value.train()
         generator = torch.Generator().manual_seed(derive_seed(c.seed, "minibatches", step))
         logs: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
         for _ in range(c.ppo_epochs):

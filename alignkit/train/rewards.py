@@ -20,6 +20,7 @@ import asyncio
 import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,17 @@ def judge_reward(*, rubric: str, backend: str, cache_path: Path, **options: Any)
     cache = VerdictCache(cache_path)
 
     def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
+        # Verdicts come back by sample id, and ids repeat when a batch holds a prompt twice (a PPO
+        # step can draw one twice): ask under each sample's position instead (not in the cache key).
+        items = [(p, replace(s, sample_id=str(i))) for i, (p, s) in enumerate(zip(prompts, samples))]
         verdicts: dict[str, dict[str, Any]] = {}
 
         async def ask_all() -> None:
             async with judge.session(cache, Tally()):
-                items = list(zip(prompts, samples))
                 await judge_samples(judge, items, num_judgments, lambda v: verdicts.__setitem__(v["sample_id"], v))
 
         asyncio.run(ask_all())
-        return [verdicts[s.sample_id]["score"] for s in samples]
+        return [verdicts[s.sample_id]["score"] for _, s in items]
 
     return RewardFn(judge.judge_name, score)
 
