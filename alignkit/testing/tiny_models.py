@@ -84,11 +84,13 @@ def _save_generation_config(out_dir: Path, tokenizer) -> None:
     GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], bos_token_id=eos[1]).save_pretrained(out_dir)
 
 
-def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2) -> Path:
     """A 2-layer Qwen2-VL (hidden 128, 2 heads of 64, 2-layer vision tower) that vLLM can load.
 
     112x112 images become 16 image tokens. Head size 64 because vLLM's CPU attention rejects
-    small heads; mrope sections sum to head_dim/2 as Qwen2-VL requires.
+    small heads; mrope sections sum to head_dim/2 as Qwen2-VL requires. `hidden_size` (a
+    multiple of 64) and `num_layers` scale the language model, e.g. for benchmarks where the
+    model's own compute, not per-step overhead, should dominate.
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -99,18 +101,18 @@ def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=hidden_size // 64,
+            num_key_value_heads=hidden_size // 64,
             max_position_embeddings=2048,
             rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2),
+        vision_config=dict(depth=2, embed_dim=128, hidden_size=hidden_size, num_heads=2, mlp_ratio=2),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
