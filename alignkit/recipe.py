@@ -84,6 +84,10 @@ class SampleConfig(Section):
     """openai: name of the environment variable holding the API key (the key itself never goes here)."""
     concurrency: int = Field(8, ge=1)
     """openai: requests in flight at once (one per prompt, each asking for K answers)."""
+    logprobs: bool = False
+    """openai: ask for per-token logprobs so that each of a prompt's K answers gets its exact token
+    count (a reply's usage counts them together, so without this they are estimated). Off by
+    default: not every OpenAI-compatible server returns them (`vllm serve` does)."""
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

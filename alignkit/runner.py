@@ -203,7 +203,7 @@ class Runner:
                 drop_duplicates=cfg.drop_duplicates,
                 vllm_options=cfg.vllm.model_dump(exclude_none=True),
                 openai_options=dict(base_url=cfg.base_url, model_name=cfg.model_name, api_key_env=cfg.api_key_env,
-                                    concurrency=cfg.concurrency),  # fmt: skip
+                                    concurrency=cfg.concurrency, logprobs=cfg.logprobs),  # fmt: skip
             )
 
         return self._stage("sample", settings, [self.paths.prompts], self.paths.samples, work)

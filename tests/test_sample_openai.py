@@ -105,6 +105,17 @@ def test_truncated_samples_are_flagged(prompts, tmp_path):
     assert sum(x.num_tokens for x in s.values()) == 16 + 4 + 2  # the reply's usage, split over choices
 
 
+def test_logprobs_give_each_answer_its_exact_token_count(prompts, tmp_path):
+    texts = ["a b c d e f g\nAnswer: 1", "one two", " ".join(["word"] * 40)]
+
+    with ChatServer(lambda body: texts) as server:
+        sample(server, prompts[:1], tmp_path / "s.jsonl", openai_options={"logprobs": True})
+        assert server.chat_requests[0].body["logprobs"] is True
+    s = by_id(tmp_path / "s.jsonl")
+    # One token per word in the fixture; the third answer is cut at max_tokens (16).
+    assert [s[sample_id(prompts[0].prompt_id, k)].num_tokens for k in range(K)] == [9, 2, 16]
+
+
 def test_missing_key_and_unserved_adapter_are_clear_errors(prompts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sample.model_name"):
         make_backend("openai", "base", "runs/a/train/adapter", openai_options={"api_key_env": KEY_ENV})

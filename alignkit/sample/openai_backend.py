@@ -7,6 +7,8 @@ seeded server would otherwise repeat its one answer). Seeds reproduce only on se
 them. The client, its retries, the concurrency limit and rate caps are the judge's
 (`alignkit.openai_client`). A LoRA adapter cannot be loaded from here: the server must serve it
 (`vllm serve BASE --enable-lora --lora-modules NAME=PATH`) and `model_name` must be NAME.
+With `logprobs`, each request also asks for per-token logprobs, only to count each answer's
+tokens exactly (usage counts the K answers together).
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ class OpenAIBackend:
         max_retries: int = 3,
         rpm: float | None = None,
         tpm: float | None = None,
+        logprobs: bool = False,
     ):
-        """`adapter` only labels the samples' policy: the server must already serve it as `model_name`."""
+        """`adapter` only labels the samples' policy: the server must already serve it as `model_name`.
+        `logprobs` asks for per-token logprobs (exact per-answer token counts; not every server has them)."""
         self.conn = ChatClient(
             base_url, api_key_env, setting="sample.backend=openai", concurrency=concurrency, timeout=timeout,
             max_retries=max_retries, rpm=rpm, tpm=tpm,
         )  # fmt: skip
         self.model_name, self.policy = model_name, policy_name(model_name, adapter)
         self.sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        if logprobs:
+            self.sampling["logprobs"] = True
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
         return asyncio.run(self._generate(requests, num_samples, seed))
@@ -89,17 +95,20 @@ def _messages(request: Request) -> list[dict[str, Any]]:
 
 
 def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
-    """One Generation per choice, with token counts from the reply's usage.
+    """One Generation per choice, with token counts from its logprobs or else the reply's usage.
 
+    A choice's per-token logprobs (asked for with `logprobs`) give its exact count. Otherwise:
     `usage` counts all choices together. With one choice that is its count; with several, a
     truncated choice used exactly `max_tokens` and the rest is split over the others in proportion
-    to their text length (an estimate; exact counts would need per-token logprobs in every reply).
+    to their text length (an estimate).
     """
     choices = sorted(reply.choices, key=lambda c: c.index)
     texts = [c.message.content or "" for c in choices]
     cut = [c.finish_reason == "length" for c in choices]
     total = reply.usage.completion_tokens if reply.usage else 0
-    if len(choices) == 1:
+    if all(c.logprobs and c.logprobs.content is not None for c in choices):
+        counts = [len(c.logprobs.content) for c in choices]
+    elif len(choices) == 1:
         counts = [total]
     else:
         rest = max(total - max_tokens * sum(cut), 0)

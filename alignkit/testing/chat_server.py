@@ -247,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "index": i,
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": finish,
-                        "logprobs": None,
+                        "logprobs": _logprobs(text) if body.get("logprobs") else None,
                     }
                     for i, (text, finish) in enumerate(choices)
                 ],
@@ -276,6 +276,11 @@ def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:
     if max_tokens is not None and len(words) > max_tokens:
         return " ".join(words[:max_tokens]), "length"
     return text, "stop"
+
+
+def _logprobs(text: str) -> dict[str, Any]:
+    """A choice's `logprobs` as the API shapes it, one entry per token (a word here)."""
+    return {"content": [{"token": w, "logprob": -1.0, "bytes": list(w.encode()), "top_logprobs": []} for w in text.split()]}
 
 
 def _lower(headers: Any) -> dict[str, str]:
