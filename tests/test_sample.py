@@ -240,7 +240,9 @@ def test_vllm_data_parallel_matches_one_engine(vllm_backend, tiny_qwen_dir, prom
     requests = [to_request(p, load_template("cot")) for p in prompts[:5]]
     got = backend.generate(requests, K, seed=3)
     assert [len(gs) for gs in got] == [K] * 5
-    assert [[g.text for g in gs] for gs in got] == [[g.text for g in gs] for gs in vllm_backend.generate(requests, K, 3)]
+    one_engine = vllm_backend.generate(requests, K, seed=3)
+    assert [[g.text for g in gs] for gs in got] == [[g.text for g in gs] for gs in one_engine]
+
 
 @pytest.mark.slow
 def test_vllm_samples_from_lora_adapter(tiny_qwen_dir, lora_dir, prompts, monkeypatch):

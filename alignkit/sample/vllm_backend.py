@@ -37,7 +37,9 @@ def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return defaults | (options or {})
 
 
-def make_vllm_backend(model: str, adapter: str | None = None, *, options: dict[str, Any] | None = None, **settings: Any):
+def make_vllm_backend(
+    model: str, adapter: str | None = None, *, options: dict[str, Any] | None = None, **settings: Any
+) -> VllmBackend | DataParallelVllm:
     """A `VllmBackend`, or a `DataParallelVllm` over several when options has data_parallel_size > 1."""
     opts = dict(options or {})
     size = opts.pop("data_parallel_size", 1)
@@ -126,13 +128,17 @@ class DataParallelVllm:
         tensor_parallel = options.get("tensor_parallel_size", 1)
         cpus = sorted(os.sched_getaffinity(0)) if current_platform.is_cpu() else None
         if cpus is not None and len(cpus) < size * tensor_parallel:
-            raise ValueError(f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many CPU cores; this machine has {len(cpus)}")
+            raise ValueError(
+                f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many CPU cores; "
+                f"this machine has {len(cpus)}"
+            )
         ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's torch threads
         self.workers = []
         for rank in range(size):
             parent, child = ctx.Pipe()
             env = _rank_env(rank, size, tensor_parallel, dict(os.environ), cpus)
-            proc = ctx.Process(target=_serve, args=(child, env, model, adapter, options, settings), name=f"vllm-dp{rank}")
+            args = (child, env, model, adapter, options, settings)
+            proc = ctx.Process(target=_serve, args=args, name=f"vllm-dp{rank}")
             proc.start()
             self.workers.append((proc, parent))
         weakref.finalize(self, _stop, list(self.workers))
@@ -155,7 +161,9 @@ class DataParallelVllm:
         return [g for rank, (_, conn) in enumerate(self.workers) for g in _reply(conn, rank)]
 
 
-def _rank_env(rank: int, size: int, tensor_parallel: int, environ: dict[str, str], cpus: list[int] | None) -> dict[str, str]:
+def _rank_env(
+    rank: int, size: int, tensor_parallel: int, environ: dict[str, str], cpus: list[int] | None
+) -> dict[str, str]:
     """Environment for data-parallel rank `rank` of `size`: its `tensor_parallel` GPUs out of those
     visible (CUDA_VISIBLE_DEVICES, else 0, 1, ...); on CPU (`cpus`: the usable cores) an even share
     of the cores, one group per tensor-parallel worker in vLLM's VLLM_CPU_OMP_THREADS_BIND syntax."""
@@ -174,7 +182,9 @@ def _rank_env(rank: int, size: int, tensor_parallel: int, environ: dict[str, str
     return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
 
 
-def _serve(conn, env: dict[str, str], model: str, adapter: str | None, options: dict[str, Any], settings: dict[str, Any]) -> None:
+def _serve(
+    conn, env: dict[str, str], model: str, adapter: str | None, options: dict[str, Any], settings: dict[str, Any]
+) -> None:
     """A data-parallel worker: start one engine, then answer the parent's calls until it hangs up."""
     os.environ.update(env)  # before vLLM or CUDA start in this process
     try:

@@ -280,7 +280,8 @@ def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:
 
 def _logprobs(text: str) -> dict[str, Any]:
     """A choice's `logprobs` as the API shapes it, one entry per token (a word here)."""
-    return {"content": [{"token": w, "logprob": -1.0, "bytes": list(w.encode()), "top_logprobs": []} for w in text.split()]}
+    tokens = [{"token": w, "logprob": -1.0, "bytes": list(w.encode()), "top_logprobs": []} for w in text.split()]
+    return {"content": tokens}
 
 
 def _lower(headers: Any) -> dict[str, str]:
