@@ -181,7 +181,8 @@ class Runner:
 
         cfg, policy = self.recipe.sample, self.recipe.policy
         # Keys that cannot change the samples stay out of the fingerprint: changing them keeps the file.
-        settings = {"sample": cfg.model_dump(exclude={"concurrency": True, "api_key_env": True, "vllm": {"data_parallel_size"}}),
+        unchanging = {"concurrency": True, "api_key_env": True, "vllm": {"data_parallel_size"}}
+        settings = {"sample": cfg.model_dump(exclude=unchanging),
                     "policy": policy.model_dump() | self._policy_settings(), "seed": self.recipe.seed}  # fmt: skip
 
         def work(fp: str) -> dict[str, Any]:

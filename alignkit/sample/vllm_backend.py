@@ -127,11 +127,6 @@ class DataParallelVllm:
         self.model, self.policy = model, policy_name(model, adapter)
         tensor_parallel = options.get("tensor_parallel_size", 1)
         cpus = sorted(os.sched_getaffinity(0)) if current_platform.is_cpu() else None
-        if cpus is not None and len(cpus) < size * tensor_parallel:
-            raise ValueError(
-                f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many CPU cores; "
-                f"this machine has {len(cpus)}"
-            )
         ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's torch threads
         self.workers = []
         for rank in range(size):
@@ -167,17 +162,17 @@ def _rank_env(
     """Environment for data-parallel rank `rank` of `size`: its `tensor_parallel` GPUs out of those
     visible (CUDA_VISIBLE_DEVICES, else 0, 1, ...); on CPU (`cpus`: the usable cores) an even share
     of the cores, one group per tensor-parallel worker in vLLM's VLLM_CPU_OMP_THREADS_BIND syntax."""
+    need = f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many"
     if cpus is None:
         first = rank * tensor_parallel
         visible = environ.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(size * tensor_parallel)]
         if len(devices) < size * tensor_parallel:
-            raise ValueError(
-                f"data_parallel_size={size} x tensor_parallel_size={tensor_parallel} needs that many GPUs; "
-                f"visible: {','.join(devices)}"
-            )
+            raise ValueError(f"{need} GPUs; visible: {','.join(devices)}")
         return {"CUDA_VISIBLE_DEVICES": ",".join(devices[first : first + tensor_parallel])}
     per_worker = len(cpus) // (size * tensor_parallel)
+    if per_worker == 0:
+        raise ValueError(f"{need} CPU cores; this machine has {len(cpus)}")
     groups = [cpus[(rank * tensor_parallel + w) * per_worker :][:per_worker] for w in range(tensor_parallel)]
     return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
 
@@ -218,7 +213,7 @@ def _reply(conn, rank: int) -> Any:
 
 
 def _stop(workers: list) -> None:
-    for proc, conn in workers:
+    for _, conn in workers:
         try:
             conn.send(("stop",))
         except OSError:
