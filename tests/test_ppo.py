@@ -465,3 +465,17 @@ def test_vllm_rollouts_sample_from_the_current_adapter(tiny_qwen_dir, shapes, tm
 
     assert replay("step-1") == [[g.token_ids for g in gens] for gens in drawn]
     assert replay("step-0") != [[g.token_ids for g in gens] for gens in drawn]
+
+
+def test_vllm_rollouts_refuse_an_adapter_vllm_cannot_apply(tiny_qwen_dir, tmp_path):
+    """A vision-tower LoRA cannot be loaded into vLLM each step: a clear error before any engine starts."""
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from alignkit.train.model import lora_config
+    from alignkit.train.ppo import VllmRollouts
+
+    policy = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir),
+                            lora_config(4, 8, target_modules=r".*visual\.blocks\.\d+\.attn\.qkv"))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot apply this one: it has weights outside the language model"):
+        VllmRollouts(str(tiny_qwen_dir), policy, tmp_path / "adapter", None, max_new_tokens=8)

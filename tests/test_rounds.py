@@ -79,3 +79,22 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_qwen_dir):
     expected = with_adapter(input_ids=ids).logits
     assert not torch.allclose(expected, plain(input_ids=ids).logits, atol=1e-4)
     assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_merged_model_keeps_base_dtype(tmp_path, tiny_qwen_dir):
+    """A bf16 base merges in float32 but is saved in bf16, so the merged policy is not twice its size."""
+    import shutil
+
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from alignkit.train.model import lora_config
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_qwen_dir, bf16)
+    AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir).to(torch.bfloat16).save_pretrained(bf16)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)
+    get_peft_model(base, lora_config(4, 8)).save_pretrained(tmp_path / "adapter")
+    merged_dir = merge_adapter(str(bf16), str(tmp_path / "adapter"), tmp_path / "merged")
+    assert {t.dtype for t in load_file(merged_dir / "model.safetensors").values()} == {torch.bfloat16}

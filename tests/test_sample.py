@@ -1,10 +1,12 @@
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import Request, make_backend, run_sample, sample_prompts, to_request
+from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
 from alignkit.testing.shapes import make_shapes_prompts
 
@@ -166,20 +168,46 @@ def test_truncation_flag_vllm():
     from alignkit.sample.vllm_backend import _generation
 
     for reason, flag in [("length", "length"), ("stop", "stop"), ("abort", "stop")]:
-        assert _generation(SimpleNamespace(text="t", token_ids=[1, 2], finish_reason=reason)).finish_reason == flag
+        assert _generation(SimpleNamespace(token_ids=[1, 2], finish_reason=reason), "t").finish_reason == flag
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+def _random_adapter(model_dir: Path, out: Path, **lora: Any) -> Path:
     """A LoRA adapter with random (non-zero) weights, so sampling through it visibly differs."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)
-    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    out = tmp_path_factory.mktemp("lora") / "adapter"
-    get_peft_model(model, config).save_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    get_peft_model(model, LoraConfig(lora_alpha=64, init_lora_weights=False, **lora)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+    return _random_adapter(tiny_qwen_dir, tmp_path_factory.mktemp("lora") / "adapter", r=4,
+                           target_modules=["q_proj", "v_proj"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vision_lora_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+    """An adapter on the vision tower's attention as well as the language model's (not vLLM-able)."""
+    return _random_adapter(tiny_qwen_dir, tmp_path_factory.mktemp("lora") / "vision", r=4,
+                           target_modules=r".*(visual\.blocks\.\d+\.attn\.qkv|language_model.*\.q_proj)")  # fmt: skip
+
+
+def test_lora_problem_names_what_vllm_cannot_apply(tiny_qwen_dir, lora_dir, vision_lora_dir, tmp_path: Path):
+    from alignkit.sample.vllm_backend import _max_lora_rank, lora_problem
+
+    assert [_max_lora_rank(r) for r in (1, 4, 8, 12, 64, 300, 512, 513)] == [8, 8, 8, 16, 64, 320, 512, None]
+    assert lora_problem(str(lora_dir)) is None
+    problem = lora_problem(str(vision_lora_dir))
+    assert "outside the language model, e.g. base_model.model.model.visual.blocks.0.attn.qkv" in problem
+    dora = _random_adapter(tiny_qwen_dir, tmp_path / "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    assert "DoRA" in lora_problem(str(dora))
+    saved = _random_adapter(tiny_qwen_dir, tmp_path / "saved", r=4, target_modules=["q_proj"],
+                            modules_to_save=["lm_head"])  # fmt: skip
+    assert "modules_to_save" in lora_problem(str(saved))
+    wide = _random_adapter(tiny_qwen_dir, tmp_path / "wide", r=1024, target_modules=["q_proj"])
+    assert "rank 1024 is above the largest vLLM supports" in lora_problem(str(wide))
 
 
 def test_transformers_samples_from_adapter(tiny_qwen_dir, lora_dir, hf_backend, prompts, tmp_path: Path):
@@ -230,6 +258,25 @@ def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_vllm_texts_match_vllm_detokenizer(vllm_backend, prompts):
+    """The backend turns vLLM's detokenizer off and decodes once at the end: same texts as vLLM's own,
+    except that vLLM's incremental detokenizer leaves out an incomplete UTF-8 character at the end of
+    a truncated answer, where a whole decode writes U+FFFD (as the transformers backend does)."""
+    from vllm import SamplingParams
+
+    requests = [to_request(p, load_template("cot")) for p in prompts[:3]]
+    ours = vllm_backend.generate(requests, K, seed=5)
+    processor = vllm_backend.processor
+    inputs = [{"prompt": processor.apply_chat_template(r.messages, add_generation_prompt=True),
+               "multi_modal_data": {"image": r.images[0]}} for r in requests]  # fmt: skip
+    params = [SamplingParams(n=K, seed=derive_seed(5, r.prompt_id), max_tokens=12) for r in requests]
+    theirs = vllm_backend.llm.generate(inputs, params, use_tqdm=False)
+    assert [[g.token_ids for g in gs] for gs in ours] == [[list(c.token_ids) for c in o.outputs] for o in theirs]
+    texts = [[g.text.rstrip("\ufffd") for g in gs] for gs in ours]
+    assert texts == [[c.text.rstrip("\ufffd") for c in o.outputs] for o in theirs]
+
+
+@pytest.mark.slow
 def test_vllm_data_parallel_matches_one_engine(vllm_backend, tiny_qwen_dir, prompts):
     """Two engines in two processes return, in order, exactly the samples one engine draws.
 
@@ -271,3 +318,29 @@ def test_data_parallel_ranks_get_disjoint_devices():
     assert [_rank_env(r, 2, 2, {}, cpus) for r in (0, 1)] == [
         {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}, {"VLLM_CPU_OMP_THREADS_BIND": "4,5|6,7"}]  # fmt: skip
 
+
+
+@pytest.mark.slow
+def test_vllm_samples_unloraable_adapter_from_merged_copy(tiny_qwen_dir, vision_lora_dir, prompts, monkeypatch):
+    """An adapter vLLM cannot apply as LoRA (here: on the vision tower) is merged into a temporary copy."""
+    from alignkit.train.model import merge_adapter
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    options = VLLM_OPTIONS | {"gpu_memory_utilization": 0.2}
+    with pytest.warns(UserWarning, match="outside the language model.*merged temporary copy"):
+        backend = make_backend("vllm", str(tiny_qwen_dir), str(vision_lora_dir), max_new_tokens=12,
+                               vllm_options=options)  # fmt: skip
+    assert backend.lora is None and backend.policy == f"{tiny_qwen_dir}+{vision_lora_dir}"
+    engine_dir = Path(backend.llm.llm_engine.model_config.model)
+    assert engine_dir.is_relative_to(backend._merged.name)
+    # The engine's weights are the adapter merged into the base, the vision tower's included.
+    from safetensors.torch import load_file
+
+    reference = merge_adapter(str(tiny_qwen_dir), str(vision_lora_dir), engine_dir.parent / "reference")
+    ours, theirs = load_file(engine_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    base = load_file(tiny_qwen_dir / "model.safetensors")
+    qkv = next(k for k in base if "visual.blocks.0.attn.qkv.weight" in k)
+    assert not base[qkv].equal(ours[qkv])
+    requests = [to_request(p, load_template("cot")) for p in prompts[:2]]
+    assert all(len(gs) == K for gs in backend.generate(requests, K, seed=0))

@@ -10,6 +10,10 @@ workers with spawn.
 `data_parallel_size: N` runs N independent engines, one per process, each on its own
 `tensor_parallel_size` GPUs (on CPU: its own slice of the cores), and splits every call's prompts
 between them. Samples do not change with N: a prompt's seed depends on its id only.
+
+A LoRA adapter is applied by vLLM's LoRA support where vLLM can apply it (no merging, and PPO can
+swap adapters between rollouts); otherwise (DoRA, modules_to_save, a vision-tower LoRA, a rank
+above 512, ...) the backend warns and samples from a merged temporary copy of the model.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
+import tempfile
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -67,20 +74,34 @@ class VllmBackend:
         # The processor owns the multimodal chat template (tokenizers of hub VLMs may lack it).
         self.processor = AutoProcessor.from_pretrained(model)
         opts = _engine_options(options)
-        self.lora = None
+        self.lora, engine_model = None, model
         if adapter:
-            from vllm.lora.request import LoRARequest
+            problem = lora_problem(adapter)
+            if problem:
+                warnings.warn(
+                    f"vLLM cannot apply adapter {adapter} as LoRA ({problem}); sampling from a merged "
+                    "temporary copy of the model instead",
+                    stacklevel=2,
+                )
+                engine_model = self._merged_copy(model, adapter)
+            else:
+                from vllm.lora.request import LoRARequest
 
-            rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-            # vLLM accepts only some ranks (8, 16, 32, ...): round up to the next power of two.
-            opts = {"enable_lora": True, "max_lora_rank": max(8, 1 << (rank - 1).bit_length())} | opts
-            self.lora = LoRARequest("adapter", 1, str(adapter))
+                opts = {"enable_lora": True, "max_lora_rank": _max_lora_rank(_adapter_rank(adapter))} | opts
+                self.lora = LoRARequest("adapter", 1, str(adapter))
         try:
-            self.llm = LLM(model=model, **opts)
+            self.llm = LLM(model=engine_model, **opts)
         except Exception as e:
-            what = f" with LoRA adapter {adapter}" if adapter else ""
-            raise RuntimeError(f"vLLM could not start for model {model}{what}: {e}") from e
+            what = f" with LoRA adapter {adapter}" if self.lora else ""
+            raise RuntimeError(f"vLLM could not start for model {engine_model}{what}: {e}") from e
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def _merged_copy(self, model: str, adapter: str) -> str:
+        """`adapter` merged into `model`, in a temporary directory removed with this backend."""
+        from alignkit.train.model import merge_adapter
+
+        self._merged = tempfile.TemporaryDirectory(prefix="alignkit-merged-")
+        return str(merge_adapter(model, adapter, Path(self._merged.name) / "model"))
 
     def use_adapter(self, adapter: str) -> None:
         """Sample from another LoRA adapter of the rank the engine started with (PPO: each rollout's policy).
@@ -90,7 +111,9 @@ class VllmBackend:
         from vllm.lora.request import LoRARequest
 
         if self.lora is None:
-            raise RuntimeError("use_adapter needs an engine started with an adapter (enable_lora)")
+            raise RuntimeError(
+                "use_adapter needs an engine started with an adapter that vLLM applies as LoRA (not a merged copy)"
+            )
         self.lora = LoRARequest(Path(adapter).name, self.lora.lora_int_id + 1, str(adapter))
         self.policy = policy_name(self.model, adapter)
 
@@ -111,11 +134,17 @@ class VllmBackend:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_tokens=self.max_new_tokens,
+                # vLLM's incremental detokenizer costs Python time per sequence per step (a third of
+                # a small model's throughput on CPU); the texts are decoded once at the end instead.
+                detokenize=False,
             )
             for r in requests
         ]
         outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
-        return [[_generation(c) for c in o.outputs] for o in outs]
+        completions = [c for o in outs for c in o.outputs]
+        token_ids = [c.token_ids for c in completions]
+        texts = iter(self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True))
+        return [[_generation(c, next(texts)) for c in o.outputs] for o in outs]
 
 
 class DataParallelVllm:
@@ -224,6 +253,54 @@ def _stop(workers: list) -> None:
             proc.kill()
 
 
-def _generation(completion: Any) -> Generation:
+def _max_lora_rank(rank: int) -> int | None:
+    """The smallest `max_lora_rank` vLLM accepts (8, 16, 32, ...) that fits `rank`; None above its largest."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    return min((r for r in get_args(MaxLoRARanks) if r >= max(rank, 8)), default=None)
+
+
+def _adapter_rank(adapter: str) -> int:
+    return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+
+
+def lora_problem(adapter: str) -> str | None:
+    """Why vLLM cannot apply `adapter` as LoRA, or None if it can.
+
+    vLLM's own checks (DoRA, bias, modules_to_save, initialisations that change the base weights,
+    rank), and weights outside the language model: vLLM adapts only the language model of a VLM
+    and would silently leave e.g. a vision-tower LoRA out.
+    """
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from alignkit.train.model import LANGUAGE_MODEL
+
+    max_rank = _max_lora_rank(_adapter_rank(adapter))
+    if max_rank is None:
+        return f"its rank {_adapter_rank(adapter)} is above the largest vLLM supports"
+    try:
+        PEFTHelper.from_local_dir(adapter, None).validate_legal(LoRAConfig(max_lora_rank=max_rank))
+    except ValueError as e:
+        return str(e)
+    outside = [k for k in _adapter_weight_names(adapter) if not re.search(rf"\.{LANGUAGE_MODEL}\.", k)]
+    return f"it has weights outside the language model, e.g. {outside[0]}" if outside else None
+
+
+def _adapter_weight_names(adapter: str) -> list[str]:
+    path = Path(adapter) / "adapter_model.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    import torch
+
+    return list(torch.load(Path(adapter) / "adapter_model.bin", map_location="cpu", weights_only=True))
+
+
+def _generation(completion: Any, text: str) -> Generation:
     finish = "length" if completion.finish_reason == "length" else "stop"
-    return Generation(completion.text, len(completion.token_ids), finish, list(completion.token_ids))
+    return Generation(text, len(completion.token_ids), finish, list(completion.token_ids))

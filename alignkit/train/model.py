@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # The language model's submodule in transformers 5 VLMs (`text_model` in Idefics-style models).
-_LANGUAGE_MODEL = r"(language_model|text_model)"
+LANGUAGE_MODEL = r"(language_model|text_model)"
 
 
 def default_dtype() -> torch.dtype:
@@ -76,7 +76,7 @@ def lora_config(
 
     if target_modules is None or isinstance(target_modules, list):
         names = "|".join(re.escape(n) for n in (target_modules or DEFAULT_TARGET_MODULES))
-        target_modules = rf"(.*\.)?{_LANGUAGE_MODEL}\..*\.({names})"
+        target_modules = rf"(.*\.)?{LANGUAGE_MODEL}\..*\.({names})"
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -104,9 +104,10 @@ def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
     else:
         from peft import PeftModel
 
-        base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        merged.save_pretrained(tmp)
+        base = AutoModelForImageTextToText.from_pretrained(model, dtype="auto")
+        stored_dtype = base.dtype  # merge in float32, save in the base's own dtype (bf16 stays bf16)
+        merged = PeftModel.from_pretrained(base.float(), adapter).merge_and_unload()
+        merged.to(stored_dtype).save_pretrained(tmp)
         AutoProcessor.from_pretrained(model).save_pretrained(tmp)
         GenerationConfig.from_pretrained(model).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)

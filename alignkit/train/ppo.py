@@ -279,13 +279,17 @@ class VllmRollouts:
     """A vLLM engine on the base model; before each batch the current LoRA adapter is saved and loaded."""
 
     def __init__(self, model_path: str, policy: nn.Module, adapter_dir: Path, vllm_options: dict | None, **settings):
-        from alignkit.sample.vllm_backend import make_vllm_backend
+        from alignkit.sample.vllm_backend import lora_problem, make_vllm_backend
 
         if not hasattr(policy, "peft_config"):
             raise ValueError("rollout engine 'vllm' needs LoRA (finetune: lora): it loads the adapter each step")
         self.dir = adapter_dir
         settings.pop("batch_size", None)  # vLLM schedules its own batches
-        self.backend = make_vllm_backend(model_path, str(self._save(policy, 0)), options=vllm_options, **settings)
+        adapter = str(self._save(policy, 0))
+        if problem := lora_problem(adapter):
+            raise ValueError(f"rollout engine 'vllm' loads the policy's LoRA adapter into vLLM each step, and vLLM "
+                             f"cannot apply this one: {problem}. Use rollout engine 'transformers'.")  # fmt: skip
+        self.backend = make_vllm_backend(model_path, adapter, options=vllm_options, **settings)
 
     def _save(self, policy: nn.Module, step: int) -> Path:
         shutil.rmtree(self.dir, ignore_errors=True)  # the engine has loaded the previous step's adapter
