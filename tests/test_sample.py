@@ -1,3 +1,4 @@
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -5,7 +6,7 @@ from typing import Any
 import pytest
 
 from alignkit.records import Sample, load_image, read_records, sample_id
-from alignkit.sample import Request, make_backend, run_sample, sample_prompts, to_request
+from alignkit.sample import RejectedPrompts, Request, make_backend, run_sample, sample_prompts, to_request
 from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
 from alignkit.testing.shapes import make_shapes_prompts
@@ -116,6 +117,7 @@ class DiesAfter:
 
     def __init__(self, backend, calls: int):
         self.backend, self.calls, self.policy = backend, calls, backend.policy
+        self.seeds_per_prompt = backend.seeds_per_prompt
 
     def generate(self, requests, num_samples, seed):
         self.calls -= 1
@@ -144,10 +146,36 @@ def test_resume_after_kill_matches_uninterrupted_run(hf_backend, prompts, tmp_pa
     assert {i: s.text for i, s in resumed.items()} == {i: s.text for i, s in expected.items()}
 
 
+def test_resume_asks_a_seed_per_prompt_backend_for_the_missing_prompts_only(prompts, tmp_path: Path, monkeypatch):
+    """A server backend (a seed per prompt) is not asked again, or billed, for prompts already on disk."""
+    from alignkit.testing.chat_server import ChatServer
+
+    monkeypatch.setenv("ALIGNKIT_TEST_KEY", "sk-test")
+    opts = dict(fingerprint="f", num_samples=K, seed=5, chunk_size=4)
+    with ChatServer() as server:
+        options = {"base_url": server.url, "api_key_env": "ALIGNKIT_TEST_KEY"}
+        backend = make_backend("openai", "policy", openai_options=options)
+        sample_prompts(backend, prompts, tmp_path / "full.jsonl", **opts)
+        out = tmp_path / "resumed.jsonl"
+        with pytest.raises(Killed):
+            sample_prompts(DiesAfter(backend, 1), prompts, out, **opts)
+        partial = out.with_name(out.name + ".partial")
+        lines = partial.read_text().splitlines(keepends=True)
+        partial.write_text("".join(lines[: 2 * K + 1]))  # prompts 0 and 1, and one sample of prompt 2
+        before = len(server.chat_requests)
+        summary = sample_prompts(backend, prompts, out, **opts)
+        asked = [r.body["seed"] for r in server.chat_requests[before:]]
+    assert summary["resumed_prompts"] == 2 and summary["num_samples"] == 6 * K
+    chunk_seeds = [derive_seed(5, "chunk", c) for c in (0, 1)]
+    assert sorted(asked) == sorted(derive_seed(chunk_seeds[i // 4], p.prompt_id) for i, p in enumerate(prompts[2:], 2))
+    resumed, expected = _by_id(out), _by_id(tmp_path / "full.jsonl")
+    assert {i: s.text for i, s in resumed.items()} == {i: s.text for i, s in expected.items()}
+
+
 def test_bad_image_is_reported_not_fatal(hf_backend, prompts, tmp_path: Path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    bad = [prompts[0], type(prompts[1])(**{**prompts[1].__dict__, "images": [str(broken)]}), prompts[2]]
+    bad = [prompts[0], dataclasses.replace(prompts[1], images=[str(broken)]), prompts[2]]
     summary = sample_prompts(hf_backend, bad, tmp_path / "s.jsonl", fingerprint="f", num_samples=K)
     assert [f["prompt_id"] for f in summary["failed"]] == [prompts[1].prompt_id]
     assert prompts[1].prompt_id in summary["failed"][0]["error"] and "broken.png" in summary["failed"][0]["error"]
@@ -258,6 +286,20 @@ def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_vllm_prompt_over_the_context_is_listed_and_the_others_sampled(vllm_backend, prompts, tmp_path: Path):
+    """vLLM refuses a whole batch for one prompt longer than max_model_len: that prompt is listed,
+    the others get exactly the answers they get without it (a seed per prompt)."""
+    long = dataclasses.replace(prompts[1], question=" ".join(["Describe the shapes again."] * 200))
+    opts = dict(fingerprint="f", num_samples=K, seed=4)
+    summary = sample_prompts(vllm_backend, [prompts[0], long, prompts[2]], tmp_path / "s.jsonl", **opts)
+    assert [f["prompt_id"] for f in summary["failed"]] == [long.prompt_id]
+    assert "maximum context length is 512 tokens" in summary["failed"][0]["error"]
+    got = _by_id(tmp_path / "s.jsonl")
+    sample_prompts(vllm_backend, [prompts[0], prompts[2]], tmp_path / "ok.jsonl", **opts)
+    assert {i: s.text for i, s in got.items()} == {i: s.text for i, s in _by_id(tmp_path / "ok.jsonl").items()}
+
+
+@pytest.mark.slow
 def test_vllm_texts_match_vllm_detokenizer(vllm_backend, prompts):
     """The backend turns vLLM's detokenizer off and decodes once at the end: same texts as vLLM's own,
     except that vLLM's incremental detokenizer leaves out an incomplete UTF-8 character at the end of
@@ -289,6 +331,12 @@ def test_vllm_data_parallel_matches_one_engine(vllm_backend, tiny_qwen_dir, prom
     assert [len(gs) for gs in got] == [K] * 5
     one_engine = vllm_backend.generate(requests, K, seed=3)
     assert [[g.text for g in gs] for gs in got] == [[g.text for g in gs] for gs in one_engine]
+    # A prompt one worker's engine refuses comes back with the answers to all the others.
+    long = to_request(dataclasses.replace(prompts[5], question="Describe it. " * 400), load_template("cot"))
+    with pytest.raises(RejectedPrompts) as refused:
+        backend.generate(requests[:4] + [long], K, seed=3)  # shards: 3 prompts, then 1 + the long one
+    assert list(refused.value.errors) == [long.prompt_id]
+    assert [[g.text for g in gs] for gs in refused.value.generations] == [[g.text for g in gs] for gs in one_engine[:4]]
 
 
 @pytest.mark.slow

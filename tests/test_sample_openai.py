@@ -92,6 +92,28 @@ def test_server_error_is_retried_and_a_lasting_one_names_the_prompt(prompts, tmp
             sample(server, prompts[:2], tmp_path / "b.jsonl")
 
 
+def test_a_refused_prompt_is_listed_and_the_others_kept(prompts, tmp_path):
+    """A 400 (e.g. a prompt over the context) skips that prompt only; its chunk-mate's answers,
+    already paid for, are written without asking again."""
+    target = prompts[1].prompt_id
+    with ChatServer() as server:
+        server.inject("bad_request", when=f"[{target}]")
+        summary = sample(server, prompts[:3], tmp_path / "s.jsonl")
+        assert [f["prompt_id"] for f in summary["failed"]] == [target]
+        assert f"prompt {target}: the server refused it: api_error: HTTP 400" in summary["failed"][0]["error"]
+        assert "maximum context length" in summary["failed"][0]["error"]
+        written = {s.prompt_id for s in by_id(tmp_path / "s.jsonl").values()}
+        assert written == {prompts[0].prompt_id, prompts[2].prompt_id}
+        assert len(server.chat_requests) == 3  # one each, the 400 not retried, prompt 0 not asked twice
+
+
+def test_every_prompt_refused_is_an_error(prompts, tmp_path):
+    with ChatServer() as server:
+        server.inject("bad_request", "bad_request")
+        with pytest.raises(ValueError, match=r"(?s)every prompt failed \(2\), nothing was sampled.*HTTP 400"):
+            sample(server, prompts[:2], tmp_path / "s.jsonl")
+
+
 def test_truncated_samples_are_flagged(prompts, tmp_path):
     def reply(body):  # one answer longer than max_tokens (16 words)
         return ["short answer.\nAnswer: 1", " ".join(["word"] * 40), "two words"]
@@ -132,6 +154,7 @@ class Scripted:
     """A backend whose k-th answer to every prompt is `texts[k]`; counts its calls."""
 
     policy = "scripted"
+    seeds_per_prompt = True
 
     def __init__(self, texts: list[str]):
         self.texts, self.calls = texts, 0

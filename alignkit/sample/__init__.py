@@ -1,8 +1,10 @@
 """The sampling stage: K chain-of-thought answers per prompt, written as resumable Sample records.
 
 Prompts are processed in fixed chunks (by position in the prompt list), each with its own seed.
-A chunk that is only partly on disk after a kill is generated again in full and only its missing
-prompts are written, so the final file is the same wherever a run was interrupted.
+A chunk that is only partly on disk after a kill is generated again, and only its missing prompts
+are written, so the final file is the same wherever a run was interrupted. Backends with a seed
+per prompt (vLLM, OpenAI-compatible servers) are asked for the missing prompts only; transformers,
+whose answers depend on the batch, for the whole chunk.
 
 Exact duplicates among a prompt's K samples (same text) are counted in the summary; with
 `drop_duplicates` they are not written (a pair of identical answers teaches nothing and a judge
@@ -18,12 +20,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
-from alignkit.sample.base import Backend, Generation, Request, derive_seed
+from alignkit.sample.base import Backend, Generation, RejectedPrompts, Request, derive_seed
 from alignkit.sample.templates import Template, load_template, parse_output
 from alignkit.testing.tiny_models import resolve_model
 
 __all__ = [
-    "Backend", "Generation", "Request", "Template", "load_template", "make_backend", "parse_output",
+    "Backend", "Generation", "RejectedPrompts", "Request", "Template", "load_template", "make_backend", "parse_output",
     "run_sample", "sample_prompts", "to_request", "to_samples",
 ]  # fmt: skip
 
@@ -146,6 +148,8 @@ def sample_prompts(
             chunk = prompts[c : c + chunk_size]
             if all(p.prompt_id in complete for p in chunk):
                 continue
+            if backend.seeds_per_prompt:  # nothing redone or re-billed: the missing prompts only
+                chunk = [p for p in chunk if p.prompt_id not in complete]
             requests = []
             for p in chunk:
                 try:
@@ -153,7 +157,11 @@ def sample_prompts(
                 except ValueError as e:
                     failed.append({"prompt_id": p.prompt_id, "error": str(e)})
             chunk_seed = derive_seed(seed, "chunk", c // chunk_size)
-            gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
+            try:
+                gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
+            except RejectedPrompts as e:
+                failed += [{"prompt_id": p, "error": f"prompt {p}: {m}"} for p, m in e.errors.items()]
+                requests, gens = [r for r in requests if r.prompt_id not in e.errors], e.generations
             for r, g in zip(requests, gens):
                 # Samples already on disk (a prompt torn by a kill) were drawn identically: keep them.
                 samples = to_samples(r.prompt_id, g, tmpl, backend.policy, drop_duplicates)
@@ -165,6 +173,10 @@ def sample_prompts(
     finally:
         bar.close()
     records = list(out.done.values())
+    if failed and not records:
+        out.close()
+        shown = "\n".join(f["error"] for f in failed[:5])
+        raise ValueError(f"every prompt failed ({len(failed)}), nothing was sampled; the first:\n{shown}")
     out.finish()
     duplicates = _duplicates(records, num_samples)
     return {
@@ -204,7 +216,8 @@ def run_sample(
     The summary has num_prompts, num_samples (written), duplicates (samples repeating an earlier
     one of their prompt), duplicates_dropped (those not written), truncated (finish_reason
     "length"), unparsed, resumed_prompts and failed (prompt id + message for each prompt skipped
-    because an image could not be read).
+    because an image could not be read or the backend refused its input, e.g. longer than the
+    model's context). If every prompt fails, that is an error.
     """
     load_template(template)  # fail on a bad template before loading a model
     engine = make_backend(

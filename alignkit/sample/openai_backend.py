@@ -8,7 +8,8 @@ them. The client, its retries, the concurrency limit and rate caps are the judge
 (`alignkit.openai_client`). A LoRA adapter cannot be loaded from here: the server must serve it
 (`vllm serve BASE --enable-lora --lora-modules NAME=PATH`) and `model_name` must be NAME.
 With `logprobs`, each request also asks for per-token logprobs, only to count each answer's
-tokens exactly (usage counts the K answers together).
+tokens exactly (usage counts the K answers together). A prompt the server refuses for its input
+(HTTP 400/413/422, e.g. longer than the model's context) is skipped and listed in the stage summary.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from alignkit.openai_client import ChatClient, api_failure, data_url
-from alignkit.sample.base import Generation, Request, derive_seed, policy_name
+from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, policy_name
 from alignkit.throttle import estimate_tokens
+
+# Statuses that refuse a request for its input (bad request, payload too large, unprocessable): the
+# prompt is skipped and listed. Others (auth, unknown model, server errors) stop the stage.
+REFUSED_INPUT = (400, 413, 422)
 
 
 class OpenAIBackend:
+    seeds_per_prompt = True
     def __init__(
         self,
         model_name: str,
@@ -58,7 +64,15 @@ class OpenAIBackend:
 
     async def _generate(self, requests: list[Request], k: int, seed: int) -> list[list[Generation]]:
         async with self.conn:
-            return list(await asyncio.gather(*(self._prompt(r, k, derive_seed(seed, r.prompt_id)) for r in requests)))
+            tasks = (self._prompt(r, k, derive_seed(seed, r.prompt_id)) for r in requests)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        failed = [x for x in results if isinstance(x, BaseException)]
+        if unexpected := next((x for x in failed if not isinstance(x, RejectedPrompts)), None):
+            raise unexpected
+        if failed:  # the server refused these prompts' input: keep the others' answers (paid for)
+            errors = {p: m for x in failed for p, m in x.errors.items()}
+            raise RejectedPrompts(errors, [x for x in results if not isinstance(x, BaseException)])
+        return results
 
     async def _prompt(self, request: Request, k: int, seed: int) -> list[Generation]:
         """K answers for one prompt: one request with n=K, then one per answer the server left out."""
@@ -76,6 +90,8 @@ class OpenAIBackend:
                 reply = await self.conn.chat(body, estimate_tokens(messages, n * self.sampling["max_tokens"]))
             except openai.APIError as e:
                 failure = api_failure(e, self.conn.timeout, self.conn.max_retries)
+                if isinstance(e, openai.APIStatusError) and e.status_code in REFUSED_INPUT:
+                    raise RejectedPrompts({prompt_id: f"the server refused it: {failure}"}, []) from e
                 raise RuntimeError(f"prompt {prompt_id}: sampling request failed: {failure}") from e
         if not reply.choices:
             raise RuntimeError(f"prompt {prompt_id}: the server answered no choices")

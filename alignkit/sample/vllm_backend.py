@@ -26,10 +26,11 @@ import tempfile
 import traceback
 import warnings
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from alignkit.sample.base import Generation, Request, derive_seed, policy_name
+from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, join_answers, policy_name
 
 
 def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def make_vllm_backend(
 
 
 class VllmBackend:
+    seeds_per_prompt = True
     def __init__(
         self,
         model: str,
@@ -134,21 +136,35 @@ class VllmBackend:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_tokens=self.max_new_tokens,
-                # vLLM's incremental detokenizer costs Python time per sequence per step (a third of
-                # a small model's throughput on CPU); the texts are decoded once at the end instead.
+                # vLLM's incremental detokenizer costs Python time per sequence per step (~10% of the
+                # tiny model's throughput on CPU); the texts are decoded once at the end instead.
                 detokenize=False,
             )
             for r in requests
         ]
-        outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+        except VLLMClientError as e:  # vLLM refused a request (e.g. longer than max_model_len) and ran none
+            if len(requests) == 1:
+                raise RejectedPrompts({requests[0].prompt_id: str(e)}, []) from e
+            return self._one_by_one(requests, num_samples, seed)
         completions = [c for o in outs for c in o.outputs]
         token_ids = [c.token_ids for c in completions]
         texts = iter(self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True))
         return [[_generation(c, next(texts)) for c in o.outputs] for o in outs]
 
+    def _one_by_one(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        """Each request alone, to tell the refused ones from the rest. A request's seed is its own, so
+        its answers are those it gets in any batch."""
+        return join_answers(partial(self.generate, [r], num_samples, seed) for r in requests)
+
 
 class DataParallelVllm:
     """Several vLLM engines, one per worker process; each call's requests are split evenly between them."""
+
+    seeds_per_prompt = True
 
     def __init__(self, model: str, adapter: str | None = None, *, size: int, options: dict[str, Any], **settings: Any):
         from vllm.platforms import current_platform
@@ -182,7 +198,7 @@ class DataParallelVllm:
         shards = [requests[i * per : (i + 1) * per] for i in range(len(self.workers))]
         for (_, conn), shard in zip(self.workers, shards):
             conn.send(("generate", shard, num_samples, seed))
-        return [g for rank, (_, conn) in enumerate(self.workers) for g in _reply(conn, rank)]
+        return join_answers(partial(_reply, conn, rank) for rank, (_, conn) in enumerate(self.workers))
 
 
 def _rank_env(
@@ -226,6 +242,8 @@ def _serve(
             return
         try:
             conn.send(("ok", getattr(backend, call)(*args)))
+        except RejectedPrompts as e:
+            conn.send(("rejected", e))
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
@@ -238,6 +256,8 @@ def _reply(conn, rank: int) -> Any:
         raise RuntimeError(f"vLLM data-parallel worker {rank} died (see its output above)") from None
     if status == "error":
         raise RuntimeError(f"vLLM data-parallel worker {rank} failed:\n{value}")
+    if status == "rejected":
+        raise value
     return value
 
 

@@ -6,8 +6,9 @@ answering `POST /v1/chat/completions` and `GET /v1/models`. Replies come from a 
 (request body -> verdict dict or raw text, or a list of texts: one choice each, for sampling
 requests, cut at `max_tokens` words with finish_reason "length"; `honour_n=False` plays a server
 that ignores `n` and answers one choice); every request is recorded so tests can count them and
-inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, a
-hung request, malformed JSON, a schema-violating verdict, a reply ignoring `response_format`);
+inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, 400 as
+for a prompt over the model's context, a hung request, malformed JSON, a schema-violating verdict,
+a reply ignoring `response_format`);
 `delay_s` answers every request after a fixed delay (the throughput benchmark's latency L).
 
     python -m alignkit.testing.chat_server --port 8011   # serves the placeholder heuristic judge
@@ -29,7 +30,7 @@ from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 
 Reply = Callable[[dict[str, Any]], "dict[str, Any] | str | list[str]"]
-FAULTS = ("rate_limit", "server_error", "hang", "malformed", "schema_violation", "plain_text")
+FAULTS = ("rate_limit", "server_error", "bad_request", "hang", "malformed", "schema_violation", "plain_text")
 
 
 @dataclass
@@ -208,6 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "server_error":
             self._json(500, _error("internal error (injected)", "server_error"))
+            return
+        if fault == "bad_request":  # as vLLM answers a prompt longer than the model's context
+            message = "This model's maximum context length is 512 tokens; the prompt has 900 (injected)"
+            self._json(400, _error(message, "invalid_request_error"))
             return
         if fault == "hang":
             time.sleep(fx.hang_s)
