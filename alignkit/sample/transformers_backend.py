@@ -30,6 +30,7 @@ class TransformersBackend:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        hf_model.to("cuda" if torch.cuda.is_available() else "cpu")  # one GPU where there is one
         if adapter:
             from peft import PeftModel
 
@@ -60,7 +61,9 @@ class TransformersBackend:
     @torch.no_grad()
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
         out: list[list[Generation]] = []
-        with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG alone
+        device = self.model.device
+        gpus = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):  # seed locally; leave the caller's RNG alone
             torch.manual_seed(seed)
             for start in range(0, len(requests), self.batch_size):
                 out += self._batch(requests[start : start + self.batch_size], num_samples)
