@@ -182,6 +182,24 @@ def test_bad_image_is_reported_not_fatal(hf_backend, prompts, tmp_path: Path):
     _check_join(_by_id(tmp_path / "s.jsonl"), [prompts[0], prompts[2]])
 
 
+def test_too_large_image_is_reported_not_fatal(hf_backend, prompts, tmp_path: Path, monkeypatch):
+    """An image over PIL's decompression-bomb limit (lowered here: shapes images are small) is a
+    listed failure naming the prompt and the image; the other prompts are sampled."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # PIL refuses images over twice this
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    width, height = Image.open(prompts[0].images[0]).size
+    assert width * height < 20_000  # the shapes images stay under it
+    bad = [prompts[0], dataclasses.replace(prompts[1], images=[str(big)])]
+    summary = sample_prompts(hf_backend, bad, tmp_path / "s.jsonl", fingerprint="f", num_samples=K)
+    [failure] = summary["failed"]
+    assert failure["prompt_id"] == prompts[1].prompt_id and "big.png" in failure["error"]
+    assert "exceeds limit" in failure["error"]
+    _check_join(_by_id(tmp_path / "s.jsonl"), [prompts[0]])
+
+
 def test_truncation_flag_transformers(hf_backend):
     eos = next(iter(hf_backend.eos_ids))
     stopped = hf_backend._generation([5, 6, eos, eos])  # after eos comes padding

@@ -31,6 +31,7 @@ REFUSED_INPUT = (400, 413, 422)
 
 class OpenAIBackend:
     seeds_per_prompt = True
+
     def __init__(
         self,
         model_name: str,

@@ -16,6 +16,7 @@ from alignkit.sample.base import Generation, Request, policy_name
 
 class TransformersBackend:
     seeds_per_prompt = False  # one torch seed per call: a prompt's answers depend on its batch
+
     def __init__(
         self,
         model: str,

@@ -58,6 +58,7 @@ def make_vllm_backend(
 
 class VllmBackend:
     seeds_per_prompt = True
+
     def __init__(
         self,
         model: str,
