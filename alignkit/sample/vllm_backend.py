@@ -77,34 +77,19 @@ class VllmBackend:
         # The processor owns the multimodal chat template (tokenizers of hub VLMs may lack it).
         self.processor = AutoProcessor.from_pretrained(model)
         opts = _engine_options(options)
-        self.lora, engine_model = None, model
-        if adapter:
-            problem = lora_problem(adapter)
-            if problem:
-                warnings.warn(
-                    f"vLLM cannot apply adapter {adapter} as LoRA ({problem}); sampling from a merged "
-                    "temporary copy of the model instead",
-                    stacklevel=2,
-                )
-                engine_model = self._merged_copy(model, adapter)
-            else:
-                from vllm.lora.request import LoRARequest
+        self.lora = None
+        engine_model, lora_adapter, self._merged = _engine_model(model, adapter)
+        if lora_adapter:
+            from vllm.lora.request import LoRARequest
 
-                opts = {"enable_lora": True, "max_lora_rank": _max_lora_rank(_adapter_rank(adapter))} | opts
-                self.lora = LoRARequest("adapter", 1, str(adapter))
+            opts = {"enable_lora": True, "max_lora_rank": _max_lora_rank(_adapter_rank(lora_adapter))} | opts
+            self.lora = LoRARequest("adapter", 1, str(lora_adapter))
         try:
             self.llm = LLM(model=engine_model, **opts)
         except Exception as e:
             what = f" with LoRA adapter {adapter}" if self.lora else ""
             raise RuntimeError(f"vLLM could not start for model {engine_model}{what}: {e}") from e
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-
-    def _merged_copy(self, model: str, adapter: str) -> str:
-        """`adapter` merged into `model`, in a temporary directory removed with this backend."""
-        from alignkit.train.model import merge_adapter
-
-        self._merged = tempfile.TemporaryDirectory(prefix="alignkit-merged-")
-        return str(merge_adapter(model, adapter, Path(self._merged.name) / "model"))
 
     def use_adapter(self, adapter: str) -> None:
         """Sample from another LoRA adapter of the rank the engine started with (PPO: each rollout's policy).
@@ -174,11 +159,12 @@ class DataParallelVllm:
         tensor_parallel = options.get("tensor_parallel_size", 1)
         cpus = sorted(os.sched_getaffinity(0)) if current_platform.is_cpu() else None
         ctx = multiprocessing.get_context("spawn")  # a forked child would inherit this process's torch threads
+        engine_model, lora_adapter, self._merged = _engine_model(model, adapter)  # one merged copy for all
         self.workers = []
         for rank in range(size):
             parent, child = ctx.Pipe()
             env = _rank_env(rank, size, tensor_parallel, dict(os.environ), cpus)
-            args = (child, env, model, adapter, options, settings)
+            args = (child, env, engine_model, lora_adapter, options, settings)
             proc = ctx.Process(target=_serve, args=args, name=f"vllm-dp{rank}")
             proc.start()
             self.workers.append((proc, parent))
@@ -272,6 +258,25 @@ def _stop(workers: list) -> None:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
+
+
+def _engine_model(
+    model: str, adapter: str | None
+) -> tuple[str, str | None, tempfile.TemporaryDirectory | None]:
+    """The model and LoRA adapter to start vLLM with: `adapter` as LoRA where vLLM can apply it;
+    else (with a warning) a copy of `model` with `adapter` merged in, in a temporary directory
+    that lives as long as the returned handle."""
+    if not adapter or not (problem := lora_problem(adapter)):
+        return model, adapter, None
+    from alignkit.train.model import merge_adapter
+
+    warnings.warn(
+        f"vLLM cannot apply adapter {adapter} as LoRA ({problem}); sampling from a merged temporary copy "
+        "of the model instead",
+        stacklevel=3,
+    )
+    tmp = tempfile.TemporaryDirectory(prefix="alignkit-merged-")
+    return str(merge_adapter(model, adapter, Path(tmp.name) / "model")), None, tmp
 
 
 def _max_lora_rank(rank: int) -> int | None:
