@@ -107,6 +107,7 @@ class VllmBackend:
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         inputs = []
         for r in requests:
@@ -128,8 +129,6 @@ class VllmBackend:
             )
             for r in requests
         ]
-        from vllm.exceptions import VLLMClientError
-
         try:
             outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
         except VLLMClientError as e:  # vLLM refused a request (e.g. longer than max_model_len) and ran none
