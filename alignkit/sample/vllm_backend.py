@@ -303,9 +303,10 @@ def lora_problem(adapter: str) -> str | None:
 
     from alignkit.train.model import LANGUAGE_MODEL
 
-    max_rank = _max_lora_rank(_adapter_rank(adapter))
+    rank = _adapter_rank(adapter)
+    max_rank = _max_lora_rank(rank)
     if max_rank is None:
-        return f"its rank {_adapter_rank(adapter)} is above the largest vLLM supports"
+        return f"its rank {rank} is above the largest vLLM supports"
     try:
         PEFTHelper.from_local_dir(adapter, None).validate_legal(LoRAConfig(max_lora_rank=max_rank))
     except ValueError as e:
