@@ -11,19 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from alignkit.config import Section
+from alignkit.errors import RecipeError
 
 STAGES = ("sft", "prompts", "sample", "judge", "pairs", "reward_model", "score", "train", "eval")
 # The critique reward model stages are opt-in: list them in a recipe's `stages` to run them.
 DEFAULT_STAGES = ("prompts", "sample", "judge", "pairs", "train")
-
-
-class RecipeError(ValueError):
-    """A recipe problem; the message names the file, the key and what is wrong."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PolicyConfig(Section):

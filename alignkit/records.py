@@ -20,9 +20,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
-
-class RecordError(ValueError):
-    """Bad input data; the message names the file, the line or record id, and the problem."""
+from alignkit.errors import RecordError
 
 
 @dataclass

@@ -30,12 +30,9 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from alignkit.errors import StageInputError
 from alignkit.recipe import STAGES, Recipe, resolved_yaml
 from alignkit.records import Prompt, Sample, Verdict, file_digest, read_prompts, read_records, write_jsonl
-
-
-class StageInputError(RuntimeError):
-    """A stage was asked to run before the stage that makes its input."""
 
 
 # Stages that run once per round; round r > 1 writes them under round-<r>/ and keys them `name@round-r`.

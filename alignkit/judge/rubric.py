@@ -22,6 +22,7 @@ import jinja2
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
+from alignkit.errors import AlignkitError
 from alignkit.resources import builtin_dir
 
 MODES = ("single", "pairwise")
@@ -48,7 +49,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
-class JudgeError(ValueError):
+class JudgeError(AlignkitError, ValueError):
     """A problem with the judge stage's settings or inputs; the message names what to fix."""
 
 

@@ -1,0 +1,28 @@
+"""The errors a user can cause by input or configuration.
+
+Each is an `AlignkitError` whose message names the file, key, line or record id and says what to
+do. The CLI prints that message alone and exits 2 (`--debug` shows the traceback); anything else
+escaping a stage is a bug in alignkit and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AlignkitError(Exception):
+    """A problem with the user's input or configuration, worded for the user."""
+
+
+class RecipeError(AlignkitError, ValueError):
+    """A recipe problem; the message names the file, the key (and line) and what is wrong."""
+
+
+class RecordError(AlignkitError, ValueError):
+    """Bad input data; the message names the file, the line or record id, and the problem."""
+
+
+class StageInputError(AlignkitError):
+    """A stage was asked to run before the stage that makes its input, or without its section."""
+
+
+class ModelError(AlignkitError, ValueError):
+    """A model, adapter or processor that cannot be resolved or used as asked."""
