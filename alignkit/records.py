@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -114,18 +116,53 @@ def to_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
 
 
-def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
-    """Write records atomically: to a temporary name, then rename."""
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Write a file or directory under a temporary sibling name, renamed onto `path` on success.
+
+    The one way alignkit writes a finished output: a kill leaves either the old `path` or the new
+    one, never a half-written file under the final name. On an error the temporary is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    _remove(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically (see `atomic_output`)."""
+    with atomic_output(path) as tmp:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+    return Path(path)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """Write records as jsonl atomically."""
+    with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(to_dict(r), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 class ResumableJsonl:
@@ -193,11 +230,9 @@ def _save_image_bytes(data: bytes, image_dir: Path) -> str:
     digest = hashlib.sha256(data).hexdigest()[:24]
     out = image_dir / f"{digest}.png"
     if not out.exists():
-        image_dir.mkdir(parents=True, exist_ok=True)
         img = Image.open(io.BytesIO(data))
-        tmp = out.with_name(out.name + ".tmp")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            img.save(tmp, format="PNG")
     return str(out)
 
 
