@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from alignkit.stages import STAGES
 
 app = typer.Typer(
     help=(
@@ -42,16 +45,15 @@ def _recipe_path(recipe: str) -> Path:
 
 
 def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> None:
-    from alignkit.judge import JudgeError
-    from alignkit.recipe import RecipeError, load_recipe
-    from alignkit.records import RecordError
-    from alignkit.runner import Runner, StageInputError
+    from alignkit.errors import AlignkitError
+    from alignkit.recipe import load_recipe
+    from alignkit.runner import Runner
 
     try:
         cfg = load_recipe(_recipe_path(recipe), overrides or [])
         runner = Runner(cfg, console)
         runner.run(stages)
-    except (RecipeError, RecordError, JudgeError, StageInputError) as e:
+    except AlignkitError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     _print_outputs(runner)
@@ -59,7 +61,7 @@ def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> 
 
 def _print_outputs(runner) -> None:
     paths = runner.paths
-    model, adapter = runner.trained_policy() or (None, None)
+    model, adapter = runner.trained(paths.round) or (None, None)
     table = Table(title="outputs", show_header=False)
     for label, p in [
         ("run directory", paths.root),
@@ -67,8 +69,8 @@ def _print_outputs(runner) -> None:
         ("samples", paths.samples),
         ("verdicts", paths.verdicts),
         ("pairs (TRL preference format)", paths.pairs),
-        ("reward model", paths.root / "reward_model" / "model"),
-        ("reward-model scores", paths.root / "rm_scores.jsonl"),
+        ("reward model", paths.reward_model / "model"),
+        ("reward-model scores", paths.rm_scores),
         ("adapter (PEFT)", Path(adapter) if adapter else None),
         ("model (full fine-tuning)", Path(model) if model and not adapter else None),
     ]:
@@ -89,52 +91,16 @@ def run(
     _run(recipe, overrides, stages.split(",") if stages else None)
 
 
-def _stage_command(name: str, doc: str) -> None:
-    def command(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def _stage_command(name: str, command: str, doc: str) -> None:
+    def run_one(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         _run(recipe, overrides, [name])
 
-    command.__doc__ = doc
-    app.command(name=name)(command)
+    run_one.__doc__ = doc
+    app.command(name=command)(run_one)
 
 
-_stage_command("prompts", "Materialise the recipe's prompts (file or synthetic world) into the run directory.")
-_stage_command(
-    "sample", "Sample K chain-of-thought answers per prompt with vLLM, transformers or an OpenAI-compatible server."
-)
-_stage_command(
-    "judge",
-    "Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached).\n\n"
-    "Writes verdicts.jsonl, judge_report.json (score distributions, self-consistency, position "
-    "consistency, agreement with the reference judge) and, for a pairwise judge, comparisons.jsonl. "
-    "Verdicts are cached in judge_cache.sqlite: a re-run never pays twice.\n\n"
-    "A judge is one YAML file: a built-in name (`alignkit judges`) or a path, set as "
-    "judge.rubric=NAME_OR_PATH. Its keys:\n\n"
-    "name, description: what it is called and what it grades.\n\n"
-    "mode: single (default; one answer per request) or pairwise (two answers, A and B).\n\n"
-    "system, user: Jinja2 templates (sandboxed). Single: question, answer (the final answer), "
-    "response (the full text), reference_answer, objects. Pairwise: question, answer_a, response_a, "
-    "answer_b, response_b, reference_answer, objects. Answers are untrusted: put them between tags "
-    "and tell the judge they are data.\n\n"
-    "schema: the verdict's JSON schema, sent as response_format json_schema (strict): an object, "
-    "every property required, additionalProperties false, `rationale` (string) first. Pairwise "
-    "verdicts also have `winner`, a string with enum A, B, tie.\n\n"
-    "scores (single): how the verdict becomes one score in 0..1. A numeric field: `NAME: {range: [0, 10], "
-    "weight: 1.0, higher_is_better: true}`. Or the share of an array's items "
-    "whose boolean field is true: `NAME: {share_of: claims, field: supported}`. Pairwise judges have "
-    "no scores: a sample's score is its win rate over the prompt's other samples, each pair judged in "
-    "both orders (a winner only when both orders agree).\n\n"
-    "sampling: temperature, top_p, max_tokens, seed. price (optional): prompt_per_million, "
-    "completion_per_million, to report the run's cost.\n\n"
-    "See judges/*.yaml and examples/custom_judge.yaml.",
-)
-_stage_command("pairs", "Build chosen/rejected preference pairs (TRL format) from the judged samples.")
-_stage_command(
-    "train",
-    "Train the policy on the pairs: DPO with LoRA (train.method=dpo), or MM-DPO with a per-pair beta from "
-    "the reward margin (train.method=mmdpo); writes a PEFT adapter to train/adapter, or the whole model "
-    "to train/model with train.finetune=full. With train.method=ppo (or `alignkit ppo`) it runs PPO on the "
-    "prompts instead, rewarded as the recipe's `ppo.rewards` say.",
-)
+for _stage in STAGES:
+    _stage_command(_stage.name, _stage.command, inspect.getdoc(_stage) or _stage.name)
 
 
 @app.command()
@@ -144,25 +110,6 @@ def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     model or a Python function, a per-token KL penalty to the reference, GAE, clipped policy and value
     losses. Writes train/adapter, train/metrics.jsonl and train/checkpoints."""
     _run(recipe, [*(overrides or []), "train.method=ppo"], ["train"])
-_stage_command(
-    "score",
-    "Score every sample with the critique reward model (rm_scores.jsonl) and add rm_margin, rm_chosen_score "
-    "and rm_rejected_score to the pairs; prints the reward model's ACC / ACC+ against the judge.",
-)
-
-
-_stage_command(
-    "sft",
-    "Supervised fine-tuning on image+text prompt/completion conversations (the recipe's `sft` section); "
-    "the model in sft/model becomes the policy the later stages sample and train.",
-)
-_stage_command(
-    "eval",
-    "Evaluate on held-out prompts (the recipe's `eval` section): CHAIR_i/CHAIR_s hallucination, POPE "
-    "existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy, and the judge's mean "
-    "score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and "
-    "policy.adapter) and, once trained, the aligned one, and prints the side-by-side comparison.",
-)
 
 
 @app.command()
@@ -176,13 +123,6 @@ def compare(
     from alignkit.evaluate import compare as compare_results
 
     console.print(compare_results(json.loads(before.read_text()), json.loads(after.read_text())))
-
-
-@app.command("train-rm")
-def train_rm(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Train the critique reward model (recipe section `reward_model`) on the pairs, with the judge's
-    rationales as critiques; writes reward_model/model and prints ACC / ACC+ on held-out prompts."""
-    _run(recipe, overrides, ["reward_model"])
 
 
 @app.command()

@@ -20,7 +20,7 @@ class RecordError(AlignkitError, ValueError):
     """Bad input data; the message names the file, the line or record id, and the problem."""
 
 
-class StageInputError(AlignkitError):
+class StageInputError(AlignkitError, ValueError):
     """A stage was asked to run before the stage that makes its input, or without its section."""
 
 

@@ -66,7 +66,28 @@ class Verdict:
     error: str | None = None
 
 
-R = TypeVar("R", Prompt, Sample, Verdict)
+@dataclass
+class Pair:
+    """A preference pair in TRL's conversational format (`prompt`, `chosen`, `rejected`, `images`),
+    plus what makes it useful outside alignkit: both sample ids, both scores, the margin and both
+    judge rationales. `prompt` is the user turn exactly as the policy saw it (template applied)."""
+
+    pair_id: str  # "<chosen sample_id>><rejected sample_id>"
+    prompt_id: str
+    prompt: list[dict[str, Any]]
+    chosen: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    images: list[str]
+    margin: float  # chosen_score - rejected_score
+    chosen_score: float
+    rejected_score: float
+    chosen_rationale: str = ""
+    rejected_rationale: str = ""
+    chosen_id: str = ""
+    rejected_id: str = ""
+
+
+R = TypeVar("R", Prompt, Sample, Verdict, Pair)
 
 
 def sample_id(prompt_id: str, index: int) -> str:
@@ -317,9 +338,14 @@ def load_image(path: str) -> Image.Image:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (used in stage fingerprints)."""
+    """sha256 of a file's bytes, or of a directory's files (names and bytes), for stage fingerprints."""
+    path = Path(path)
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()

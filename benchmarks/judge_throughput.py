@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 from PIL import Image
 
-from alignkit.judge import run_judge
+from alignkit.judge import JudgeConfig, run_judge
 from alignkit.judge.openai_judge import build_messages
 from alignkit.judge.rubric import load_rubric
 from alignkit.records import Prompt, Sample
@@ -66,10 +66,9 @@ def alignkit_seconds(
 ) -> tuple[float, float]:
     """(wall time of a whole judge run with a fresh output and cache, its request rate while judging)."""
     start = time.perf_counter()
-    summary = run_judge(
-        prompts, samples, folder / "verdicts.jsonl", fingerprint="bench", backend="openai", model="bench",
-        base_url=url, api_key_env=KEY_ENV, concurrency=concurrency, timeout=30, max_retries=0, image_max_side=256,
-    )  # fmt: skip
+    cfg = JudgeConfig(backend="openai", model="bench", base_url=url, api_key_env=KEY_ENV, concurrency=concurrency,
+                      timeout=30, max_retries=0, image_max_side=256)  # fmt: skip
+    summary = run_judge(prompts, samples, folder / "verdicts.jsonl", cfg, fingerprint="bench")
     seconds = time.perf_counter() - start
     assert summary["ok"] == len(samples) and summary["requests"] == len(samples), summary
     return seconds, summary["request_rate"]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from alignkit.judge import JudgeError, run_judge
+from alignkit.judge import JudgeConfig, JudgeError, run_judge
 from alignkit.judge.reference import answers_match, judge_reference
 from alignkit.judge.rubric import load_rubric
 from alignkit.records import Prompt, Sample, Verdict, read_records, write_jsonl
@@ -69,9 +69,9 @@ def api_key(monkeypatch):
 
 def judge(srv: ChatServer, tmp_path: Path, prompts, samples, out: str = "verdicts.jsonl", **kw) -> dict:
     kw = {"model": "judge-m", "timeout": 0.5, "max_retries": 1, "image_max_side": 128, **kw}
-    return run_judge(
-        prompts, samples, tmp_path / out, fingerprint="f", backend="openai", base_url=srv.url, api_key_env=KEY_ENV, **kw
-    )
+    cache = {"cache_path": kw.pop("cache_path")} if "cache_path" in kw else {}
+    cfg = JudgeConfig(backend="openai", base_url=srv.url, api_key_env=KEY_ENV, **kw)
+    return run_judge(prompts, samples, tmp_path / out, cfg, fingerprint="f", **cache)
 
 
 def verdicts(path: Path) -> dict[str, dict]:
@@ -222,12 +222,12 @@ def test_changing_the_judge_prompt_invalidates_the_cache(server, world, tmp_path
 _KILLED_RUN = """
 import sys
 from pathlib import Path
-from alignkit.judge import run_judge
+from alignkit.judge import JudgeConfig, run_judge
 from alignkit.records import Prompt, Sample, read_records
 d = Path(sys.argv[1])
 run_judge(read_records(d / "prompts.jsonl", Prompt), read_records(d / "samples.jsonl", Sample),
-          d / "verdicts.jsonl", fingerprint="f", backend="openai", model="judge-m", base_url=sys.argv[2],
-          api_key_env=sys.argv[3], timeout=30, max_retries=0, image_max_side=128)
+          d / "verdicts.jsonl", JudgeConfig(backend="openai", model="judge-m", base_url=sys.argv[2],
+          api_key_env=sys.argv[3], timeout=30, max_retries=0, image_max_side=128), fingerprint="f")
 """
 
 
@@ -290,7 +290,7 @@ def test_missing_api_key_names_the_variable(world, tmp_path, monkeypatch):
     prompts, samples = world
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(JudgeError, match=KEY_ENV):
-        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", backend="openai", model="m", api_key_env=KEY_ENV)
+        run_judge(prompts, samples, tmp_path / "v.jsonl", JudgeConfig(backend="openai", model="m", api_key_env=KEY_ENV), fingerprint="f")
     assert not any(tmp_path.glob("v.jsonl*"))
 
 
@@ -409,7 +409,7 @@ def test_reference_rejects_scores_it_cannot_compute(tmp_path, world):
     path = tmp_path / "f.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(JudgeError, match="scores.fluency"):
-        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", rubric=str(path))
+        run_judge(prompts, samples, tmp_path / "v.jsonl", JudgeConfig(rubric=str(path)), fingerprint="f")
 
 
 def test_reference_run_writes_every_sample_and_resumes(world, tmp_path):
@@ -465,7 +465,7 @@ def test_pairwise_judges_both_orders_and_scores_win_rates(world, tmp_path):
     assert report["position"]["first_position_rate"] == pytest.approx(5 / 10)  # 10 non-tie picks, 5 first
 
     pairs, _ = build_pairs(prompts, samples, read_records(tmp_path / "verdicts.jsonl", Verdict), {p.prompt_id: p.question for p in prompts})
-    assert {(p["chosen_id"], p["rejected_id"]) for p in pairs} == {("p0#s2", "p0#s0"), ("p1#s0", "p1#s2")}
+    assert {(p.chosen_id, p.rejected_id) for p in pairs} == {("p0#s2", "p0#s0"), ("p1#s0", "p1#s2")}
 
 
 def test_pairwise_position_bias_becomes_ties(world, tmp_path):
@@ -515,10 +515,10 @@ def test_pairwise_resume_sends_no_requests(world, tmp_path, server):
 def test_pairwise_refuses_reference_backend_and_repetitions(world, tmp_path):
     prompts, samples = world
     with pytest.raises(JudgeError, match="pairwise"):
-        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", rubric="pairwise")
+        run_judge(prompts, samples, tmp_path / "v.jsonl", JudgeConfig(rubric="pairwise"), fingerprint="f")
     with pytest.raises(JudgeError, match="num_judgments"):
-        run_judge(prompts, samples, tmp_path / "v.jsonl", fingerprint="f", backend="openai", model="m",
-                  rubric="pairwise", num_judgments=2, api_key_env=KEY_ENV)  # fmt: skip
+        run_judge(prompts, samples, tmp_path / "v.jsonl", JudgeConfig(backend="openai", model="m", rubric="pairwise",
+                  num_judgments=2, api_key_env=KEY_ENV), fingerprint="f")  # fmt: skip
 
 
 def test_claims_judge_scores_the_share_of_supported_claims(world, tmp_path, server):

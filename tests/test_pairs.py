@@ -3,7 +3,7 @@
 import pytest
 
 from alignkit.pairs import build_pairs, select_pairs
-from alignkit.records import Prompt, Sample, Verdict
+from alignkit.records import Prompt, Sample, Verdict, to_dict
 
 
 def scored(scores, status=None):
@@ -43,7 +43,7 @@ def test_build_pairs_trl_format_and_failed_verdicts_excluded(tmp_path):
     samples, verdicts = [s for s, _ in items], [v for _, v in items]
     pairs, summary = build_pairs([prompt], samples, verdicts, {"p": "Describe the image. Think."})
     assert summary["num_pairs"] == 1 and summary["skipped"] == {"failed verdicts": 1}
-    pair = pairs[0]
+    pair = to_dict(pairs[0])
     assert pair["chosen_id"] == "p#s1" and pair["rejected_id"] == "p#s0"
     assert pair["prompt"] == [{"role": "user", "content": [{"type": "image"},
                                                            {"type": "text", "text": "Describe the image. Think."}]}]

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from alignkit.judge.config import JudgeConfig
 import torch
 from PIL import Image
 
@@ -106,7 +108,7 @@ def _prompt_and_samples() -> tuple[list[Prompt], list[Sample]]:
 
 def test_reference_judge_reward_and_weighted_sum(tmp_path):
     prompts, samples = _prompt_and_samples()
-    reference = judge_reward(rubric="overall", backend="reference", cache_path=tmp_path / "c.sqlite")
+    reference = judge_reward(JudgeConfig(rubric="overall", backend="reference"), tmp_path / "c.sqlite")
     scores = reference(prompts, samples)
     assert scores[0] > scores[1]  # the second answer hallucinates a blue circle
     length = RewardFn("len", lambda ps, ss: [len(s.text) for s in ss])
@@ -323,9 +325,9 @@ def judge_server(monkeypatch):
 
 
 def _openai_judge(server, cache_path) -> RewardFn:
-    return judge_reward(rubric="overall", backend="openai", cache_path=cache_path, model=server.model,
-                        base_url=server.url, api_key_env=JUDGE_KEY_ENV, concurrency=4, timeout=30.0,
-                        max_retries=1, image_max_side=512)  # fmt: skip
+    return judge_reward(JudgeConfig(rubric="overall", backend="openai", model=server.model, base_url=server.url,
+                                    api_key_env=JUDGE_KEY_ENV, concurrency=4, timeout=30.0, max_retries=1,
+                                    image_max_side=512), cache_path)  # fmt: skip
 
 
 def test_openai_judge_reward_sends_images_scores_each_sample_and_caches(judge_server, shapes, tmp_path):
@@ -385,7 +387,7 @@ def test_ppo_scores_its_rollouts_online_with_the_openai_judge(judge_server, tiny
 
 
 def test_reward_model_reward_matches_the_score_stage(tiny_qwen_dir, shapes, tmp_path):
-    from alignkit.reward import build_reward_model
+    from alignkit.reward.model import build_reward_model
     from alignkit.reward.score import score_samples
     from alignkit.sample.templates import load_template
 

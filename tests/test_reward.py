@@ -15,7 +15,10 @@ from alignkit.judge.rubric import load_rubric
 from alignkit.objects import COLORS, SHAPES
 from alignkit.pairs import build_pairs
 from alignkit.records import RecordError, Sample, write_jsonl
-from alignkit.reward import LossWeights, build_reward_model, evaluate_pairs, fit, load_reward_model, pairwise_accuracy
+from alignkit.reward.losses import LossWeights
+from alignkit.reward.model import build_reward_model, load_reward_model
+from alignkit.reward.score import evaluate_pairs, pairwise_accuracy
+from alignkit.reward.train import fit
 from alignkit.reward.data import collate, pair_features, read_rm_pairs
 from alignkit.reward.losses import reward_loss
 from alignkit.reward.score import add_rm_columns, pair_answers, score_answers

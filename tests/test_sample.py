@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from alignkit.records import Sample, load_image, read_records, sample_id
-from alignkit.sample import RejectedPrompts, Request, make_backend, run_sample, sample_prompts, to_request
+from alignkit.sample import RejectedPrompts, Request, SampleConfig, make_backend, run_sample, sample_prompts, to_request
 from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
 from alignkit.testing.shapes import make_shapes_prompts
@@ -86,10 +86,8 @@ def _check_join(samples: dict[str, Sample], prompts, k: int = K):
 
 
 def test_run_sample_transformers(tiny_qwen_dir, prompts, tmp_path: Path):
-    summary = run_sample(
-        prompts, tmp_path / "s.jsonl", fingerprint="f", backend="transformers", model=str(tiny_qwen_dir),
-        num_samples=K, max_new_tokens=12, chunk_size=4, batch_size=4,
-    )  # fmt: skip
+    cfg = SampleConfig(backend="transformers", num_samples=K, max_new_tokens=12, chunk_size=4, batch_size=4)
+    summary = run_sample(prompts, tmp_path / "s.jsonl", cfg, fingerprint="f", model=str(tiny_qwen_dir))
     samples = _by_id(tmp_path / "s.jsonl")
     _check_join(samples, prompts)
     assert summary["num_prompts"] == 6 and summary["num_samples"] == 6 * K and summary["failed"] == []
@@ -268,7 +266,7 @@ def test_transformers_samples_from_adapter(tiny_qwen_dir, lora_dir, hf_backend, 
 
 def test_unknown_backend(prompts, tmp_path: Path):
     with pytest.raises(ValueError, match="unknown sampling backend 'tgi'"):
-        run_sample(prompts, tmp_path / "s.jsonl", fingerprint="f", backend="tgi", model="x")
+        make_backend("tgi", "x")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from alignkit.records import Sample, load_image, read_records, sample_id
-from alignkit.sample import Generation, make_backend, run_sample, sample_prompts
+from alignkit.sample import Generation, SampleConfig, make_backend, run_sample, sample_prompts
 from alignkit.sample.base import derive_seed
 from alignkit.testing.chat_server import ChatServer, heuristic_reply
 from alignkit.testing.shapes import make_shapes_prompts
@@ -35,12 +35,10 @@ def prompts(tmp_path_factory):
 
 
 def sample(server: ChatServer, prompts, out: Path, **kw) -> dict:
-    opts = {"base_url": server.url, "model_name": "served-policy", "api_key_env": KEY_ENV, "concurrency": 4,
-            "max_retries": 2} | kw.pop("openai_options", {})  # fmt: skip
-    return run_sample(
-        prompts, out, fingerprint="f", backend="openai", model="unused-locally", num_samples=K, max_new_tokens=16,
-        temperature=0.7, top_p=0.9, seed=3, chunk_size=2, openai_options=opts, **kw,
-    )  # fmt: skip
+    cfg = SampleConfig(backend="openai", base_url=server.url, model_name="served-policy", api_key_env=KEY_ENV,
+                       concurrency=4, max_retries=2, num_samples=K, max_new_tokens=16, temperature=0.7, top_p=0.9,
+                       chunk_size=2, **kw)  # fmt: skip
+    return run_sample(prompts, out, cfg, fingerprint="f", model="unused-locally", seed=3)
 
 
 def by_id(path: Path) -> dict[str, Sample]:
@@ -131,7 +129,7 @@ def test_logprobs_give_each_answer_its_exact_token_count(prompts, tmp_path):
     texts = ["a b c d e f g\nAnswer: 1", "one two", " ".join(["word"] * 40)]
 
     with ChatServer(lambda body: texts) as server:
-        sample(server, prompts[:1], tmp_path / "s.jsonl", openai_options={"logprobs": True})
+        sample(server, prompts[:1], tmp_path / "s.jsonl", logprobs=True)
         assert server.chat_requests[0].body["logprobs"] is True
     s = by_id(tmp_path / "s.jsonl")
     # One token per word in the fixture; the third answer is cut at max_tokens (16).

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from alignkit.records import RecordError
-from alignkit.train import load_preference_dataset, train_dpo
+from alignkit.train.data import load_preference_dataset
+from alignkit.train.config import TrainConfig
+from alignkit.train.dpo import train_dpo
 
 COLORS = ["red", "blue", "green", "yellow"]
 
@@ -121,7 +123,7 @@ def test_train_dpo_qwen2_vl_trains_saves_and_resumes(tmp_path, tiny_qwen_dir, mo
     from trl import DPOTrainer
 
     pairs, run = _write_pairs(tmp_path), tmp_path / "run"
-    adapter = train_dpo(pairs, run, model=str(tiny_qwen_dir), max_steps=2, save_steps=1, learning_rate=1e-3)
+    adapter = train_dpo(pairs, run, TrainConfig(max_steps=2, save_steps=1, learning_rate=1e-3), model=str(tiny_qwen_dir))
 
     # a PEFT adapter directory with the processor beside it, on the language model only
     assert adapter == run / "adapter" and (adapter / "adapter_config.json").exists()
@@ -159,7 +161,7 @@ def test_train_dpo_qwen2_vl_trains_saves_and_resumes(tmp_path, tiny_qwen_dir, mo
 
     monkeypatch.setattr(DPOTrainer, "training_step", counted)
 
-    train_dpo(pairs, run, model=str(tiny_qwen_dir), max_steps=4, save_steps=1, learning_rate=1e-3)
+    train_dpo(pairs, run, TrainConfig(max_steps=4, save_steps=1, learning_rate=1e-3), model=str(tiny_qwen_dir))
     assert steps_run == [2, 3] and _global_step(run) == 4
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps] == [1, 2, 3, 4] and steps[:2] == metrics
@@ -171,7 +173,7 @@ def test_train_dpo_tiny_llava_one_step(tmp_path):
     from alignkit.testing.tiny_models import build_tiny_llava
 
     llava = build_tiny_llava(tmp_path / "tiny-llava")
-    adapter = train_dpo(_write_pairs(tmp_path, n=2), tmp_path / "run", model=str(llava), max_steps=1)
+    adapter = train_dpo(_write_pairs(tmp_path, n=2), tmp_path / "run", TrainConfig(max_steps=1), model=str(llava))
     weights = _adapter_tensors(adapter)
     # LLaVA's CLIP tower also has q_proj/k_proj/v_proj: the default targets must skip it
     assert weights and all(".language_model." in k for k in weights)

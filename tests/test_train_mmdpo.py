@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from alignkit.records import RecordError
+from alignkit.train.config import TrainConfig
 from alignkit.train.mmdpo import dynamic_beta, train_mmdpo
 
 COLORS = ["red", "blue", "green", "yellow"]
@@ -53,15 +54,15 @@ def test_qlora_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the error is for machines without CUDA")
     with pytest.raises(RuntimeError, match="QLoRA .* needs a CUDA GPU, and none is visible"):
-        train_mmdpo(_write_pairs(tmp_path), tmp_path / "run", model=str(tmp_path), finetune="qlora")
+        train_mmdpo(_write_pairs(tmp_path), tmp_path / "run", TrainConfig(method="mmdpo", finetune="qlora"), model=str(tmp_path))
 
 
 def test_margin_key_must_name_a_numeric_column(tmp_path):
     pairs = _write_pairs(tmp_path)
     with pytest.raises(RecordError, match=r"pairs.jsonl:1: missing key\(s\) \['reward'\]"):
-        train_mmdpo(pairs, tmp_path / "run", model=str(tmp_path), margin_key="reward")
-    with pytest.raises(ValueError, match="finetune must be one of"):
-        train_mmdpo(pairs, tmp_path / "run", model=str(tmp_path), finetune="dora")
+        train_mmdpo(pairs, tmp_path / "run", TrainConfig(method="mmdpo", margin_key="reward"), model=str(tmp_path))
+    with pytest.raises(ValueError, match="finetune"):
+        TrainConfig(method="mmdpo", finetune="dora")
 
 
 def test_recipe_method_mmdpo_dispatches_with_its_keys(tmp_path, monkeypatch):
@@ -210,7 +211,7 @@ def test_train_mmdpo_one_forward_per_step_and_cached_reference(tmp_path, tiny_qw
     hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         pairs, run = _write_pairs(tmp_path), tmp_path / "run"
-        adapter = train_mmdpo(pairs, run, model=str(tiny_qwen_dir), max_steps=2, save_steps=1, margin_key="rm_margin")
+        adapter = train_mmdpo(pairs, run, TrainConfig(method="mmdpo", max_steps=2, save_steps=1, margin_key="rm_margin"), model=str(tiny_qwen_dir))
         assert ref_batches == [1, 1]  # 4 pairs, batch size 2, before training
         assert per_step == [(0, 1), (1, 1)]  # one model forward per step: no reference forward
         (cache,) = (run / "ref_logps").iterdir()
@@ -226,7 +227,7 @@ def test_train_mmdpo_one_forward_per_step_and_cached_reference(tmp_path, tiny_qw
 
         # extending the run resumes from checkpoint-2 and reuses the cache without a reference forward
         ref_batches.clear(), per_step.clear()
-        train_mmdpo(pairs, run, model=str(tiny_qwen_dir), max_steps=3, save_steps=1, margin_key="rm_margin")
+        train_mmdpo(pairs, run, TrainConfig(method="mmdpo", max_steps=3, save_steps=1, margin_key="rm_margin"), model=str(tiny_qwen_dir))
         assert ref_batches == [] and per_step == [(2, 1)]
         assert cache.read_bytes() == cached
     finally:

@@ -18,6 +18,7 @@ from typing import Any
 
 from alignkit.judge import pairwise
 from alignkit.judge.cache import VerdictCache
+from alignkit.judge.config import JudgeConfig
 from alignkit.judge.openai_judge import OpenAIJudge, judge_samples
 from alignkit.judge.progress import Tally
 from alignkit.judge.reference import check_rubric, judge_reference, reference_verdicts
@@ -25,7 +26,7 @@ from alignkit.judge.report import format_report, quality_report, write_report
 from alignkit.judge.rubric import JudgeError, Rubric, RubricError, load_rubric
 from alignkit.records import Prompt, ResumableJsonl, Sample
 
-__all__ = ["JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "run_judge"]
+__all__ = ["JudgeConfig", "JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "run_judge"]
 
 BACKENDS = ("reference", "openai")
 FLUSH_SECONDS = 0.2  # how often finished verdicts are appended (and fsynced) to the output
@@ -35,20 +36,9 @@ def run_judge(
     prompts: list[Prompt],
     samples: list[Sample],
     out_path: Path,
+    cfg: JudgeConfig = JudgeConfig(),
     *,
     fingerprint: str,
-    backend: str = "reference",
-    rubric: str = "overall",
-    model: str | None = None,
-    base_url: str | None = None,
-    api_key_env: str = "OPENAI_API_KEY",
-    concurrency: int = 8,
-    timeout: float = 60.0,
-    max_retries: int = 3,
-    image_max_side: int = 512,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    num_judgments: int = 1,
     cache_path: Path | None = None,
 ) -> dict[str, Any]:
     """Judge every sample and write its Verdict to `out_path` (jsonl); return a summary.
@@ -74,16 +64,13 @@ def run_judge(
     completion_tokens), cost (None without a `price` in the judge file), mean_score,
     position_consistency (pairwise only), output, report.
     """
-    rub = load_rubric(rubric)
+    backend, model, num_judgments = cfg.backend, cfg.model, cfg.num_judgments
+    rub = load_rubric(cfg.rubric)
     items = _join(prompts, samples)
-    judge = make_judge(
-        rub, backend, num_judgments, model=model, base_url=base_url, api_key_env=api_key_env,
-        concurrency=concurrency, timeout=timeout, max_retries=max_retries, image_max_side=image_max_side,
-        rpm=rpm, tpm=tpm,
-    )  # fmt: skip
+    judge = make_judge(rub, cfg)
 
     out_path = Path(out_path)
-    key = json.dumps([fingerprint, backend, rub.content_hash, model, image_max_side, num_judgments])
+    key = json.dumps([fingerprint, backend, rub.content_hash, model, cfg.image_max_side, num_judgments])
     key = hashlib.sha256(key.encode()).hexdigest()
     out = ResumableJsonl(out_path, key, id_key="sample_id")
     comps = ResumableJsonl(out_path.with_name("comparisons.jsonl"), key, "comparison_id") if rub.mode == "pairwise" else None
@@ -148,8 +135,9 @@ def run_judge(
     }
 
 
-def make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) -> OpenAIJudge | None:
+def make_judge(rub: Rubric, cfg: JudgeConfig) -> OpenAIJudge | None:
     """The OpenAI judge, or None for the reference backend; refuses settings that do not combine."""
+    backend, num_judgments = cfg.backend, cfg.num_judgments
     if num_judgments < 1:
         raise JudgeError(f"judge.num_judgments must be at least 1, got {num_judgments}")
     if backend == "reference":
@@ -159,13 +147,15 @@ def make_judge(rub: Rubric, backend: str, num_judgments: int, **options: Any) ->
         return None
     if backend != "openai":
         raise JudgeError(f"unknown judge backend {backend!r}: expected one of {list(BACKENDS)}")
-    if not options["model"]:
+    if not cfg.model:
         raise JudgeError("judge.model is required for judge.backend=openai")
     if rub.mode == "pairwise" and num_judgments > 1:
         raise JudgeError(
             f"{rub.path}: judge.num_judgments > 1 is not supported by a pairwise judge "
             "(each pair is already judged twice, once per order)"
         )
+    options = cfg.model_dump(include={"model", "base_url", "api_key_env", "concurrency", "timeout", "max_retries",
+                                      "image_max_side", "rpm", "tpm"})  # fmt: skip
     return OpenAIJudge(rub, **options)
 
 

@@ -20,16 +20,19 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
+from alignkit.sample.config import SampleConfig
 from alignkit.sample.base import Backend, Generation, RejectedPrompts, Request, derive_seed
 from alignkit.sample.templates import Template, load_template, parse_output
 from alignkit.testing.tiny_models import resolve_model
 
 __all__ = [
-    "Backend", "Generation", "RejectedPrompts", "Request", "Template", "load_template", "make_backend", "parse_output",
+    "Backend", "Generation", "RejectedPrompts", "Request", "SampleConfig", "Template", "load_template", "make_backend", "parse_output",
     "run_sample", "sample_prompts", "to_request", "to_samples",
 ]  # fmt: skip
 
 BACKENDS = ("transformers", "vllm", "openai")
+# The `sample` keys that only the OpenAI-compatible backend reads.
+OPENAI_KEYS = {"base_url", "model_name", "api_key_env", "concurrency", "timeout", "max_retries", "rpm", "tpm", "logprobs"}
 
 
 def make_backend(
@@ -194,24 +197,14 @@ def sample_prompts(
 def run_sample(
     prompts: list[Prompt],
     out_path: Path,
+    cfg: SampleConfig = SampleConfig(),
     *,
     fingerprint: str,
-    backend: str,
     model: str,
     adapter: str | None = None,
-    num_samples: int = 4,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
     seed: int = 0,
-    template: str = "cot",
-    batch_size: int = 8,
-    chunk_size: int = 16,
-    drop_duplicates: bool = False,
-    vllm_options: dict | None = None,
-    openai_options: dict | None = None,
 ) -> dict[str, Any]:
-    """Write `num_samples` Samples per prompt to `out_path` (resumable) and return a summary.
+    """Write `cfg.num_samples` Samples per prompt to `out_path` (resumable) and return a summary.
 
     The summary has num_prompts, num_samples (written), duplicates (samples repeating an earlier
     one of their prompt), duplicates_dropped (those not written), truncated (finish_reason
@@ -219,12 +212,13 @@ def run_sample(
     because an image could not be read or the backend refused its input, e.g. longer than the
     model's context). If every prompt fails, that is an error.
     """
-    load_template(template)  # fail on a bad template before loading a model
+    load_template(cfg.template)  # fail on a bad template before loading a model
     engine = make_backend(
-        backend, model, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, vllm_options=vllm_options, openai_options=openai_options,
+        cfg.backend, model, adapter, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, batch_size=cfg.batch_size, vllm_options=cfg.vllm.model_dump(exclude_none=True),
+        openai_options=cfg.model_dump(include=OPENAI_KEYS),
     )  # fmt: skip
     return sample_prompts(
-        engine, prompts, out_path, fingerprint=fingerprint, template=template, num_samples=num_samples,
-        seed=seed, chunk_size=chunk_size, drop_duplicates=drop_duplicates,
+        engine, prompts, out_path, fingerprint=fingerprint, template=cfg.template, num_samples=cfg.num_samples,
+        seed=seed, chunk_size=cfg.chunk_size, drop_duplicates=cfg.drop_duplicates,
     )  # fmt: skip

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
     from trl import DPOConfig
 
+    from alignkit.train.config import TrainConfig
+
 
 class MetricsJsonl(TrainerCallback):
     """Appends each logged training step to a jsonl file, flushed so a kill loses at most one line."""
@@ -86,36 +88,24 @@ def resume_point(out_dir: Path, settings: dict[str, Any]) -> str | None:
 
 
 def dpo_config(
-    out_dir: Path,
-    policy: PreTrainedModel,
-    *,
-    beta: float,
-    learning_rate: float,
-    num_epochs: float,
-    max_steps: int,
-    batch_size: int,
-    grad_accum: int,
-    max_length: int | None,
-    save_steps: int,
-    seed: int,
-    logging_steps: int,
-    **extra: Any,
+    out_dir: Path, policy: PreTrainedModel, cfg: TrainConfig, *, seed: int, logging_steps: int, **extra: Any
 ) -> DPOConfig:
-    """TRL's `DPOConfig` for a run in `out_dir`; `extra` passes further `DPOConfig` fields (loss types)."""
+    """TRL's `DPOConfig` for a run in `out_dir` from the `train` section; `extra` passes further
+    `DPOConfig` fields (loss types)."""
     from trl import DPOConfig
 
     on_gpu = torch.cuda.is_available()
     return DPOConfig(
         output_dir=str(out_dir / "checkpoints"),
-        beta=beta,
-        learning_rate=learning_rate,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        max_length=max_length,
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
         save_strategy="steps",
-        save_steps=save_steps,
+        save_steps=cfg.save_steps,
         save_total_limit=2,
         logging_steps=logging_steps,
         seed=seed,

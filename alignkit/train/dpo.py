@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkit.records import file_digest
+from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
 from alignkit.train.data import load_preference_dataset
 from alignkit.train.model import load_policy, lora_config
@@ -17,27 +18,16 @@ from alignkit.train.model import load_policy, lora_config
 def train_dpo(
     pairs_path: Path,
     out_dir: Path,
+    cfg: TrainConfig = TrainConfig(),
     *,
     model: str,
-    beta: float = 0.1,
-    learning_rate: float = 5e-5,
-    num_epochs: float = 1.0,
-    max_steps: int = -1,
-    batch_size: int = 2,
-    grad_accum: int = 1,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: list[str] | None = None,
-    max_length: int | None = 512,
-    save_steps: int = 50,
     seed: int = 0,
     logging_steps: int = 1,
 ) -> Path:
-    """Train a LoRA adapter with DPO on a pairs file; returns `out_dir/adapter`.
+    """Train a LoRA adapter with DPO on a pairs file as the `train` section `cfg` says; returns `out_dir/adapter`.
 
     `model` is a hub id, a local directory or a tiny test model name ("tiny:qwen2-vl").
-    `beta` is the DPO temperature (0.1 as in the DPO paper); `max_steps` > 0 overrides
+    `cfg.beta` is the DPO temperature (0.1 as in the DPO paper); `max_steps` > 0 overrides
     `num_epochs`; `max_length` truncates prompt+answer tokens (image tokens included).
     `target_modules` are projection names inside the language model (see `lora_config`).
     """
@@ -51,19 +41,15 @@ def train_dpo(
     # set-up
     dataset = load_preference_dataset(pairs_path)
     policy, processor = load_policy(model_path)
-    peft_config = lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
-    args = dpo_config(
-        out_dir, policy, beta=beta, learning_rate=learning_rate, num_epochs=num_epochs, max_steps=max_steps,
-        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, save_steps=save_steps, seed=seed,
-        logging_steps=logging_steps,
-    )  # fmt: skip
+    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    args = dpo_config(out_dir, policy, cfg, seed=seed, logging_steps=logging_steps)
 
     # resume point: anything that changes what is learned invalidates old checkpoints
     settings = {
         "pairs": file_digest(pairs_path),
         "model": model_path,
-        "dpo": [beta, learning_rate, batch_size, grad_accum, max_length, seed],
-        "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+        "dpo": [cfg.beta, cfg.learning_rate, cfg.batch_size, cfg.grad_accum, cfg.max_length, seed],
+        "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules],
     }
     resume_from = resume_point(out_dir, settings)
 

@@ -20,19 +20,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from alignkit.records import file_digest
+from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
 from alignkit.train.data import COLUMNS, load_preference_dataset
 from alignkit.train.model import load_policy, lora_config
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
-FINETUNE = ("lora", "qlora", "full")
 # Batch columns the trainer must keep and carry to `compute_loss` beside the processor outputs.
 PAIR_COLUMNS = ("beta", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -125,65 +125,45 @@ class MMDPOTrainer(DPOTrainer):
 def train_mmdpo(
     pairs_path: Path,
     out_dir: Path,
+    cfg: TrainConfig = TrainConfig(method="mmdpo"),
     *,
     model: str,
-    beta: float = 0.1,
-    w: float = 0.5,
-    k: float = 0.5,
-    gamma: float = 0.0,
-    margin_key: str = "margin",
-    finetune: Literal["lora", "qlora", "full"] = "lora",
-    learning_rate: float = 5e-5,
-    num_epochs: float = 1.0,
-    max_steps: int = -1,
-    batch_size: int = 2,
-    grad_accum: int = 1,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: list[str] | None = None,
-    max_length: int | None = 512,
-    save_steps: int = 50,
     seed: int = 0,
     logging_steps: int = 1,
     ref_cache_dir: Path | None = None,
 ) -> Path:
     """Train with MM-DPO on a pairs file; returns `out_dir/adapter` (LoRA, QLoRA) or `out_dir/model` (full).
 
-    `beta`, `w`, `k` are β_ori and the margin scaling of the per-pair beta (paper defaults 0.1,
-    0.5, 0.5); `gamma` weighs an NLL term on the chosen answer (0: off); `margin_key` names the
-    numeric margin column (`margin` from the judge, or a reward model's, e.g. `rm_margin`).
-    `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or `full`. The other
-    arguments are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
+    From the `train` section `cfg`: `beta`, `w`, `k` are β_ori and the margin scaling of the
+    per-pair beta (paper defaults 0.1, 0.5, 0.5); `gamma` weighs an NLL term on the chosen answer
+    (0: off); `margin_key` names the numeric margin column (`margin` from the judge, or a reward
+    model's, e.g. `rm_margin`). `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or
+    `full`. The other settings are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
     `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
     keeps it outside `out_dir`, which it clears when a training setting changes.
     """
     from alignkit.testing.tiny_models import resolve_model
 
-    if finetune not in FINETUNE:
-        raise ValueError(f"finetune must be one of {FINETUNE}, got {finetune!r}")
+    finetune, margin_key = cfg.finetune, cfg.margin_key
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)
 
     # set-up
     dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
-    dataset = dataset.add_column("beta", [dynamic_beta(m, beta, w, k) for m in dataset[margin_key]])
+    dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
     keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     policy, processor = load_policy(model_path, load_in_4bit=finetune == "qlora")
-    peft_config = None if finetune == "full" else lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
-    nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, gamma]} if gamma else {}
-    args = dpo_config(
-        out_dir, policy, beta=beta, learning_rate=learning_rate, num_epochs=num_epochs, max_steps=max_steps,
-        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, save_steps=save_steps, seed=seed,
-        logging_steps=logging_steps, **nll,
-    )  # fmt: skip
+    lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
+    args = dpo_config(out_dir, policy, cfg, seed=seed, logging_steps=logging_steps, **nll)
 
     # resume point: anything that changes what is learned invalidates old checkpoints
     settings = {
         "pairs": file_digest(pairs_path),
         "model": model_path,
-        "mmdpo": [beta, w, k, gamma, margin_key, finetune, learning_rate, batch_size, grad_accum, max_length, seed],
-        "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+        "mmdpo": [cfg.beta, cfg.w, cfg.k, cfg.gamma, margin_key, finetune, cfg.learning_rate, cfg.batch_size,
+                  cfg.grad_accum, cfg.max_length, seed],
+        "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules],
     }
     resume_from = resume_point(out_dir, settings)
 
@@ -193,10 +173,10 @@ def train_mmdpo(
         args=args,
         train_dataset=dataset,
         processing_class=processor,
-        peft_config=peft_config,
+        peft_config=lora,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
     )
-    fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=max_length)
+    fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=cfg.max_length)
     cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else out_dir / "ref_logps"
     trainer.cache_reference_logps(cache_dir / f"{fingerprint}.jsonl", keys)
 

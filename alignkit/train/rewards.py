@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from alignkit.judge.config import JudgeConfig
 from alignkit.records import Prompt, Sample
 
 
@@ -39,17 +40,17 @@ class RewardFn:
         return [0.0 if s is None else float(s) for s in scores]
 
 
-def judge_reward(*, rubric: str, backend: str, cache_path: Path, **options: Any) -> RewardFn:
-    """The judge's combined score (0..1). `options` are `run_judge`'s (model, base_url, concurrency, ...)."""
+def judge_reward(cfg: JudgeConfig, cache_path: Path) -> RewardFn:
+    """The combined score (0..1) of the judge `cfg` describes, its verdicts cached in `cache_path`."""
     from alignkit.judge import make_judge, load_rubric
     from alignkit.judge.cache import VerdictCache
     from alignkit.judge.openai_judge import judge_samples
     from alignkit.judge.progress import Tally
     from alignkit.judge.reference import judge_reference
 
-    rub = load_rubric(rubric)
-    num_judgments = options.pop("num_judgments", 1)
-    judge = make_judge(rub, backend, num_judgments, **options)
+    rub = load_rubric(cfg.rubric)
+    num_judgments = cfg.num_judgments
+    judge = make_judge(rub, cfg)
     if judge is None:
         return RewardFn(f"reference/{rub.name}", lambda ps, ss: [judge_reference(rub, p, s).score for p, s in zip(ps, ss)])
     cache = VerdictCache(cache_path)
@@ -77,7 +78,8 @@ def reward_model_reward(path: str | Path, template: str, **score_options: Any) -
     """
     from alignkit.pairs import _conversation
     from alignkit.records import load_image
-    from alignkit.reward import Answer, load_reward_model, score_answers
+    from alignkit.reward.model import load_reward_model
+    from alignkit.reward.score import Answer, score_answers
     from alignkit.sample.templates import load_template
 
     rm, tmpl = load_reward_model(path), load_template(template)

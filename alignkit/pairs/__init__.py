@@ -11,7 +11,9 @@ import itertools
 from collections import Counter, defaultdict
 from typing import Any
 
-from alignkit.records import Prompt, Sample, Verdict
+from alignkit.errors import RecordError
+from alignkit.pairs.config import PairsConfig
+from alignkit.records import Pair, Prompt, Sample, Verdict
 
 STRATEGIES = ("best_worst", "threshold")
 
@@ -22,25 +24,25 @@ def _conversation(role: str, text: str, num_images: int = 0) -> list[dict[str, A
     return [{"role": role, "content": content}]
 
 
-def make_pair(prompt: Prompt, user_text: str, chosen: tuple[Sample, Verdict], rejected: tuple[Sample, Verdict]) -> dict[str, Any]:
-    """One pair record; `user_text` is the prompt exactly as the policy saw it (template applied)."""
+def make_pair(prompt: Prompt, user_text: str, chosen: tuple[Sample, Verdict], rejected: tuple[Sample, Verdict]) -> Pair:
+    """One pair; `user_text` is the prompt exactly as the policy saw it (template applied)."""
     (cs, cv), (rs, rv) = chosen, rejected
     assert cv.score is not None and rv.score is not None
-    return {
-        "pair_id": f"{cs.sample_id}>{rs.sample_id}",
-        "prompt_id": prompt.prompt_id,
-        "prompt": _conversation("user", user_text, len(prompt.images)),
-        "chosen": _conversation("assistant", cs.text),
-        "rejected": _conversation("assistant", rs.text),
-        "images": list(prompt.images),
-        "margin": cv.score - rv.score,
-        "chosen_score": cv.score,
-        "rejected_score": rv.score,
-        "chosen_rationale": cv.rationale,
-        "rejected_rationale": rv.rationale,
-        "chosen_id": cs.sample_id,
-        "rejected_id": rs.sample_id,
-    }
+    return Pair(
+        pair_id=f"{cs.sample_id}>{rs.sample_id}",
+        prompt_id=prompt.prompt_id,
+        prompt=_conversation("user", user_text, len(prompt.images)),
+        chosen=_conversation("assistant", cs.text),
+        rejected=_conversation("assistant", rs.text),
+        images=list(prompt.images),
+        margin=cv.score - rv.score,
+        chosen_score=cv.score,
+        rejected_score=rv.score,
+        chosen_rationale=cv.rationale,
+        rejected_rationale=rv.rationale,
+        chosen_id=cs.sample_id,
+        rejected_id=rs.sample_id,
+    )
 
 
 def select_pairs(scored: list[tuple[Sample, Verdict]], strategy: str, min_margin: float) -> list[tuple[int, int]]:
@@ -68,13 +70,10 @@ def build_pairs(
     samples: list[Sample],
     verdicts: list[Verdict],
     user_text: dict[str, str],
-    *,
-    strategy: str = "best_worst",
-    min_margin: float = 0.0,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Build pairs for every prompt; returns the pairs and a summary of what was left out and why.
-
-    `user_text` maps prompt_id to the user message as the policy saw it.
+    cfg: PairsConfig = PairsConfig(),
+) -> tuple[list[Pair], dict[str, Any]]:
+    """Build pairs for every prompt as `cfg` says; returns the pairs and a summary of what was left
+    out and why. `user_text` maps prompt_id to the user message as the policy saw it.
     """
     by_id = {p.prompt_id: p for p in prompts}
     verdict_of = {v.sample_id: v for v in verdicts}
@@ -82,7 +81,7 @@ def build_pairs(
     skipped: Counter[str] = Counter()
     for s in samples:
         if s.prompt_id not in by_id:
-            raise ValueError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r}")
+            raise RecordError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r}")
         v = verdict_of.get(s.sample_id)
         if v is None:
             skipped["samples without a verdict"] += 1
@@ -92,14 +91,14 @@ def build_pairs(
             grouped[s.prompt_id].append((s, v))
     pairs = []
     for pid, scored in grouped.items():
-        chosen = select_pairs(scored, strategy, min_margin)
+        chosen = select_pairs(scored, cfg.strategy, cfg.min_margin)
         if not chosen:
             skipped["prompts with no pair (tied or below min_margin)"] += 1
         pairs.extend(make_pair(by_id[pid], user_text[pid], scored[i], scored[j]) for i, j in chosen)
-    margins = [p["margin"] for p in pairs]
+    margins = [p.margin for p in pairs]
     summary = {
         "num_pairs": len(pairs),
-        "prompts_with_pairs": len({p["prompt_id"] for p in pairs}),
+        "prompts_with_pairs": len({p.prompt_id for p in pairs}),
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
         "skipped": dict(skipped),
     }

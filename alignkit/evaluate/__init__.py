@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 from alignkit.records import Prompt, Sample, read_records
+from alignkit.sample.config import VllmConfig
 
 QA_TASKS: tuple[str, ...] = ("count", "color")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b", re.IGNORECASE)
@@ -241,28 +243,26 @@ def compare(before: dict, after: dict) -> str:
 def run_eval(
     prompts: list[Prompt],
     out_dir: Path,
+    cfg: EvalConfig,
     *,
     fingerprint: str,
-    backend: str = "transformers",
     model: str,
     adapter: str | None = None,
     template: str = "cot",
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
     seed: int = 0,
-    batch_size: int = 16,
-    vllm_options: dict | None = None,
+    vllm: VllmConfig | None = None,
 ) -> dict:
-    """Answer every prompt once with a policy (greedy unless `temperature` > 0) and score the answers.
+    """Answer every prompt once with a policy (greedy unless `cfg.temperature` > 0) and score the answers.
 
     Writes `out_dir/answers.jsonl` (Sample records, resumable) and returns `evaluate_answers`'
     results plus the policy and decoding used; the caller adds a judge score if it has one.
+    `vllm` is the engine's settings for `cfg.backend: vllm` (the recipe's `sample.vllm`).
     """
     from alignkit.sample import make_backend, sample_prompts
 
     engine = make_backend(
-        backend, model, adapter, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-        vllm_options=vllm_options,
+        cfg.backend, model, adapter, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        batch_size=cfg.batch_size, vllm_options=vllm.model_dump(exclude_none=True) if vllm else None,
     )  # fmt: skip
     answers_path = Path(out_dir) / "answers.jsonl"
     summary = sample_prompts(
@@ -272,7 +272,7 @@ def run_eval(
     scored = [p for p in prompts if p.prompt_id in answers]  # prompts whose image failed are listed below
     results = evaluate_answers(scored, answers)
     results["policy"] = engine.policy
-    results["decoding"] = "greedy" if temperature == 0 else f"sampling (temperature {temperature})"
+    results["decoding"] = "greedy" if cfg.temperature == 0 else f"sampling (temperature {cfg.temperature})"
     results["failed_prompts"] = summary["failed"]
     results["truncated"] = summary["truncated"]
     return results

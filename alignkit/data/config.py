@@ -1,0 +1,29 @@
+"""The `data` section (the prompts stage) and the synthetic world's settings, shared with `eval`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Section
+
+
+class SyntheticConfig(Section):
+    world: Literal["shapes"] = "shapes"
+    num_prompts: int = Field(16, ge=1)
+    seed: int = 0
+    tasks: list[Literal["describe", "count", "exists", "color"]] = ["describe", "count", "exists", "color"]
+
+
+class DataConfig(Section):
+    prompts: str | None = None
+    """Prompts as jsonl, parquet, or a saved `datasets` directory (relative to the recipe file)."""
+    synthetic: SyntheticConfig | None = None
+    """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.prompts is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of data.prompts or data.synthetic")
+        return self

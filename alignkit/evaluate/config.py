@@ -1,0 +1,32 @@
+"""The `eval` section: held-out evaluation before alignment and after every round."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Section
+from alignkit.data.config import SyntheticConfig
+
+
+class EvalConfig(Section):
+    """Held-out evaluation of the policy before alignment and after every round."""
+
+    prompts: str | None = None
+    """Held-out prompts with gold annotations (jsonl, parquet or a `datasets` directory)."""
+    synthetic: SyntheticConfig | None = None
+    """Or held-out prompts from the synthetic world (use a seed no training data uses)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding (the default, as in CHAIR and POPE); above 0 samples."""
+    batch_size: int = Field(16, ge=1)
+    judge: bool = True
+    """Also report the mean score of the recipe's judge on the answers."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalConfig":
+        if (self.prompts is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of eval.prompts or eval.synthetic")
+        return self

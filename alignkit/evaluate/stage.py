@@ -1,0 +1,108 @@
+"""The `eval` stage: held-out evaluation of the starting policy and of each round's trained policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alignkit.records import Prompt, Sample, read_records, write_atomic, write_jsonl
+from alignkit.stage import Context, stage_key, template_files
+
+
+class EvalStage:
+    """Evaluate on held-out prompts (the recipe's `eval` section): CHAIR_i/CHAIR_s hallucination, POPE
+    existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy, and the judge's mean
+    score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and
+    policy.adapter) and, once trained, the aligned one, and prints the side-by-side comparison."""
+
+    name = command = "eval"
+    per_round = True
+    exclude = frozenset({"sample.vllm.data_parallel_size", "judge.concurrency", "judge.api_key_env",
+                         "judge.rpm", "judge.tpm"})  # fmt: skip
+
+    def config(self, recipe) -> tuple[str, ...]:
+        judge = ("judge",) if recipe.eval is not None and recipe.eval.judge else ()
+        return ("eval", "sample.template", "sample.vllm", "policy.adapter", *judge, "seed")
+
+    def reads(self, ctx: Context) -> list[Path]:
+        from alignkit.data.stage import source_files
+        from alignkit.errors import StageInputError
+        from alignkit.judge.stage import rubric_file
+
+        cfg = ctx.config.eval
+        if cfg is None:
+            raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
+        judge = [rubric_file(ctx.config.judge.rubric)] if cfg.judge else []
+        return [*source_files(cfg), *template_files(ctx.config.sample.template), *judge]
+
+    def upstream(self, ctx: Context) -> dict[str, Any]:
+        return {"start": ctx.lineage.policy_identity(1),
+                "trained": ctx.lineage.fingerprint(stage_key("train", ctx.round))}  # fmt: skip
+
+    def output(self, ctx: Context) -> Path:
+        label = f"round-{ctx.round}" if ctx.lineage.trained(ctx.round) else "base"
+        return ctx.paths.eval / label / "results.json"
+
+    def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        from alignkit.evaluate import compare, format_table
+
+        base = self._evaluate(ctx, "base", ctx.lineage.policy(1), ctx.config.policy.adapter,
+                              {"start": ctx.lineage.policy_identity(1)})  # fmt: skip
+        trained = ctx.lineage.trained(ctx.round)
+        if trained is None:
+            ctx.console.print(format_table(base))
+            return {"base": str(ctx.paths.eval / "base" / "results.json")}
+        identity = {"policy": ctx.lineage.policy_identity(ctx.round),
+                    "train": ctx.lineage.fingerprint(stage_key("train", ctx.round))}  # fmt: skip
+        after = self._evaluate(ctx, f"round-{ctx.round}", *trained, identity)
+        table = compare(base, after)
+        write_atomic(ctx.paths.eval / "comparison.txt", table + "\n")
+        ctx.console.print(table)
+        return {"comparison": str(ctx.paths.eval / "comparison.txt")}
+
+    def _prompts(self, ctx: Context) -> Path:
+        """The held-out prompts in eval/prompts.jsonl, made once (a cached step of their own)."""
+        from alignkit.data.stage import make_prompts, source_files
+
+        cfg, out = ctx.config.eval, ctx.paths.eval / "prompts.jsonl"
+
+        def work(fp: str) -> dict[str, Any]:
+            prompts = make_prompts(cfg, ctx.paths.eval)
+            write_jsonl(out, prompts)
+            return {"num_prompts": len(prompts)}
+
+        settings = {"prompts": cfg.prompts, "synthetic": cfg.synthetic and cfg.synthetic.model_dump()}
+        ctx.step("eval:prompts", settings, source_files(cfg), out, work)
+        return out
+
+    def _evaluate(self, ctx: Context, label: str, model: str, adapter: str | None,
+                  identity: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        """One policy on the held-out prompts into eval/<label>/results.json (a cached step)."""
+        from alignkit.evaluate import run_eval
+        from alignkit.stage import settings_of
+
+        cfg, prompts_file = ctx.config.eval, self._prompts(ctx)
+        out_dir = ctx.paths.eval / label
+        results_file = out_dir / "results.json"
+
+        def work(fp: str) -> dict[str, Any]:
+            prompts = read_records(prompts_file, Prompt)
+            results = run_eval(
+                prompts, out_dir, cfg, fingerprint=fp, model=model, adapter=adapter,
+                template=ctx.config.sample.template, seed=ctx.config.seed, vllm=ctx.config.sample.vllm,
+            )  # fmt: skip
+            if cfg.judge:
+                from alignkit.judge import run_judge
+
+                answers = read_records(out_dir / "answers.jsonl", Sample)
+                summary = run_judge(prompts, answers, out_dir / "verdicts.jsonl", ctx.config.judge, fingerprint=fp,
+                                    cache_path=ctx.paths.judge_cache)  # fmt: skip
+                results["judge_score"] = summary.get("mean_score")
+            write_atomic(results_file, json.dumps(results, indent=2))
+            return {"results": str(results_file)}
+
+        settings = {"config": settings_of(self, ctx.recipe), "policy": identity}
+        reads = [prompts_file, *self.reads(ctx)]
+        ctx.step(f"eval:{label}", settings, reads, results_file, work)
+        return json.loads(results_file.read_text())

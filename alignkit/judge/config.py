@@ -1,0 +1,36 @@
+"""The `judge` section: which judge scores the samples, and how it is reached."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Section
+
+
+class JudgeConfig(Section):
+    backend: Literal["reference", "openai"] = "reference"
+    """`reference` scores against the prompts' gold annotations; `openai` calls an LLM judge."""
+    rubric: str = "overall"
+    """A built-in judge in judges/ (`overall`, `hallucination`, `correctness`, `claims`, `pairwise`) or a YAML path."""
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes here)."""
+    concurrency: int = Field(8, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    image_max_side: int = Field(512, ge=16)
+    rpm: float | None = Field(None, gt=0)
+    """Cap on judge requests per minute (starts spaced evenly); null: no cap."""
+    tpm: float | None = Field(None, gt=0)
+    """Cap on judge tokens per minute (estimated before sending, corrected by the reply); null: no cap."""
+    num_judgments: int = Field(1, ge=1)
+    """Judgments per sample; > 1 averages them (self-consistency) and reports their agreement."""
+
+    @model_validator(mode="after")
+    def _openai_needs_model(self) -> "JudgeConfig":
+        if self.backend == "openai" and not self.model:
+            raise ValueError("judge.model is required when judge.backend is 'openai'")
+        return self

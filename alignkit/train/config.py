@@ -1,0 +1,126 @@
+"""The `train`, `ppo` and `sft` sections: preference training, online RL and supervised fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Section
+
+
+class TrainConfig(Section):
+    method: Literal["dpo", "mmdpo", "ppo"] = "dpo"
+    """`dpo` (TRL's DPO), `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference) or
+    `ppo` (online RL on the prompts with the `ppo` section's rewards; uses learning_rate, finetune
+    (lora or full), lora_*, target_modules and save_steps from here)."""
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature (0.1, as in the DPO paper and TRL); β_ori for `mmdpo`."""
+    w: float = Field(0.5, ge=0)
+    """mmdpo: how much a large margin raises beta, β = β_ori·(1 + w·(1 − e^(−k·δ))); 0 is plain DPO."""
+    k: float = Field(0.5, gt=0)
+    """mmdpo: how fast beta saturates with the margin δ (0.5, as in MM-RLHF)."""
+    gamma: float = Field(0.0, ge=0)
+    """mmdpo: weight of an NLL term on the chosen answer (0: off)."""
+    margin_key: str = "margin"
+    """mmdpo: the pairs column giving δ: `margin` (judge scores) or `rm_margin` (after the score stage)."""
+    finetune: Literal["lora", "qlora", "full"] = "lora"
+    """mmdpo: LoRA, QLoRA (4-bit base; CUDA + bitsandbytes only) or full fine-tuning."""
+    learning_rate: float = Field(5e-5, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    max_length: int | None = 512
+    save_steps: int = Field(50, ge=1)
+
+
+class RewardSpec(Section):
+    """One reward source of PPO; several are summed with their weights."""
+
+    source: Literal["reference", "judge", "reward_model", "function"] = "reference"
+    """`reference`: the reference judge with judge.rubric; `judge`: the recipe's judge section as set
+    (an OpenAI-compatible judge through the cached, concurrent judge client); `reward_model`: the
+    critique reward model's score; `function`: a Python function (prompt, sample) -> float."""
+    weight: float = 1.0
+    path: str | None = None
+    """reward_model: the reward model directory (default: reward_model/model in the run directory);
+    function: "module:function" or "path/to/file.py:function"."""
+
+    @model_validator(mode="after")
+    def _function_needs_path(self) -> "RewardSpec":
+        if self.source == "function" and not self.path:
+            raise ValueError("a reward with source 'function' needs path: 'module:function'")
+        return self
+
+
+class PpoConfig(Section):
+    """PPO (train.method: ppo). Answers are sampled as the `sample` section says (num_samples,
+    max_new_tokens, temperature, top_p, template, vllm); the hyperparameters' defaults and the
+    reasons for them are documented on `alignkit.train.ppo.PPOConfig`."""
+
+    rollout: Literal["transformers", "vllm"] = "transformers"
+    """Rollout engine: `transformers` generates with the policy in training; `vllm` loads the current
+    LoRA adapter into a vLLM engine before every rollout batch (LoRA only)."""
+    rewards: list[RewardSpec] = [RewardSpec()]
+    steps: int = Field(100, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    ppo_epochs: int = Field(4, ge=1)
+    num_minibatches: int = Field(4, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    whiten_advantages: bool = True
+    kl_coef: float = Field(0.05, ge=0)
+    """β of the per-token KL penalty to the reference (the starting β with target_kl)."""
+    target_kl: float | None = Field(None, gt=0)
+    """Set (e.g. 6.0) for Ziegler et al.'s adaptive KL controller; null keeps kl_coef fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    normalize_rewards: bool = True
+    """Scale rewards by a running mean/std over all answers so far (on by default)."""
+    reward_clip: float = Field(10.0, ge=0)
+    """Clip normalised rewards to ± this (0: no clipping)."""
+    value_model: Literal["shared", "separate"] = "shared"
+    """`shared`: a value head on the policy's hidden states; `separate`: a second backbone with its own LoRA."""
+
+
+class SftSyntheticConfig(Section):
+    world: Literal["shapes"] = "shapes"
+    num_examples: int = Field(2048, ge=1)
+    seed: int = 1
+    """Seed of the SFT images (keep it apart from data.synthetic.seed and eval's)."""
+    error_rate: float = Field(0.6, ge=0, le=1)
+    """Share of SFT answers that hallucinate one object that is not in the image (see
+    `testing.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
+
+
+class SftConfig(Section):
+    """Supervised fine-tuning before preference training; its model becomes the policy."""
+
+    data: str | None = None
+    """SFT examples as jsonl: TRL prompt-completion conversations plus `images` (relative paths)."""
+    synthetic: SftSyntheticConfig | None = None
+    """Or SFT data from the synthetic shapes world, answers in the sampling template's format."""
+    finetune: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(1e-3, gt=0)
+    """1e-3 trains the tiny model from scratch; use ~1e-4 with LoRA on a pretrained VLM."""
+    max_steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    warmup_steps: int = Field(50, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    save_steps: int = Field(250, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SftConfig":
+        if (self.data is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of sft.data or sft.synthetic")
+        return self

@@ -1,0 +1,116 @@
+"""The `train` stage: DPO / MM-DPO on the pairs, or PPO on the prompts, from this round's policy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import StageInputError
+from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
+from alignkit.judge.stage import rubric_file
+from alignkit.records import Prompt, read_records
+from alignkit.reward.stage import SCORE_KEYS, score_options
+from alignkit.sample.stage import SampleStage
+from alignkit.stage import Context, template_files
+
+
+def function_file(spec: str) -> Path | None:
+    """The source file of a `module:function` or `path/file.py:function` reward (its bytes count)."""
+    target = spec.rsplit(":", 1)[0]
+    if target.endswith(".py"):
+        return Path(target)
+    found = importlib.util.find_spec(target) if target else None
+    return Path(found.origin) if found and found.origin else None
+
+
+class TrainStage:
+    """Train the policy: DPO with LoRA on the pairs (train.method=dpo), MM-DPO with a per-pair beta from the
+    reward margin (train.method=mmdpo), or PPO on the prompts (train.method=ppo, or `alignkit ppo`),
+    rewarded as the recipe's `ppo.rewards` say. Writes a PEFT adapter to train/adapter, or the whole
+    model to train/model with train.finetune=full."""
+
+    name = command = "train"
+    per_round = True
+    exclude = frozenset({"train.save_steps", *SampleStage.exclude, *JUDGE_UNCHANGING})
+
+    def config(self, recipe) -> tuple[str, ...]:
+        if recipe.train.method != "ppo":
+            return ("train", "seed")
+        # PPO samples as the `sample` section says and scores with the `ppo.rewards` sources.
+        return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed")
+
+    def reads(self, ctx: Context) -> list[Path]:
+        if ctx.config.train.method != "ppo":
+            return [ctx.paths.pairs]
+        files = [ctx.paths.prompts, *template_files(ctx.config.sample.template)]
+        for spec in ctx.config.ppo.rewards:
+            if spec.source in ("reference", "judge"):
+                files.append(rubric_file(ctx.config.judge.rubric))
+            elif spec.source == "reward_model":
+                files.append(Path(spec.path or ctx.paths.reward_model / "model") / "head.safetensors")
+            elif (source := function_file(spec.path)) is not None:
+                files.append(source)
+        return list(dict.fromkeys(files))
+
+    def upstream(self, ctx: Context) -> dict[str, Any]:
+        return {"policy": ctx.lineage.policy_identity(ctx.round)}
+
+    def output(self, ctx: Context) -> Path:
+        return ctx.paths.train
+
+    def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
+        if cfg.method == "ppo":
+            return _train_ppo(ctx, model)
+        if cfg.method == "mmdpo":
+            from alignkit.train.mmdpo import train_mmdpo
+
+            out = train_mmdpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed,
+                              ref_cache_dir=ctx.paths.ref_logps)  # fmt: skip
+        else:
+            from alignkit.train.dpo import train_dpo
+
+            out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed)
+        return {Path(out).name: str(out)}  # "adapter", or "model" (full fine-tuning)
+
+
+def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
+    """PPO on prompts.jsonl into train/ (metrics.jsonl, checkpoints/, adapter/ where `eval` finds it).
+
+    K, answer length, temperature, top_p and the template come from the `sample` section, the
+    learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`.
+    """
+    from alignkit.train import rewards
+    from alignkit.train.ppo import PPOConfig, train_ppo
+
+    cfg, ppo, sample = ctx.config.train, ctx.config.ppo, ctx.config.sample
+    if cfg.finetune == "qlora":
+        raise StageInputError("train.method ppo supports train.finetune lora or full, not qlora")
+    config = PPOConfig(
+        **ppo.model_dump(exclude={"rollout", "rewards"}), num_samples=sample.num_samples,
+        max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
+        learning_rate=cfg.learning_rate, save_steps=cfg.save_steps, seed=ctx.config.seed,
+    )  # fmt: skip
+
+    def reward(spec) -> rewards.RewardFn:
+        if spec.source == "judge":
+            return rewards.judge_reward(ctx.config.judge, ctx.paths.judge_cache)
+        if spec.source == "reference":
+            reference = ctx.config.judge.model_copy(update={"backend": "reference"})
+            return rewards.judge_reward(reference, ctx.paths.judge_cache)
+        if spec.source == "reward_model":
+            rm_dir = spec.path or ctx.paths.reward_model / "model"
+            return rewards.reward_model_reward(rm_dir, sample.template, **score_options(ctx.config.reward_model))
+        return rewards.function_reward(spec.path)
+
+    out = train_ppo(
+        read_records(ctx.paths.prompts, Prompt), ctx.paths.train, model=model,
+        reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]), config=config,
+        rollout=ppo.rollout, template=sample.template, finetune=cfg.finetune, lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+        vllm_options=sample.vllm.model_dump(exclude_none=True),
+    )  # fmt: skip
+    steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
+    return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"]}
