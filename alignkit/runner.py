@@ -160,7 +160,7 @@ class Runner:
 
         def work(fp: str) -> dict[str, Any]:
             if data.synthetic is not None:
-                from alignkit.testing.shapes import make_shapes_prompts
+                from alignkit.data.worlds.shapes import make_shapes_prompts
 
                 syn = data.synthetic
                 prompts = make_shapes_prompts(
@@ -458,7 +458,7 @@ class Runner:
 
     def _merge_previous_round(self) -> None:
         """Merge the previous round's adapter into its base, as this round's starting policy."""
-        from alignkit.train.model import merge_adapter
+        from alignkit.models import merge_adapter
 
         previous = Runner(self.recipe, self.console, round=self.paths.round - 1)
         trained = previous.trained_policy()
@@ -492,8 +492,8 @@ class Runner:
         def work(fp: str) -> dict[str, Any]:
             summary: dict[str, Any] = {}
             if cfg.synthetic is not None:
+                from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
                 from alignkit.sample.templates import load_template
-                from alignkit.testing.shapes import make_shapes_prompts, sft_examples
 
                 syn = cfg.synthetic
                 prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
@@ -518,7 +518,7 @@ class Runner:
 
         def work(fp: str) -> dict[str, Any]:
             if cfg.synthetic is not None:
-                from alignkit.testing.shapes import make_shapes_prompts
+                from alignkit.data.worlds.shapes import make_shapes_prompts
 
                 syn = cfg.synthetic
                 prompts = make_shapes_prompts(eval_dir, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks))

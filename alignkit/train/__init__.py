@@ -1,7 +1,9 @@
-"""Training stages: DPO with LoRA on a vision-language policy."""
+"""Training stages: DPO / MM-DPO, PPO / GRPO and SFT on a vision-language policy.
 
-from alignkit.train.data import load_preference_dataset
+Models (loading, LoRA, merging) come from `alignkit.models`; the pairs file becomes a dataset in
+`alignkit.data.preference`.
+"""
+
 from alignkit.train.dpo import train_dpo
-from alignkit.train.model import DEFAULT_TARGET_MODULES, load_policy, lora_config
 
-__all__ = ["DEFAULT_TARGET_MODULES", "load_policy", "load_preference_dataset", "lora_config", "train_dpo"]
+__all__ = ["train_dpo"]
