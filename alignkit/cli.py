@@ -152,8 +152,8 @@ def make_shapes(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same world.")] = 0,
 ) -> None:
     """Write a synthetic shapes-world prompt set (images + questions with gold annotations)."""
+    from alignkit.data.worlds.shapes import make_shapes_prompts
     from alignkit.records import write_jsonl
-    from alignkit.testing.shapes import make_shapes_prompts
 
     prompts = make_shapes_prompts(out_dir, num_prompts, seed=seed)
     console.print(f"wrote {len(prompts)} prompts to {write_jsonl(out_dir / 'prompts.jsonl', prompts)}")
@@ -166,7 +166,7 @@ def make_tiny_model(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Build a tiny random-weight VLM offline (for tests and trying alignkit without downloads)."""
-    from alignkit.testing.tiny_models import BUILDERS
+    from alignkit.models import BUILDERS
 
     if name not in BUILDERS:
         console.print(f"[red]error:[/] unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")

@@ -105,7 +105,7 @@ class Runner:
 
     def _merge(self, round: int) -> None:
         """Merge round `round`'s adapter into its base: the next round's starting policy."""
-        from alignkit.train.model import merge_adapter
+        from alignkit.models import merge_adapter
 
         trained = self.trained(round)
         if trained is None:

@@ -73,10 +73,10 @@ def run_variant(variant: str, model: str, pairs: Path, out: Path, steps: int, wa
     """Train `warmup + steps` steps with one trainer; its timing and peak memory."""
     from trl import DPOTrainer
 
+    from alignkit.data.preference import COLUMNS, load_preference_dataset
+    from alignkit.models import load_policy, lora_config
     from alignkit.train.common import dpo_config
-    from alignkit.train.data import COLUMNS, load_preference_dataset
     from alignkit.train.mmdpo import MMDPOTrainer, dynamic_beta
-    from alignkit.train.model import load_policy, lora_config
     from alignkit.train.reference import pair_key
 
     dataset = load_preference_dataset(pairs, keep={"pair_id": str, "margin": float})
@@ -125,7 +125,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from alignkit.testing.tiny_models import build_tiny_qwen2_vl
+    from alignkit.models import build_tiny_qwen2_vl
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

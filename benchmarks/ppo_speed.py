@@ -60,8 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no worker start-up
 
-    from alignkit.testing.shapes import make_shapes_prompts
-    from alignkit.testing.tiny_models import tiny_model
+    from alignkit.data.worlds.shapes import make_shapes_prompts
+    from alignkit.models import tiny_model
 
     model = str(tiny_model("tiny:qwen2-vl"))
     with tempfile.TemporaryDirectory() as tmp:

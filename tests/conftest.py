@@ -6,6 +6,6 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2-VL (transformers and vLLM), built once per test session."""
-    from alignkit.testing.tiny_models import build_tiny_qwen2_vl
+    from alignkit.models import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")

@@ -141,7 +141,7 @@ def _says_red(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from alignkit.testing.shapes import make_shapes_prompts
+    from alignkit.data.worlds.shapes import make_shapes_prompts
 
     return make_shapes_prompts(tmp_path_factory.mktemp("ppo"), 8, seed=0)
 
@@ -474,7 +474,7 @@ def test_vllm_rollouts_refuse_an_adapter_vllm_cannot_apply(tiny_qwen_dir, tmp_pa
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from alignkit.train.model import lora_config
+    from alignkit.models import lora_config
     from alignkit.train.ppo import VllmRollouts
 
     policy = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir),

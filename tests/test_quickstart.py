@@ -55,7 +55,7 @@ def test_quickstart_end_to_end(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from alignkit.testing.tiny_models import resolve_model
+    from alignkit.models import resolve_model
 
     base = AutoModelForImageTextToText.from_pretrained(resolve_model("tiny:qwen2-vl"))
     model = PeftModel.from_pretrained(base, out / "train" / "adapter")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.data.worlds.shapes import describe_objects, make_shapes_prompts
 from alignkit.judge.reference import judge_reference
 from alignkit.judge.rubric import load_rubric
 from alignkit.objects import COLORS, SHAPES
@@ -22,7 +23,6 @@ from alignkit.reward.train import fit
 from alignkit.reward.data import collate, pair_features, read_rm_pairs
 from alignkit.reward.losses import reward_loss
 from alignkit.reward.score import add_rm_columns, pair_answers, score_answers
-from alignkit.testing.shapes import describe_objects, make_shapes_prompts
 
 
 def shapes_pairs(out_dir: Path, num_prompts: int, seed: int) -> Path:

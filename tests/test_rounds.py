@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from alignkit.models import merge_adapter
 from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
 from alignkit.testing.chat_server import ChatServer
-from alignkit.train.model import merge_adapter
 
 
 def hashed_verdict(body):
@@ -63,7 +63,7 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_qwen_dir):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from alignkit.train.model import lora_config
+    from alignkit.models import lora_config
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)
     config = lora_config(4, 8)
@@ -89,7 +89,7 @@ def test_merged_model_keeps_base_dtype(tmp_path, tiny_qwen_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from alignkit.train.model import lora_config
+    from alignkit.models import lora_config
 
     bf16 = tmp_path / "bf16"
     shutil.copytree(tiny_qwen_dir, bf16)

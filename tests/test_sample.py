@@ -5,11 +5,11 @@ from typing import Any
 
 import pytest
 
+from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import RejectedPrompts, Request, SampleConfig, make_backend, run_sample, sample_prompts, to_request
 from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
-from alignkit.testing.shapes import make_shapes_prompts
 
 K = 3
 VLLM_OPTIONS = {"max_model_len": 512, "distributed_executor_backend": "uni"}
@@ -387,7 +387,7 @@ def test_data_parallel_ranks_get_disjoint_devices():
 @pytest.mark.slow
 def test_vllm_samples_unloraable_adapter_from_merged_copy(tiny_qwen_dir, vision_lora_dir, prompts, monkeypatch):
     """An adapter vLLM cannot apply as LoRA (here: on the vision tower) is merged into a temporary copy."""
-    from alignkit.train.model import merge_adapter
+    from alignkit.models import merge_adapter
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     options = VLLM_OPTIONS | {"gpu_memory_utilization": 0.2}

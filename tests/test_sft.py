@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from alignkit.data.worlds.shapes import make_shapes_prompts, perceived_answer, sft_examples
 from alignkit.records import Prompt, write_jsonl
 from alignkit.sample.templates import load_template
-from alignkit.testing.shapes import make_shapes_prompts, perceived_answer, sft_examples
 from alignkit.train import sft as sft_module
 from alignkit.train.sft import collate, encode, read_sft_file, train_sft
 

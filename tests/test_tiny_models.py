@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.data.worlds.shapes import make_shapes_prompts
+from alignkit.errors import ModelError
+from alignkit.models import build_tiny_llava, build_tiny_qwen2_vl, resolve_model, tiny, tiny_model
 from alignkit.records import load_image
-from alignkit.testing import tiny_models
-from alignkit.testing.shapes import make_shapes_prompts
-from alignkit.testing.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, resolve_model, tiny_model
 
 
 def _chat(question: str):
@@ -62,7 +62,7 @@ def test_tiny_model_builds_once_into_the_cache(tmp_path: Path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         return out_dir
 
-    monkeypatch.setitem(tiny_models.BUILDERS, "tiny:qwen2-vl", fake_build)
+    monkeypatch.setitem(tiny.BUILDERS, "tiny:qwen2-vl", fake_build)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
     first = tiny_model("tiny:qwen2-vl")
     assert first == tmp_path / "tiny-qwen2-vl-v1" and (first / "config.json").exists()
@@ -75,14 +75,14 @@ def test_failed_build_leaves_no_directory(tmp_path: Path, monkeypatch):
     def broken(out_dir: Path, seed: int = 0) -> Path:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(tiny_models.BUILDERS, "tiny:llava", broken)
+    monkeypatch.setitem(tiny.BUILDERS, "tiny:llava", broken)
     with pytest.raises(RuntimeError, match="boom"):
         tiny_model("tiny:llava", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_names_and_passthrough():
-    with pytest.raises(ValueError, match="tiny:llava.*tiny:qwen2-vl"):
+    with pytest.raises(ModelError, match="tiny:llava.*tiny:qwen2-vl"):
         tiny_model("tiny:gpt")
     assert resolve_model("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"
     assert resolve_model("/some/local/dir") == "/some/local/dir"

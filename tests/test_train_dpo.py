@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from alignkit.data.preference import load_preference_dataset
 from alignkit.records import RecordError
-from alignkit.train.data import load_preference_dataset
 from alignkit.train.config import TrainConfig
 from alignkit.train.dpo import train_dpo
 
@@ -170,7 +170,7 @@ def test_train_dpo_qwen2_vl_trains_saves_and_resumes(tmp_path, tiny_qwen_dir, mo
 
 @pytest.mark.slow
 def test_train_dpo_tiny_llava_one_step(tmp_path):
-    from alignkit.testing.tiny_models import build_tiny_llava
+    from alignkit.models import build_tiny_llava
 
     llava = build_tiny_llava(tmp_path / "tiny-llava")
     adapter = train_dpo(_write_pairs(tmp_path, n=2), tmp_path / "run", TrainConfig(max_steps=1), model=str(llava))

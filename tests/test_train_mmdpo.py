@@ -121,9 +121,9 @@ def test_loss_equals_trl_at_w0_and_the_hand_formula(tmp_path, tiny_qwen_dir, mon
     import trl.trainer.dpo_trainer as trl_dpo
     from trl import DPOConfig, DPOTrainer
 
-    from alignkit.train.data import COLUMNS, load_preference_dataset
+    from alignkit.data.preference import COLUMNS, load_preference_dataset
+    from alignkit.models import load_policy, lora_config
     from alignkit.train.mmdpo import PAIR_COLUMNS, MMDPOTrainer
-    from alignkit.train.model import load_policy, lora_config
     from alignkit.train.reference import pair_key, read_cache
 
     w, k, gamma = 0.5, 0.5, 0.3

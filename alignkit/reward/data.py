@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from alignkit.data.preference import preference_row as _row
 from alignkit.records import RecordError, iter_jsonl, load_image
-from alignkit.train.data import _row
 
 CRITIQUE_REQUEST = "Critique the answer above: name each claim the image does not support, then judge its correctness."
 IGNORE = -100

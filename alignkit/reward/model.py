@@ -99,8 +99,7 @@ def build_reward_model(
     target_modules: list[str] | None = None,
 ) -> RewardModel:
     """A fresh reward model on a VLM (hub id, local path or `tiny:...`), LoRA or fully trainable."""
-    from alignkit.testing.tiny_models import resolve_model
-    from alignkit.train.model import load_policy, lora_config
+    from alignkit.models import load_policy, lora_config, resolve_model
 
     lm, processor = load_policy(resolve_model(model))
     if finetune == "lora":
@@ -117,8 +116,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> Rew
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from alignkit.testing.tiny_models import resolve_model
-    from alignkit.train.model import default_dtype, load_policy
+    from alignkit.models import default_dtype, load_policy, resolve_model
 
     path = Path(path)
     meta_file = path / "reward_model.json"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from alignkit.models import load_adapter, load_policy
 from alignkit.sample.base import Generation, Request, policy_name
 
 
@@ -28,15 +29,10 @@ class TransformersBackend:
         batch_size: int = 8,
         dtype: str = "auto",
     ):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        hf_model, processor = load_policy(model, dtype=dtype)
         hf_model.to("cuda" if torch.cuda.is_available() else "cpu")  # one GPU where there is one
         if adapter:
-            from peft import PeftModel
-
-            hf_model = PeftModel.from_pretrained(hf_model, adapter)
-        processor = AutoProcessor.from_pretrained(model)
+            hf_model = load_adapter(hf_model, adapter)
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
         self._attach(hf_model.eval(), processor, policy_name(model, adapter), **settings)
 

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alignkit.models import LANGUAGE_MODEL, load_processor, merge_adapter
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, join_answers, policy_name
 
 
@@ -70,12 +71,11 @@ class VllmBackend:
         options: dict[str, Any] | None = None,
     ):
         """`options` go to `vllm.LLM` (tensor_parallel_size, dtype, max_model_len, enforce_eager, ...)."""
-        from transformers import AutoProcessor
         from vllm import LLM
 
         self.model, self.policy = model, policy_name(model, adapter)
         # The processor owns the multimodal chat template (tokenizers of hub VLMs may lack it).
-        self.processor = AutoProcessor.from_pretrained(model)
+        self.processor = load_processor(model)
         opts = _engine_options(options)
         self.lora = None
         engine_model, lora_adapter, self._merged = _engine_model(model, adapter)
@@ -267,8 +267,6 @@ def _engine_model(
     that lives as long as the returned handle."""
     if not adapter or not (problem := lora_problem(adapter)):
         return model, adapter, None
-    from alignkit.train.model import merge_adapter
-
     warnings.warn(
         f"vLLM cannot apply adapter {adapter} as LoRA ({problem}); sampling from a merged temporary copy "
         "of the model instead",
@@ -300,8 +298,6 @@ def lora_problem(adapter: str) -> str | None:
     """
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
-
-    from alignkit.train.model import LANGUAGE_MODEL
 
     rank = _adapter_rank(adapter)
     max_rank = _max_lora_rank(rank)

@@ -1,14 +1,4 @@
-"""Offline test fixtures: the synthetic shapes world and tiny VLMs built from random weights."""
+"""Test fixtures only: the chat-completions test server (`chat_server`).
 
-from alignkit.testing.shapes import describe_objects, make_shapes_prompts, write_prompts
-from alignkit.testing.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, resolve_model, tiny_model
-
-__all__ = [
-    "build_tiny_llava",
-    "build_tiny_qwen2_vl",
-    "describe_objects",
-    "make_shapes_prompts",
-    "resolve_model",
-    "tiny_model",
-    "write_prompts",
-]
+The shapes world lives in `alignkit.data.worlds.shapes` and the tiny models in `alignkit.models.tiny`.
+"""

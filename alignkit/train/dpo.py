@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignkit.data.preference import load_preference_dataset
+from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
 from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
-from alignkit.train.data import load_preference_dataset
-from alignkit.train.model import load_policy, lora_config
 
 
 def train_dpo(
@@ -33,7 +33,7 @@ def train_dpo(
     """
     from trl import DPOTrainer
 
-    from alignkit.testing.tiny_models import resolve_model
+    from alignkit.models import resolve_model
 
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)

@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
+from alignkit.data.preference import COLUMNS, load_preference_dataset
+from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
 from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
-from alignkit.train.data import COLUMNS, load_preference_dataset
-from alignkit.train.model import load_policy, lora_config
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
 # Batch columns the trainer must keep and carry to `compute_loss` beside the processor outputs.
@@ -142,7 +142,7 @@ def train_mmdpo(
     `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
     keeps it outside `out_dir`, which it clears when a training setting changes.
     """
-    from alignkit.testing.tiny_models import resolve_model
+    from alignkit.models import resolve_model
 
     finetune, margin_key = cfg.finetune, cfg.margin_key
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)

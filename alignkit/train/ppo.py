@@ -415,10 +415,9 @@ def train_ppo(
     with a `name`). `rollout` picks the engine: the policy itself through transformers, or vLLM
     with the current adapter loaded every step (LoRA only).
     """
+    from alignkit.models import load_policy, lora_config, resolve_model
     from alignkit.sample.templates import load_template
-    from alignkit.testing.tiny_models import resolve_model
     from alignkit.train.common import resume_point
-    from alignkit.train.model import load_policy, lora_config
 
     c = config
     out_dir = Path(out_dir)

@@ -112,8 +112,7 @@ def train_sft(
     `finetune` is "full" or "lora". Defaults suit training a tiny model from scratch (lr 1e-3,
     batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4.
     """
-    from alignkit.testing.tiny_models import resolve_model
-    from alignkit.train.model import load_policy, lora_config
+    from alignkit.models import load_policy, lora_config, resolve_model
 
     if finetune not in ("full", "lora"):
         raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")

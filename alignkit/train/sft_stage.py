@@ -42,7 +42,7 @@ class SftStage:
         summary: dict[str, Any] = {}
         if cfg.synthetic is not None:
             from alignkit.sample.templates import load_template
-            from alignkit.testing.shapes import make_shapes_prompts, sft_examples
+            from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
 
             syn = cfg.synthetic
             prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)

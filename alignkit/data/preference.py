@@ -55,7 +55,10 @@ def _messages(value: Any, where: str, num_images: int = 0) -> list[dict[str, Any
     return messages
 
 
-def _row(obj: dict[str, Any], base_dir: Path, where: str, keep: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
+def preference_row(
+    obj: dict[str, Any], base_dir: Path, where: str, keep: Mapping[str, type | tuple[type, ...]]
+) -> dict[str, Any]:
+    """One pairs-file line checked and normalised (image paths made absolute), or a RecordError naming `where`."""
     missing = [k for k in (*COLUMNS, *keep) if k not in obj]
     if missing:
         raise RecordError(f"{where}: missing key(s) {missing} for a preference pair")
@@ -92,7 +95,7 @@ def load_preference_dataset(path: str | Path, keep: Mapping[str, type | tuple[ty
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: pairs file not found")
-    rows = [_row(obj, path.parent, f"{path}:{lineno}", keep or {}) for lineno, obj in iter_jsonl(path)]
+    rows = [preference_row(obj, path.parent, f"{path}:{lineno}", keep or {}) for lineno, obj in iter_jsonl(path)]
     if not rows:
         raise RecordError(f"{path}: no preference pairs (the file is empty)")
     ds = datasets.Dataset.from_list(rows)

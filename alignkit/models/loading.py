@@ -1,4 +1,8 @@
-"""Loading a VLM policy with its processor, and the LoRA configuration for preference training."""
+"""Models: resolve a name, load a VLM with its processor (and adapter), LoRA config, merge, unwrap.
+
+The one place sample, train, reward and evaluate get a model from. torch, transformers and peft
+are imported inside the functions, so importing this module stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    import torch
+    from peft import LoraConfig, PeftModel
+    from torch import nn
     from transformers import PreTrainedModel, ProcessorMixin
 
 # Attention and MLP projections of Llama/Qwen-style language models (Qwen2-VL, Qwen2.5-VL, LLaVA).
@@ -20,13 +24,26 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 LANGUAGE_MODEL = r"(language_model|text_model)"
 
 
+def resolve_model(name_or_path: str) -> str:
+    """"tiny:..." names become a built directory; hub ids and local paths pass through unchanged."""
+    if name_or_path.startswith("tiny:"):
+        from alignkit.models.tiny import tiny_model
+
+        return str(tiny_model(name_or_path))
+    return name_or_path
+
+
 def default_dtype() -> torch.dtype:
     """bf16 where the GPU supports it, else float32 (CPU bf16 is slow and lossy)."""
+    import torch
+
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def quantization_4bit(compute_dtype: torch.dtype):
     """QLoRA's 4-bit NF4 base-model quantization; a clear error where bitsandbytes cannot run."""
+    import torch
+
     if not torch.cuda.is_available():
         raise RuntimeError(
             "QLoRA (finetune='qlora') loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU, "
@@ -47,16 +64,37 @@ def quantization_4bit(compute_dtype: torch.dtype):
 
 
 def load_policy(
-    name_or_path: str, dtype: torch.dtype | None = None, load_in_4bit: bool = False
+    name_or_path: str, dtype: torch.dtype | str | None = None, load_in_4bit: bool = False
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load a vision-language model and its processor; `load_in_4bit` quantizes it for QLoRA (GPU only)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """Load a vision-language model and its processor; `load_in_4bit` quantizes it for QLoRA (GPU only).
+
+    `dtype` defaults to `default_dtype()`; "auto" keeps the dtype the weights were saved in.
+    """
+    from transformers import AutoModelForImageTextToText
 
     dtype = dtype or default_dtype()
     quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": 0}} if load_in_4bit else {}
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **quantized)
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    return model, processor
+    return model, load_processor(name_or_path)
+
+
+def load_processor(name_or_path: str | Path) -> ProcessorMixin:
+    """The processor (tokenizer, image processor, chat template) saved with a model or adapter."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+def load_adapter(model: PreTrainedModel, adapter: str | Path) -> PeftModel:
+    """`model` with the PEFT adapter saved in `adapter` applied (not merged)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (adapters are injected in place, so they still run)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def lora_config(
@@ -94,7 +132,7 @@ def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
     """
     import shutil
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -102,13 +140,11 @@ def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
     if adapter is None:
         shutil.copytree(model, tmp)
     else:
-        from peft import PeftModel
-
         base = AutoModelForImageTextToText.from_pretrained(model, dtype="auto")
         stored_dtype = base.dtype  # merge in float32, save in the base's own dtype (bf16 stays bf16)
-        merged = PeftModel.from_pretrained(base.float(), adapter).merge_and_unload()
+        merged = load_adapter(base.float(), adapter).merge_and_unload()
         merged.to(stored_dtype).save_pretrained(tmp)
-        AutoProcessor.from_pretrained(model).save_pretrained(tmp)
+        load_processor(model).save_pretrained(tmp)
         GenerationConfig.from_pretrained(model).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -14,9 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from alignkit.testing.shapes import corpus
+from alignkit.data.worlds.shapes import corpus
+from alignkit.errors import ModelError
 
 # Bump when a builder's output changes, so cached directories are rebuilt.
 VERSION = "v1"
@@ -92,6 +91,7 @@ def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128,
     multiple of 64) and `num_layers` scale the language model, e.g. for benchmarks where the
     model's own compute, not per-step overhead, should dominate.
     """
+    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -139,6 +139,7 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
 
     For transformers/TRL paths only; vLLM cannot load it.
     """
+    import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)  # fmt: skip
 
@@ -183,13 +184,14 @@ BUILDERS = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava
 
 
 def default_cache_dir() -> Path:
+    """Where `tiny_model` keeps built models: $ALIGNKIT_CACHE, else ~/.cache/alignkit."""
     return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
 
 
 def tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     """The directory of a named tiny model, built (atomically) on first use."""
     if name not in BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(BUILDERS)}")
+        raise ModelError(f"unknown tiny model {name!r}; known: {sorted(BUILDERS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{VERSION}"
     if final.exists():
@@ -205,10 +207,3 @@ def tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def resolve_model(name_or_path: str) -> str:
-    """"tiny:..." names become a built directory; hub ids and local paths pass through unchanged."""
-    if name_or_path.startswith("tiny:"):
-        return str(tiny_model(name_or_path))
-    return name_or_path
