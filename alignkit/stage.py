@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 from pydantic import BaseModel
 
+from alignkit.config import Section
 from alignkit.records import file_digest
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from alignkit.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def _tree(paths: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def config_value(recipe: Recipe, path: str) -> Any:
+def config_value(recipe: Section, path: str) -> Any:
     """The value at a dotted recipe path, dumped to JSON types (sections become dicts)."""
     value: Any = recipe
     for part in path.split("."):
@@ -180,7 +180,7 @@ class Context:
     per-policy results, the merge between rounds) under the runner's skip/resume rule.
     """
 
-    def __init__(self, recipe: Recipe, paths: RunPaths, stage: Stage | None, lineage: Lineage, console: Console,
+    def __init__(self, recipe: Section, paths: RunPaths, stage: Stage | None, lineage: Lineage, console: Console,
                  step: Callable[..., dict[str, Any]]):  # fmt: skip
         self.recipe, self.paths, self.lineage, self.console, self._step = recipe, paths, lineage, console, step
         allowed = _tree(stage.config(recipe)) if stage is not None else None
@@ -217,7 +217,7 @@ class Stage(Protocol):
     command: ClassVar[str]
     """The CLI command that runs it alone (usually `name`)."""
 
-    def config(self, recipe: Recipe) -> tuple[str, ...]:
+    def config(self, recipe: Section) -> tuple[str, ...]:
         """The dotted recipe keys it reads (`"sample"`, `"sample.template"`, `"seed"`)."""
         ...
 
@@ -230,15 +230,15 @@ class Stage(Protocol):
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]: ...
 
 
-def settings_of(stage: Stage, recipe: Recipe) -> dict[str, Any]:
+def settings_of(stage: Stage, recipe: Section) -> dict[str, Any]:
     """The config part of a stage's fingerprint: its declared keys' values minus `exclude`."""
     settings = {path: config_value(recipe, path) for path in stage.config(recipe)}
     for dotted in stage.exclude:
-        head, _, rest = dotted.partition(".")
-        if not rest:
-            settings.pop(head, None)
-        elif isinstance(settings.get(head), dict):
-            _drop(settings[head], rest)
+        for path in list(settings):
+            if dotted == path:
+                del settings[path]
+            elif dotted.startswith(path + ".") and isinstance(settings[path], dict):
+                _drop(settings[path], dotted[len(path) + 1 :])
     return settings
 
 

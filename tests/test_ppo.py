@@ -200,7 +200,7 @@ def test_runner_ppo_stage_writes_the_adapter_eval_uses(tiny_qwen_dir, tmp_path):
     runner = Runner(recipe)
     summary = runner.run()["train"]
     assert summary["adapter"] == str(runner.paths.adapter)
-    assert runner.trained_policy() == (str(tiny_qwen_dir), str(runner.paths.adapter))
+    assert runner.trained(1) == (str(tiny_qwen_dir), str(runner.paths.adapter))
     assert len((runner.paths.train / "metrics.jsonl").read_text().splitlines()) == 2
 
 

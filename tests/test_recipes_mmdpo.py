@@ -97,6 +97,6 @@ def test_mmdpo_rm_recipe_end_to_end(tmp_path):
     from alignkit.runner import Runner
 
     runner = Runner(load_recipe(RECIPE, [f"output_dir={out}", *SMALL, *full]))
-    assert runner.trained_policy() == (str(out / "train" / "model"), None)
+    assert runner.trained(1) == (str(out / "train" / "model"), None)
     runner = Runner(load_recipe(RECIPE, [f"output_dir={out}", *SMALL]))
-    assert runner.trained_policy() is None  # the LoRA run's adapter was replaced by the full run
+    assert runner.trained(1) is None  # the LoRA run's adapter was replaced by the full run

@@ -71,13 +71,14 @@ def test_recipe_method_mmdpo_dispatches_with_its_keys(tmp_path, monkeypatch):
     from alignkit.runner import Runner
 
     calls = []
-    monkeypatch.setattr(mmdpo, "train_mmdpo", lambda *a, **kw: calls.append(kw) or tmp_path / "train" / "adapter")
+    monkeypatch.setattr(mmdpo, "train_mmdpo", lambda *a, **kw: calls.append((a, kw)) or tmp_path / "train" / "adapter")
     train = {"method": "mmdpo", "w": 0.25, "k": 1.0, "gamma": 0.1, "margin_key": "rm_margin", "finetune": "full"}
     recipe = Recipe.model_validate({"output_dir": str(tmp_path), "data": {"synthetic": {}}, "train": train})
     _write_pairs(tmp_path)
-    Runner(recipe).train()
-    expected = {key: value for key, value in train.items() if key != "method"}
-    assert {key: calls[0][key] for key in expected} == expected
+    Runner(recipe).run(["train"])
+    (pairs, out_dir, cfg), kw = calls[0]
+    assert cfg.model_dump(include=set(train)) == train
+    assert kw["ref_cache_dir"] == tmp_path / "ref_logps" and out_dir == tmp_path / "train"
 
 
 # ---------------------------------------------------------------------------------------------
