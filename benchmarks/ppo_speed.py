@@ -32,7 +32,7 @@ def run(engine: str, model: str, prompts, out: Path, args) -> dict:
 
     config = PPOConfig(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, num_samples=args.k,
                        max_new_tokens=args.max_new_tokens, learning_rate=1e-3, save_steps=10**6)  # fmt: skip
-    options = {"max_model_len": 512, "distributed_executor_backend": "uni"}
+    options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
     started = time.perf_counter()
     train_ppo(prompts, out, model=model, reward=RewardFn("red", says_red), config=config, rollout=engine,
               template="plain", vllm_options=options)  # fmt: skip

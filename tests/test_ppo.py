@@ -438,7 +438,7 @@ def vllm_engines(tmp_path, monkeypatch):
     engines = []
     monkeypatch.setattr(ppo, "VllmRollouts", Recorded)
     yield engines
-    # On CPU vLLM sizes its KV cache as a share of RAM minus this process's RSS: free the engine for the next.
+    # Free the engine (and its memory) for the next test.
     engines.clear()
     gc.collect()
 
@@ -449,7 +449,8 @@ def test_vllm_rollouts_sample_from_the_current_adapter(tiny_qwen_dir, shapes, tm
 
     adapter, steps = _run(tiny_qwen_dir, shapes, tmp_path / "run", steps=2, save_steps=1, num_samples=2,
                           reward=RewardFn("length", _length), rollout="vllm",
-                          vllm_options={"max_model_len": 512, "distributed_executor_backend": "uni"})  # fmt: skip
+                          vllm_options={"max_model_len": 512, "distributed_executor_backend": "uni",
+                                        "kv_cache_memory": 0.25})  # fmt: skip
     assert [s["step"] for s in steps] == [1, 2] and (adapter / "adapter_model.safetensors").is_file()
     (engine,) = vllm_engines
     assert [r[0] for r in engine.rollouts] == ["step-0", "step-1"]

@@ -12,7 +12,9 @@ from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
 
 K = 3
-VLLM_OPTIONS = {"max_model_len": 512, "distributed_executor_backend": "uni"}
+# A KV cache of a fixed size (GiB), not a share of the machine's memory: a share fails to start where
+# other processes hold memory (and where another engine lives in this process).
+VLLM_OPTIONS = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
 
 # ---------------------------------------------------------------------------------------------
 # templates
@@ -287,6 +289,35 @@ def vllm_backend(tiny_qwen_dir):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
+def test_kv_cache_memory_is_an_absolute_size():
+    from alignkit.sample.vllm_backend import _engine_options
+
+    opts = _engine_options({"kv_cache_memory": 0.25, "max_model_len": 512})
+    assert opts["kv_cache_memory_bytes"] == 2**28 and "kv_cache_memory" not in opts and opts["max_model_len"] == 512
+    assert "kv_cache_memory_bytes" not in _engine_options({})
+
+
+@pytest.mark.slow
+def test_vllm_starts_with_little_free_memory(vllm_backend, tiny_qwen_dir, monkeypatch):
+    """With kv_cache_memory the engine starts wherever that much memory is free, even when other
+    processes hold all but 1 GiB of a large machine (a share of host RAM failed to start there)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's CPU worker reads the host's free memory")
+    import vllm.v1.worker.cpu_worker as cpu_worker
+    from vllm.utils.cpu_resource_utils import MemoryNodeInfo
+
+    assert vllm_backend.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process sees the patch
+    little = MemoryNodeInfo(total_memory=256 * 2**30, available_memory=2**30)
+    monkeypatch.setattr(cpu_worker, "get_memory_node_info", lambda node=0: little)
+    with pytest.raises(RuntimeError, match="less than desired CPU memory utilization"):
+        make_backend("vllm", str(tiny_qwen_dir), vllm_options=VLLM_OPTIONS | {"kv_cache_memory": None})
+    backend = make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=4, vllm_options=VLLM_OPTIONS)
+    assert backend.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
+
+
 @pytest.mark.slow
 def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
     runs = {}
@@ -358,9 +389,7 @@ def test_vllm_data_parallel_matches_one_engine(vllm_backend, tiny_qwen_dir, prom
 @pytest.mark.slow
 def test_vllm_samples_from_lora_adapter(tiny_qwen_dir, lora_dir, prompts, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # On CPU the KV budget is a share of host RAM minus what this process holds (maybe another engine).
-    options = VLLM_OPTIONS | {"gpu_memory_utilization": 0.2}
-    backend = make_backend("vllm", str(tiny_qwen_dir), str(lora_dir), max_new_tokens=12, vllm_options=options)
+    backend = make_backend("vllm", str(tiny_qwen_dir), str(lora_dir), max_new_tokens=12, vllm_options=VLLM_OPTIONS)
     assert backend.lora is not None and backend.policy == f"{tiny_qwen_dir}+{lora_dir}"
     requests = [Request(p.prompt_id, load_template("cot").messages(p.question, 1), [load_image(p.images[0])])
                 for p in prompts[:2]]  # fmt: skip
@@ -390,10 +419,9 @@ def test_vllm_samples_unloraable_adapter_from_merged_copy(tiny_qwen_dir, vision_
     from alignkit.models import merge_adapter
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    options = VLLM_OPTIONS | {"gpu_memory_utilization": 0.2}
     with pytest.warns(UserWarning, match="outside the language model.*merged temporary copy"):
         backend = make_backend("vllm", str(tiny_qwen_dir), str(vision_lora_dir), max_new_tokens=12,
-                               vllm_options=options)  # fmt: skip
+                               vllm_options=VLLM_OPTIONS)  # fmt: skip
     assert backend.lora is None and backend.policy == f"{tiny_qwen_dir}+{vision_lora_dir}"
     engine_dir = Path(backend.llm.llm_engine.model_config.model)
     assert engine_dir.is_relative_to(backend._merged.name)

@@ -13,6 +13,12 @@ class VllmConfig(Section):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     """On GPU the share of GPU memory (vLLM's default 0.9); on CPU the share of host RAM kept for the
     KV cache (default 0.1: vLLM's 0.9 fails at start-up there)."""
+    kv_cache_memory: float | None = Field(None, gt=0)
+    """KV cache size in GiB (e.g. 0.25), the same on every machine; when set it wins over
+    `gpu_memory_utilization`, and on CPU the engine starts whenever that much memory is free (a
+    share of host RAM fails where other processes hold memory). Null: the share. On GPU vLLM still
+    checks at start-up that `gpu_memory_utilization`'s share is free; on CPU vLLM's environment
+    variable VLLM_CPU_KVCACHE_SPACE (whole GiB), if set, overrides this key."""
     enforce_eager: bool | None = None
     """Skip graph compilation (default: on for CPU, where compiling costs ~90 s per engine start)."""
     tensor_parallel_size: int = Field(1, ge=1)

@@ -4,6 +4,8 @@ Each prompt gets its own seed derived from the call's seed and its prompt id, so
 samples do not depend on which other prompts share the batch. On CPU, vLLM's
 `gpu_memory_utilization` is the share of host RAM reserved for the KV cache; its default (0.92)
 fails at start-up there, so the CPU default here is 0.1 (and eager mode, see `_engine_options`).
+A share fails wherever other processes hold memory: the option `kv_cache_memory` (GiB) sizes the
+KV cache by an absolute amount instead (vLLM's `kv_cache_memory_bytes`), and wins over the share.
 Code that creates this backend needs an `if __name__ == "__main__":` guard: vLLM starts its
 workers with spawn.
 
@@ -43,7 +45,10 @@ def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
         # A seeded request whose prefill is split over steps fails on CPU in vLLM 0.32 ("CPU Generator
         # does not use offset" when the partial step's token is discarded): prefill whole prompts.
         defaults |= {"gpu_memory_utilization": 0.1, "enforce_eager": True, "enable_chunked_prefill": False}
-    return defaults | (options or {})
+    options = dict(options or {})
+    if (gib := options.pop("kv_cache_memory", None)) is not None:
+        options["kv_cache_memory_bytes"] = int(gib * 2**30)  # vLLM then ignores gpu_memory_utilization
+    return defaults | options
 
 
 def make_vllm_backend(
