@@ -11,6 +11,7 @@ import itertools
 from collections import Counter, defaultdict
 from typing import Any
 
+from alignkit.errors import RecordError
 from alignkit.records import Prompt, Sample, Verdict
 
 STRATEGIES = ("best_worst", "threshold")
@@ -82,7 +83,7 @@ def build_pairs(
     skipped: Counter[str] = Counter()
     for s in samples:
         if s.prompt_id not in by_id:
-            raise ValueError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r}")
+            raise RecordError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r} (samples from other prompts?)")
         v = verdict_of.get(s.sample_id)
         if v is None:
             skipped["samples without a verdict"] += 1

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from alignkit.errors import StageInputError
+from alignkit.errors import RecipeError, StageInputError
 from alignkit.recipe import STAGES, Recipe, resolved_yaml
 from alignkit.records import Prompt, Sample, Verdict, file_digest, read_prompts, read_records, write_jsonl
 
@@ -595,7 +595,7 @@ class Runner:
         wanted = stages or list(self.recipe.stages)
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+            raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         tmp = self.paths.recipe.with_suffix(".yaml.tmp")
         tmp.write_text(resolved_yaml(self.recipe))
         os.replace(tmp, self.paths.recipe)

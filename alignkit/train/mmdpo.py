@@ -29,7 +29,7 @@ from trl import DPOTrainer
 from alignkit.records import file_digest
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
 from alignkit.train.data import COLUMNS, load_preference_dataset
-from alignkit.train.model import load_policy, lora_config
+from alignkit.train.model import load_policy, lora_config, quantization_4bit
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
 FINETUNE = ("lora", "qlora", "full")
@@ -162,6 +162,8 @@ def train_mmdpo(
 
     if finetune not in FINETUNE:
         raise ValueError(f"finetune must be one of {FINETUNE}, got {finetune!r}")
+    if finetune == "qlora":
+        quantization_4bit(torch.float32)  # where QLoRA cannot run, say so before loading data or a model
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)
 

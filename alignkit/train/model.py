@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from alignkit.errors import SetupError
+
 if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import PreTrainedModel, ProcessorMixin
@@ -28,14 +30,14 @@ def default_dtype() -> torch.dtype:
 def quantization_4bit(compute_dtype: torch.dtype):
     """QLoRA's 4-bit NF4 base-model quantization; a clear error where bitsandbytes cannot run."""
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise SetupError(
             "QLoRA (finetune='qlora') loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU, "
             "and none is visible. Use finetune='lora' or finetune='full' on this machine."
         )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("QLoRA (finetune='qlora') needs bitsandbytes: `uv sync --extra gpu`.") from None
+        raise SetupError("QLoRA (finetune='qlora') needs bitsandbytes: `uv sync --extra gpu`.") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
