@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from alignkit.errors import AlignkitError, ModelError, RecipeError, RecordError
+
+console = Console()
+err_console = Console(stderr=True)
+DEBUG_ENV = "ALIGNKIT_DEBUG"
+_debug = False
+
+
+class _Commands(TyperGroup):
+    """The command group: an `AlignkitError` from any command is one line `error: ...` and exit 2.
+
+    With `--debug` (or ALIGNKIT_DEBUG=1) it is raised instead, so its traceback shows; any other
+    exception is a bug in alignkit and always keeps its traceback.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AlignkitError as e:
+            if _debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            err_console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
 
 from alignkit.stages import STAGES
 
 app = typer.Typer(
+    cls=_Commands,
     help=(
         "alignkit: RLAIF preference alignment for vision-language models.\n\n"
         "A recipe (YAML) describes the loop: prompts -> sample K chain-of-thought answers -> judge them "
@@ -24,7 +53,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    global _debug
+    _debug = debug
 
 RecipeArg = Annotated[
     str, typer.Argument(help="Recipe YAML path, or the name of a built-in recipe (see `alignkit recipes`).")
@@ -36,26 +74,28 @@ OverridesArg = Annotated[
 
 
 def _recipe_path(recipe: str) -> Path:
+    """A recipe file, or a built-in recipe by name; anything else is an error listing the built-ins."""
     from alignkit.resources import builtin_dir
 
     path = Path(recipe)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    return builtin_dir("recipes") / f"{recipe}.yaml"
+    builtin = builtin_dir("recipes") / f"{recipe}.yaml"
+    if not builtin.is_file():
+        names = ", ".join(sorted(p.stem for p in builtin.parent.glob("*.yaml")))
+        raise RecipeError(
+            f"{recipe}: no such recipe file, nor a built-in recipe (built-ins: {names}; see `alignkit recipes`)"
+        )
+    return builtin
 
 
 def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> None:
-    from alignkit.errors import AlignkitError
     from alignkit.recipe import load_recipe
     from alignkit.runner import Runner
 
-    try:
-        cfg = load_recipe(_recipe_path(recipe), overrides or [])
-        runner = Runner(cfg, console)
-        runner.run(stages)
-    except AlignkitError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+    cfg = load_recipe(_recipe_path(recipe), overrides or [])
+    runner = Runner(cfg, console)
+    runner.run(stages)
     _print_outputs(runner)
 
 
@@ -118,11 +158,26 @@ def compare(
     after: Annotated[Path, typer.Argument(help="results.json of the second evaluation.")],
 ) -> None:
     """Print two evaluations side by side, with the change in every metric."""
-    import json
-
     from alignkit.evaluate import compare as compare_results
 
-    console.print(compare_results(json.loads(before.read_text()), json.loads(after.read_text())))
+    console.print(compare_results(_read_results(before), _read_results(after)))
+
+
+def _read_results(path: Path) -> dict:
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        what = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read it ({e})"
+        raise RecordError(f"{path}: {what}; expected an evaluation's results.json (e.g. RUN/eval/base/results.json)") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected an evaluation's results.json") from None
+    if not isinstance(results, dict):
+        raise RecordError(f"{path}: expected a JSON object (an evaluation's results.json), got {type(results).__name__}")
+    return results
 
 
 @app.command()
@@ -169,8 +224,7 @@ def make_tiny_model(
     from alignkit.models import BUILDERS
 
     if name not in BUILDERS:
-        console.print(f"[red]error:[/] unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")
-        raise typer.Exit(2)
+        raise ModelError(f"unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")
     console.print(f"saved {BUILDERS[name](out_dir, seed=seed)}")
 
 

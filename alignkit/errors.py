@@ -26,3 +26,16 @@ class StageInputError(AlignkitError, ValueError):
 
 class ModelError(AlignkitError, ValueError):
     """A model, adapter or processor that cannot be resolved or used as asked."""
+
+
+class TemplateError(AlignkitError, ValueError):
+    """A sampling template (`sample.template`: a built-in name or a YAML file) that cannot be used."""
+
+
+class SampleError(AlignkitError, ValueError):
+    """Sampling cannot run as configured (backend, API key, devices), or every prompt failed."""
+
+
+class SetupError(AlignkitError, RuntimeError):
+    """What a setting needs is missing or not working on this machine: a CUDA GPU, an optional
+    package, an engine that will not start, a server that refuses every request."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from alignkit.errors import RecordError
+
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
 
@@ -53,7 +55,10 @@ def parse_object(name: str) -> Mention:
     """Parse a gold object name such as "red square" (or "red squares") into a Mention."""
     found = find_mentions(name)
     if len(found) != 1:
-        raise ValueError(f"not a single 'colour shape' object name: {name!r}")
+        raise RecordError(
+            f"gold object {name!r} is not a single 'colour shape' name (the reference judge and CHAIR know the "
+            "shapes world only; judge other data with judge.backend=openai)"
+        )
     return found[0]
 
 

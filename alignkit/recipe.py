@@ -55,13 +55,18 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise RecipeError(f"override {override!r}: expected section.key=value")
     dotted, value = override.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"override {override!r}: expected section.key=value (an empty key)")
     node = raw
     for k in keys[:-1]:
         child = node.setdefault(k, {})
         if not isinstance(child, dict):
             raise RecipeError(f"override {override!r}: {k!r} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({e})") from None
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -104,8 +109,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe YAML file, apply overrides, and validate it into a `Recipe`."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+        what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
+        raise RecipeError(f"{path}: {what} (built-in recipes: `alignkit recipes`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe file ({e})") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

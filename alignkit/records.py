@@ -9,6 +9,7 @@ file that looks finished; stages that produce output incrementally use `Resumabl
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import hashlib
 import io
@@ -289,7 +290,10 @@ def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where
     if not isinstance(images, list):
         images = [images]
     pid = row.get("prompt_id", "?")
-    row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})") for v in images]
+    try:
+        row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})") for v in images]
+    except (Image.UnidentifiedImageError, binascii.Error) as e:  # embedded bytes or base64 that are not an image
+        raise RecordError(f"{where} (prompt_id={pid}): cannot decode an embedded image ({e})") from None
     if "prompt_id" in row:
         row["prompt_id"] = str(row["prompt_id"])
     return _from_dict(Prompt, row, where)

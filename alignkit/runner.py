@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from alignkit.errors import StageInputError
+from alignkit.errors import RecipeError, StageInputError
 from alignkit.recipe import Recipe, resolved_yaml
 from alignkit.records import write_atomic
 from alignkit.stage import Context, RunPaths, Stage, digest, fingerprint, identity, model_identity, require, stage_key
@@ -90,7 +90,7 @@ class Runner:
         wanted = names or list(self.recipe.stages)
         unknown = [s for s in wanted if s not in STAGE_NAMES]
         if unknown:
-            raise StageInputError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
+            raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
         write_atomic(RunPaths(self.root).recipe, resolved_yaml(self.recipe))
         stages = [s for s in STAGES if s.name in wanted]
         results = {s.name: self.run_stage(s) for s in stages if not s.per_round}

@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 
 from alignkit.evaluate.config import EvalConfig
+from alignkit.errors import RecordError
 from alignkit.judge.reference import answers_match
-from alignkit.objects import find_mentions, is_present
+from alignkit.objects import find_mentions, is_present, parse_object
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.sample.config import VllmConfig
 
@@ -148,7 +149,8 @@ def qa_accuracy(predictions: list[str], references: list[str], task: str = "open
 
 def _require(prompt: Prompt, value: object, what: str) -> None:
     if value is None:
-        raise ValueError(f"prompt {prompt.prompt_id} (task {prompt.task!r}) has no {what} to score against")
+        raise RecordError(f"eval prompt {prompt.prompt_id} (task {prompt.task!r}) has no {what} to score against; "
+                          "eval prompts need gold annotations")
 
 
 def _answers_for(prompts: list[Prompt], answers: dict[str, str]) -> list[str]:
@@ -174,10 +176,17 @@ def evaluate_answers(prompts: list[Prompt], answers: dict[str, str]) -> dict:
         if task == "describe":
             for p in ps:
                 _require(p, p.objects, "gold objects")
+                try:
+                    [parse_object(o) for o in p.objects]
+                except RecordError as e:
+                    raise RecordError(f"eval prompt {p.prompt_id}: {e}") from None
             results[task] = chair(ans, [p.objects for p in ps])
         elif task == "exists" or task in QA_TASKS:
             for p in ps:
                 _require(p, p.reference_answer, "reference_answer")
+                if task == "exists" and str(p.reference_answer).strip().lower() not in ("yes", "no"):
+                    raise RecordError(f"eval prompt {p.prompt_id} (task 'exists'): reference_answer must be "
+                                      f"'yes' or 'no', got {p.reference_answer!r}")  # fmt: skip
             refs = [p.reference_answer for p in ps]
             results[task] = pope(ans, refs) if task == "exists" else qa_accuracy(ans, refs, task)
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from alignkit.errors import RecordError
 from alignkit.judge.rubric import JudgeError, Rubric, load_rubric
 from alignkit.objects import COLOR_WORDS, find_mentions, is_present, parse_object
 from alignkit.records import Prompt, Sample, Verdict
@@ -58,6 +59,8 @@ def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample) -> Verdict:
             notes.append(note)
     except NoReference as e:
         return Verdict(sample.sample_id, prompt.prompt_id, judge, "failed", None, error=f"no_reference: {e}")
+    except RecordError as e:  # a gold annotation it cannot read
+        raise RecordError(f"prompt {prompt.prompt_id}: {e}") from None
     return Verdict(
         sample.sample_id, prompt.prompt_id, judge, "ok", rubric.combine(scores), scores, " ".join(notes)
     )

@@ -13,10 +13,10 @@ UNCHANGING = frozenset({"judge.concurrency", "judge.api_key_env", "judge.rpm", "
 
 
 def rubric_file(rubric: str) -> Path:
-    """The judge file a `judge.rubric` names (built-in or path): its bytes are part of fingerprints."""
-    from alignkit.judge.rubric import resolve_rubric_path
+    """The judge file a `judge.rubric` names (built-in or path), checked: its bytes are part of fingerprints."""
+    from alignkit.judge.rubric import load_rubric
 
-    return resolve_rubric_path(rubric)
+    return Path(load_rubric(rubric).path)
 
 
 class JudgeStage:

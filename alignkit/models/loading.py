@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignkit.errors import SetupError
+
 if TYPE_CHECKING:
     import torch
     from peft import LoraConfig, PeftModel
@@ -45,14 +47,14 @@ def quantization_4bit(compute_dtype: torch.dtype):
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise SetupError(
             "QLoRA (finetune='qlora') loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU, "
             "and none is visible. Use finetune='lora' or finetune='full' on this machine."
         )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("QLoRA (finetune='qlora') needs bitsandbytes: `uv sync --extra gpu`.") from None
+        raise SetupError("QLoRA (finetune='qlora') needs bitsandbytes: `uv sync --extra gpu`.") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

@@ -191,7 +191,7 @@ def default_cache_dir() -> Path:
 def tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     """The directory of a named tiny model, built (atomically) on first use."""
     if name not in BUILDERS:
-        raise ModelError(f"unknown tiny model {name!r}; known: {sorted(BUILDERS)}")
+        raise ModelError(f"unknown tiny model {name!r} (policy.model); known: {sorted(BUILDERS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{VERSION}"
     if final.exists():

@@ -81,7 +81,7 @@ def build_pairs(
     skipped: Counter[str] = Counter()
     for s in samples:
         if s.prompt_id not in by_id:
-            raise RecordError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r}")
+            raise RecordError(f"sample {s.sample_id!r} refers to unknown prompt_id {s.prompt_id!r} (samples from other prompts?)")
         v = verdict_of.get(s.sample_id)
         if v is None:
             skipped["samples without a verdict"] += 1

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.models import resolve_model
+from alignkit.errors import ModelError, RecordError, SampleError
 from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
 from alignkit.sample.config import SampleConfig
 from alignkit.sample.base import Backend, Generation, RejectedPrompts, Request, derive_seed
@@ -58,23 +59,27 @@ def make_backend(
 
         opts = dict(openai_options or {})
         if adapter and not opts.get("model_name"):
-            raise ValueError(
+            raise SampleError(
                 f"policy.adapter={adapter} with sample.backend=openai: the server must serve the adapter; "
                 "set sample.model_name to the name it serves it under (vllm serve BASE --enable-lora "
                 "--lora-modules NAME=ADAPTER_DIR)"
             )
         model_name = opts.pop("model_name", None) or model
         return OpenAIBackend(model_name, opts.pop("base_url", None), adapter=adapter, **opts, **settings)
+    if backend not in BACKENDS:
+        raise SampleError(f"sample.backend: unknown sampling backend {backend!r}; known: {BACKENDS}")
     model = resolve_model(model)
-    if backend == "transformers":
-        from alignkit.sample.transformers_backend import TransformersBackend
+    try:
+        if backend == "transformers":
+            from alignkit.sample.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model, adapter, batch_size=batch_size, **settings)
-    if backend == "vllm":
+            return TransformersBackend(model, adapter, batch_size=batch_size, **settings)
         from alignkit.sample.vllm_backend import make_vllm_backend
 
         return make_vllm_backend(model, adapter, options=vllm_options, **settings)
-    raise ValueError(f"unknown sampling backend {backend!r}; known: {BACKENDS}")
+    except OSError as e:  # transformers' "not a local folder and not a valid model identifier", a missing file
+        what = f"policy.model={model}" + (f" with policy.adapter={adapter}" if adapter else "")
+        raise ModelError(f"{what}: cannot load it for sampling ({e})") from e
 
 
 def to_request(prompt: Prompt, template: Template) -> Request:
@@ -84,7 +89,7 @@ def to_request(prompt: Prompt, template: Template) -> Request:
         try:
             images.append(load_image(path))
         except Exception as e:
-            raise ValueError(f"prompt {prompt.prompt_id}: cannot read image {path}: {e}") from e
+            raise RecordError(f"prompt {prompt.prompt_id}: cannot read image {path}: {e}") from e
     return Request(prompt.prompt_id, template.messages(prompt.question, len(images)), images)
 
 
@@ -179,7 +184,10 @@ def sample_prompts(
     if failed and not records:
         out.close()
         shown = "\n".join(f["error"] for f in failed[:5])
-        raise ValueError(f"every prompt failed ({len(failed)}), nothing was sampled; the first:\n{shown}")
+        ids = ", ".join(f["prompt_id"] for f in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise SampleError(
+            f"every prompt failed ({len(failed)}), nothing was sampled; failed prompt ids: {ids}; the first:\n{shown}"
+        )
     out.finish()
     duplicates = _duplicates(records, num_samples)
     return {

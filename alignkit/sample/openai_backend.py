@@ -20,6 +20,7 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
+from alignkit.errors import SampleError, SetupError
 from alignkit.openai_client import ChatClient, api_failure, data_url
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, policy_name
 from alignkit.throttle import estimate_tokens
@@ -53,7 +54,7 @@ class OpenAIBackend:
         `logprobs` asks for per-token logprobs (exact per-answer token counts; not every server has them)."""
         self.conn = ChatClient(
             base_url, api_key_env, setting="sample.backend=openai", concurrency=concurrency, timeout=timeout,
-            max_retries=max_retries, rpm=rpm, tpm=tpm,
+            max_retries=max_retries, rpm=rpm, tpm=tpm, error=SampleError,
         )  # fmt: skip
         self.model_name, self.policy = model_name, policy_name(model_name, adapter)
         self.sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
@@ -93,9 +94,11 @@ class OpenAIBackend:
                 failure = api_failure(e, self.conn.timeout, self.conn.max_retries)
                 if isinstance(e, openai.APIStatusError) and e.status_code in REFUSED_INPUT:
                     raise RejectedPrompts({prompt_id: f"the server refused it: {failure}"}, []) from e
-                raise RuntimeError(f"prompt {prompt_id}: sampling request failed: {failure}") from e
+                server = f"model {self.model_name!r} at {self.conn.base_url or 'the OpenAI API'}"
+                raise SetupError(f"prompt {prompt_id}: sampling request to {server} failed: {failure} "
+                                 "(check sample.base_url, sample.model_name and the server)") from e  # fmt: skip
         if not reply.choices:
-            raise RuntimeError(f"prompt {prompt_id}: the server answered no choices")
+            raise SetupError(f"prompt {prompt_id}: the server answered no choices (model {self.model_name!r})")
         return _generations(reply, self.sampling["max_tokens"])
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from alignkit.errors import TemplateError
+
 STYLES = ("answer_line", "think_tags", "plain")
 
 
@@ -66,13 +68,21 @@ def load_template(name_or_path: str) -> Template:
         return BUILTIN[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"unknown template {name_or_path!r}: not a built-in ({sorted(BUILTIN)}) nor a file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raise TemplateError(
+            f"sample.template: unknown template {name_or_path!r}: not a built-in ({', '.join(BUILTIN)}) "
+            f"nor a template file (a relative path is read from {Path.cwd()})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TemplateError(f"{path}: cannot read the template file ({e})") from None
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{path}: the template file is not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("instruction", ""), str):
-        raise ValueError(f"{path}: a template file needs a mapping with a string 'instruction'")
+        raise TemplateError(f"{path}: a template file needs a mapping with a string 'instruction'")
     style = data.get("style", "answer_line")
     if style not in STYLES:
-        raise ValueError(f"{path}: style {style!r} is not one of {STYLES}")
+        raise TemplateError(f"{path}: style: {style!r} is not one of {STYLES}")
     return Template(path.stem, data.get("instruction", ""), style)
 
 

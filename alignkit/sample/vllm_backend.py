@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alignkit.errors import SampleError, SetupError
 from alignkit.models import LANGUAGE_MODEL, load_processor, merge_adapter
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, join_answers, policy_name
 
@@ -93,7 +94,7 @@ class VllmBackend:
             self.llm = LLM(model=engine_model, **opts)
         except Exception as e:
             what = f" with LoRA adapter {adapter}" if self.lora else ""
-            raise RuntimeError(f"vLLM could not start for model {engine_model}{what}: {e}") from e
+            raise SetupError(f"vLLM could not start for model {engine_model}{what} (check policy.model and sample.vllm): {e}") from e
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
     def use_adapter(self, adapter: str) -> None:
@@ -204,11 +205,11 @@ def _rank_env(
         visible = environ.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(size * tensor_parallel)]
         if len(devices) < size * tensor_parallel:
-            raise ValueError(f"{need} GPUs; visible: {','.join(devices)}")
+            raise SampleError(f"sample.vllm: {need} GPUs; visible: {','.join(devices)}")
         return {"CUDA_VISIBLE_DEVICES": ",".join(devices[first : first + tensor_parallel])}
     per_worker = len(cpus) // (size * tensor_parallel)
     if per_worker == 0:
-        raise ValueError(f"{need} CPU cores; this machine has {len(cpus)}")
+        raise SampleError(f"sample.vllm: {need} CPU cores; this machine has {len(cpus)}")
     groups = [cpus[(rank * tensor_parallel + w) * per_worker :][:per_worker] for w in range(tensor_parallel)]
     return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
 

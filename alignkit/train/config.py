@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -55,6 +56,8 @@ class RewardSpec(Section):
     def _function_needs_path(self) -> "RewardSpec":
         if self.source == "function" and not self.path:
             raise ValueError("a reward with source 'function' needs path: 'module:function'")
+        if self.source == "function" and not re.fullmatch(r".+:[A-Za-z_]\w*", self.path):
+            raise ValueError(f"path {self.path!r}: expected 'module:function' or 'path/to/file.py:function'")
         return self
 
 

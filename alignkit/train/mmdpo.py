@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from alignkit.data.preference import COLUMNS, load_preference_dataset
-from alignkit.models import load_policy, lora_config
+from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
 from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
@@ -145,6 +145,8 @@ def train_mmdpo(
     from alignkit.models import resolve_model
 
     finetune, margin_key = cfg.finetune, cfg.margin_key
+    if finetune == "qlora":
+        quantization_4bit(torch.float32)  # where QLoRA cannot run, say so before loading data or a model
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from alignkit.errors import ModelError, RecipeError
 from alignkit.records import Prompt, Sample
 from alignkit.sample.base import Generation, Request, derive_seed
 
@@ -282,12 +283,12 @@ class VllmRollouts:
         from alignkit.sample.vllm_backend import lora_problem, make_vllm_backend
 
         if not hasattr(policy, "peft_config"):
-            raise ValueError("rollout engine 'vllm' needs LoRA (finetune: lora): it loads the adapter each step")
+            raise RecipeError("ppo.rollout: rollout engine 'vllm' needs LoRA (train.finetune: lora): it loads the adapter each step")
         self.dir = adapter_dir
         settings.pop("batch_size", None)  # vLLM schedules its own batches
         adapter = str(self._save(policy, 0))
         if problem := lora_problem(adapter):
-            raise ValueError(f"rollout engine 'vllm' loads the policy's LoRA adapter into vLLM each step, and vLLM "
+            raise ModelError(f"rollout engine 'vllm' loads the policy's LoRA adapter into vLLM each step, and vLLM "
                              f"cannot apply this one: {problem}. Use rollout engine 'transformers'.")  # fmt: skip
         self.backend = make_vllm_backend(model_path, adapter, options=vllm_options, **settings)
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from alignkit.errors import RecipeError
 from alignkit.judge.config import JudgeConfig
 from alignkit.records import Prompt, Sample
 
@@ -97,21 +98,30 @@ def reward_model_reward(path: str | Path, template: str, **score_options: Any) -
 
 def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
     """The function a "module:function" or "path/to/file.py:function" spec names."""
+    where = f"ppo.rewards: function {spec!r}"
     module_name, sep, name = spec.rpartition(":")
     if not sep or not module_name or not name:
-        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'file.py:function'")
+        raise RecipeError(f"{where}: expected 'module:function' or 'file.py:function'")
     if module_name.endswith(".py"):
         file = Path(module_name)
         if not file.is_file():
-            raise ValueError(f"reward function {spec!r}: file {file} not found")
+            raise RecipeError(f"{where}: file {file} not found (a relative path is read from {Path.cwd()})")
         module_spec = importlib.util.spec_from_file_location(file.stem, file)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise RecipeError(f"{where}: importing {file} failed: {type(e).__name__}: {e}") from e
     else:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # a module the user's module imports is missing: their traceback says which
+            raise RecipeError(f"{where}: no module named {module_name!r} (is it on PYTHONPATH?)") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {module_name} has no function {name!r}")
+        raise RecipeError(f"{where}: {module_name} has no function {name!r}")
     return fn
 
 

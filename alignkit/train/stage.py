@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignkit.errors import StageInputError
+from alignkit.errors import RecipeError, StageInputError
 from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.judge.stage import rubric_file
 from alignkit.records import Prompt, read_records
@@ -20,6 +20,8 @@ def function_file(spec: str) -> Path | None:
     """The source file of a `module:function` or `path/file.py:function` reward (its bytes count)."""
     target = spec.rsplit(":", 1)[0]
     if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise RecipeError(f"ppo.rewards: reward function {spec!r}: file {target} not found")
         return Path(target)
     found = importlib.util.find_spec(target) if target else None
     return Path(found.origin) if found and found.origin else None
