@@ -16,7 +16,8 @@ from alignkit.objects import COLORS, SHAPES
 from alignkit.pairs import build_pairs
 from alignkit.records import RecordError, Sample, write_jsonl
 from alignkit.reward import LossWeights, build_reward_model, evaluate_pairs, fit, load_reward_model, pairwise_accuracy
-from alignkit.reward.data import collate, pair_features, read_rm_pairs
+from alignkit.models.inputs import collate
+from alignkit.reward.data import pair_features, read_rm_pairs
 from alignkit.reward.losses import reward_loss
 from alignkit.reward.score import add_rm_columns, pair_answers, score_answers
 from alignkit.testing.shapes import describe_objects, make_shapes_prompts
@@ -101,7 +102,7 @@ def test_losses_match_hand_computation(tiny_qwen_dir, pairs_dir):
     pairs[1].chosen_critique = pairs[1].rejected_critique = None  # trains the score only
     pairs[2].margin = 0.0  # a tie
     feats = [pair_features(rm.processor, p, use_critiques=True) for p in pairs]
-    batch = collate([c for c, _ in feats] + [r for _, r in feats], rm.processor.tokenizer.pad_token_id)
+    batch = collate([c for c, _ in feats] + [r for _, r in feats], rm.processor.tokenizer.pad_token_id, side="left")
     weights = LossWeights(critique=0.5, margin=0.3, tie=2.0, center=0.01)
     margins = torch.tensor([p.margin for p in pairs])
     with torch.no_grad():

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from alignkit.reward.data import RMPair, collate, pair_features, read_rm_pairs
+from alignkit.models.inputs import collate
+from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import Finetune, RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs
@@ -60,7 +61,7 @@ def fit(
             order += torch.randperm(len(pairs), generator=shuffler).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         # chosen answers first, then rejected, in one forward pass
-        batch = collate([features[i][0] for i in idx] + [features[i][1] for i in idx], pad_id)
+        batch = collate([features[i][0] for i in idx] + [features[i][1] for i in idx], pad_id, side="left")
         out = rm(**batch)
         r_chosen, r_rejected = out.rewards[: len(idx)], out.rewards[len(idx) :]
         loss, parts = reward_loss(r_chosen, r_rejected, margins[idx], out.critique_logits, out.critique_targets, weights)

@@ -1,0 +1,1 @@
+"""Models: resolving a name, loading model and processor, LoRA, merging; and their inputs."""
