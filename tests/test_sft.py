@@ -100,9 +100,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     monkeypatch.setattr(sft_module, "collate", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         train_sft(sft_file, tmp_path / "resumed", **args)
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").exists()
+    assert {p.suffix for p in (checkpoints / "checkpoint-2").iterdir()} == {".safetensors", ".json"}  # no pickle
+    # the kill also cut a checkpoint and a metrics line short: both are ignored
+    (checkpoints / "checkpoint-3").mkdir()
+    (checkpoints / "checkpoint-3" / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')
     monkeypatch.setattr(sft_module, "collate", real)
     train_sft(sft_file, tmp_path / "resumed", **args)
     lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
