@@ -231,7 +231,8 @@ def test_separate_value_model_trains_its_own_backbone_and_resumes(tiny_qwen_dir,
     _, full = _run(tiny_qwen_dir, shapes, tmp_path / "full", steps=3, save_steps=100, **run)
     _run(tiny_qwen_dir, shapes, tmp_path / "cut", steps=2, save_steps=1, **run)  # "killed" after step 2
     checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-1"
-    critic = torch.load(checkpoint / "state.pt", weights_only=False)["value"]
+    critic = {k.removeprefix("value."): v for k, v in load_file(checkpoint / "weights.safetensors").items()
+              if k.startswith("value.")}  # fmt: skip
     policy = load_file(checkpoint / "adapter_model.safetensors")
     # The critic is a LoRA backbone of its own plus the head, all moved off their zero init by one step;
     # its LoRA is not the policy's, and the policy's adapter holds no critic weights.

@@ -20,7 +20,8 @@ from alignkit.reward.losses import LossWeights
 from alignkit.reward.model import build_reward_model, load_reward_model
 from alignkit.reward.score import evaluate_pairs, pairwise_accuracy
 from alignkit.reward.train import fit
-from alignkit.reward.data import collate, pair_features, read_rm_pairs
+from alignkit.models.inputs import collate
+from alignkit.reward.data import pair_features, read_rm_pairs
 from alignkit.reward.losses import reward_loss
 from alignkit.reward.score import add_rm_columns, pair_answers, score_answers
 
@@ -104,7 +105,7 @@ def test_losses_match_hand_computation(tiny_qwen_dir, pairs_dir):
     pairs[1].chosen_critique = pairs[1].rejected_critique = None  # trains the score only
     pairs[2].margin = 0.0  # a tie
     feats = [pair_features(rm.processor, p, use_critiques=True) for p in pairs]
-    batch = collate([c for c, _ in feats] + [r for _, r in feats], rm.processor.tokenizer.pad_token_id)
+    batch = collate([c for c, _ in feats] + [r for _, r in feats], rm.processor.tokenizer.pad_token_id, side="left")
     weights = LossWeights(critique=0.5, margin=0.3, tie=2.0, center=0.01)
     margins = torch.tensor([p.margin for p in pairs])
     with torch.no_grad():
@@ -167,6 +168,36 @@ def test_save_load_round_trip_gives_the_same_scores(tiny_qwen_dir, pairs_dir, tm
     assert [s.score for s in after] == pytest.approx([s.score for s in before], abs=1e-5)
     two = score_answers(loaded, answers, num_critiques=2, max_new_tokens=4, seed=3)
     assert all(len(s.critiques) == 2 for s in two)
+
+
+@pytest.mark.slow
+def test_training_resumes_after_a_kill(tiny_qwen_dir, pairs_dir, tmp_path, monkeypatch):
+    from alignkit.reward import train as rm_train
+
+    args = dict(model=str(tiny_qwen_dir), finetune="full", max_steps=4, batch_size=2, learning_rate=1e-3, eval_fraction=0)
+    monkeypatch.setattr(rm_train, "SAVE_STEPS", 2)
+    rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "straight", **args)
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+    calls, real = {"n": 0}, rm_train.reward_loss
+
+    def killed_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rm_train, "reward_loss", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", **args)
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    monkeypatch.setattr(rm_train, "reward_loss", real)
+    summary = rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", **args)
+    resumed = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and summary["final"]["step"] == 4
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert not (tmp_path / "cut" / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from alignkit.data.worlds.shapes import make_shapes_prompts, perceived_answer, sft_examples
-from alignkit.records import Prompt, write_jsonl
+from alignkit.models.inputs import collate, encode
+from alignkit.records import Prompt, load_image, write_jsonl
 from alignkit.sample.templates import load_template
 from alignkit.train import sft as sft_module
-from alignkit.train.sft import collate, encode, read_sft_file, train_sft
+from alignkit.train.sft import read_sft_file, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_sft_examples_hallucinate_at_the_configured_rate(tmp_path):
 def test_labels_cover_only_the_completion(tiny_qwen_dir, sft_file):
     processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
     row = read_sft_file(sft_file)[0]
-    enc = encode(processor, row)
+    enc = encode(processor, row["prompt"], [load_image(p) for p in row["images"]], row["completion"])
     target = enc["labels"][enc["labels"] != -100]
     text = processor.tokenizer.decode(target)
     completion = row["completion"][0]["content"][0]["text"]
@@ -53,7 +54,7 @@ def test_labels_cover_only_the_completion(tiny_qwen_dir, sft_file):
 def test_collate_pads_right(tiny_qwen_dir, sft_file):
     processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
     rows = read_sft_file(sft_file)
-    encs = [encode(processor, r) for r in rows[:3]]
+    encs = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"]) for r in rows[:3]]
     batch = collate(encs, pad_id=processor.tokenizer.pad_token_id)
     lengths = [len(e["input_ids"]) for e in encs]
     assert batch["input_ids"].shape == (3, max(lengths))
@@ -78,7 +79,7 @@ def test_train_saves_a_model_that_generates(tiny_qwen_dir, sft_file, tmp_path):
     processor = AutoProcessor.from_pretrained(out)
     ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -99,9 +100,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     monkeypatch.setattr(sft_module, "collate", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         train_sft(sft_file, tmp_path / "resumed", **args)
-    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").exists()
+    assert {p.suffix for p in (checkpoints / "checkpoint-2").iterdir()} == {".safetensors", ".json"}  # no pickle
+    # the kill also cut a checkpoint and a metrics line short: both are ignored
+    (checkpoints / "checkpoint-3").mkdir()
+    (checkpoints / "checkpoint-3" / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')
     monkeypatch.setattr(sft_module, "collate", real)
     train_sft(sft_file, tmp_path / "resumed", **args)
     lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from alignkit.records import Verdict
+from alignkit.records import Verdict, write_atomic
 
 HISTOGRAM_BINS = 5
 
@@ -192,7 +191,5 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
     """Write the report as JSON atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
     return path

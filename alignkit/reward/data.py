@@ -3,7 +3,8 @@
 An answer is scored in one chat: the prompt, the answer, a user turn asking for a critique, and
 the critique as the assistant's reply. The scalar head reads the last token (the critique's end
 of turn). Without a critique the chat stops after the answer and the head reads the answer's end.
-Critique tokens carry labels for the critique cross-entropy; everything else is -100.
+Critique tokens carry labels for the critique cross-entropy; everything else is -100. Encoding and
+padding are `alignkit.models.inputs`'s, with left padding (critiques are generated from a batch).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from alignkit.data.preference import preference_row as _row
+from alignkit.models.inputs import encode
 from alignkit.records import RecordError, iter_jsonl, load_image
 
 CRITIQUE_REQUEST = "Critique the answer above: name each claim the image does not support, then judge its correctness."
-IGNORE = -100
 Messages = list[dict[str, Any]]
 
 
@@ -77,42 +77,13 @@ def render(processor, prompt: Messages, answer: Messages, with_critique: bool) -
     return processor.apply_chat_template(prompt + answer, tokenize=False).rstrip()
 
 
-def encode(processor, text: str, images: list[Image.Image], completion: str | None = None) -> dict[str, torch.Tensor]:
-    """Token ids (1-D per-token tensors) and vision inputs; `completion` (a critique) gets labels."""
-    enc = processor(text=[text], images=images or None, return_tensors="pt")
-    length = enc["input_ids"].shape[1]
-    per_token = {k for k, v in enc.items() if v.dim() == 2 and v.shape == (1, length)}
-    feature = {k: (v[0] if k in per_token else v) for k, v in enc.items()}
-    labels = torch.full((length,), IGNORE, dtype=torch.long)
-    if completion is not None:
-        tok = processor.tokenizer
-        extra = torch.tensor(tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        for k in per_token:
-            fill = extra if k == "input_ids" else torch.full_like(extra, int(k == "attention_mask"))
-            feature[k] = torch.cat([feature[k], fill])
-        labels = torch.cat([labels, extra])
-    feature["labels"] = labels
-    return feature
-
-
 def encode_answer(processor, prompt: Messages, answer: Messages, images: list[Image.Image], critique: str | None):
-    """Encode one answer for scoring or training, with its critique when given."""
-    return encode(processor, render(processor, prompt, answer, critique is not None), images, critique)
-
-
-def collate(features: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad the per-token tensors (as generation needs) and concatenate the vision inputs."""
-    length = max(f["input_ids"].shape[0] for f in features)
-    pad = {"input_ids": pad_id, "labels": IGNORE}
-    batch: dict[str, list[torch.Tensor]] = {}
-    for f in features:
-        n = f["input_ids"].shape[0]
-        for k, v in f.items():
-            if v.dim() == 1 and v.shape[0] == n:
-                v = torch.cat([torch.full((length - n,), pad.get(k, 0), dtype=v.dtype), v])
-                v = v.unsqueeze(0)
-            batch.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in batch.items()}
+    """Encode one answer for scoring or training, with its critique (and end of text) labelled when given."""
+    text = render(processor, prompt, answer, critique is not None)
+    if critique is None:
+        return encode(processor, text, images)
+    tok = processor.tokenizer
+    return encode(processor, text, images, tok(critique + tok.eos_token, add_special_tokens=False)["input_ids"])
 
 
 def pair_features(processor, pair: RMPair, use_critiques: bool) -> tuple[dict, dict]:

@@ -12,8 +12,6 @@ critique. A saved reward model is one directory:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignkit.records import RecordError
+from alignkit.records import RecordError, atomic_output
 
 FORMAT = "alignkit-critique-rm/1"
 Finetune = Literal["lora", "full"]
@@ -73,19 +71,16 @@ class RewardModel(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.finetune == "lora":
-            self.backbone.save_pretrained(tmp / "adapter")
-        else:
-            self.lm.save_pretrained(tmp / "backbone")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, tmp / "head.safetensors")
-        self.processor.save_pretrained(tmp)
-        meta = {"format": FORMAT, "base_model": self.base_model, "finetune": self.finetune}
-        (tmp / "reward_model.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.mkdir(parents=True)
+            if self.finetune == "lora":
+                self.backbone.save_pretrained(tmp / "adapter")
+            else:
+                self.lm.save_pretrained(tmp / "backbone")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, tmp / "head.safetensors")
+            self.processor.save_pretrained(tmp)
+            meta = {"format": FORMAT, "base_model": self.base_model, "finetune": self.finetune}
+            (tmp / "reward_model.json").write_text(json.dumps(meta, indent=2))
         return path
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from alignkit.pairs import _conversation
 from alignkit.records import Prompt, RecordError, Sample, iter_jsonl, load_image, write_jsonl
-from alignkit.reward.data import Messages, RMPair, collate, encode, encode_answer, render
+from alignkit.models.inputs import collate, encode
+from alignkit.reward.data import Messages, RMPair, encode_answer, render
 from alignkit.reward.model import RewardModel, load_reward_model
 
 
@@ -48,14 +49,14 @@ def _batches(items: Sequence[Any], size: int):
 
 def _forward_scores(rm: RewardModel, features: list[dict]) -> list[float]:
     pad_id = rm.processor.tokenizer.pad_token_id
-    return rm(**collate(features, pad_id)).rewards.tolist()
+    return rm(**collate(features, pad_id, side="left")).rewards.tolist()
 
 
 def _critiques(rm: RewardModel, batch: Sequence[Answer], max_new_tokens: int, temperature: float | None) -> list[str]:
     """One critique per answer: greedy when `temperature` is None, else sampled."""
     tok = rm.processor.tokenizer
     prefixes = [encode(rm.processor, render(rm.processor, a.prompt, a.answer, True), a.images) for a in batch]
-    inputs = collate(prefixes, tok.pad_token_id)
+    inputs = collate(prefixes, tok.pad_token_id, side="left")
     inputs.pop("labels")
     sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
     out = rm.lm.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)

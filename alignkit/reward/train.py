@@ -4,6 +4,8 @@ Reads top to bottom: set-up (pairs, held-out split, model), loop, save, held-out
 output directory:
 
     out_dir/metrics.jsonl  one line per step: loss, bradley_terry, tie, center, critique_ce, accuracy
+    out_dir/checkpoints/   every SAVE_STEPS steps (`alignkit.models.checkpoint`); a re-run with the same
+                           pairs and settings resumes from the last one; removed once the model is saved
     out_dir/model/         the reward model (see model.py), written last and atomically
 """
 
@@ -12,15 +14,22 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from alignkit.reward.data import RMPair, collate, pair_features, read_rm_pairs
+from alignkit.models.inputs import collate
+from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import Finetune, RewardModel, build_reward_model
-from alignkit.reward.score import evaluate_pairs
+from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
+from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+
+SAVE_STEPS = 50
+"""Checkpoint interval of `train_reward_model` (the loop's state is small next to a step's work)."""
 
 
 def split_by_prompt(pairs: Sequence[RMPair], eval_fraction: float, seed: int) -> tuple[list[RMPair], list[RMPair]]:
@@ -43,8 +52,15 @@ def fit(
     use_critiques: bool = True,
     seed: int = 0,
     metrics_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    save_steps: int = SAVE_STEPS,
+    resume_from: str | Path | None = None,
 ) -> list[dict[str, float]]:
-    """Train `rm` in place for `steps` AdamW steps of `batch_size` pairs; returns per-step metrics."""
+    """Train `rm` in place for `steps` AdamW steps of `batch_size` pairs; returns the metrics of the steps it ran.
+
+    With `checkpoint_dir` the loop state is saved every `save_steps`; `resume_from` (a checkpoint of
+    the same pairs and settings) continues from there.
+    """
     torch.manual_seed(seed)
     features = [pair_features(rm.processor, p, use_critiques) for p in pairs]
     margins = torch.tensor([p.margin for p in pairs])
@@ -54,13 +70,18 @@ def fit(
     shuffler = torch.Generator().manual_seed(seed)
     order: list[int] = []
     history = []
+    start = 0
+    if resume_from is not None:
+        start, extra = load_checkpoint(resume_from, modules={"rm": rm}, optimizer=optimizer)
+        order = extra["order"]
+        shuffler.set_state(extra["shuffler"])
     rm.train()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         while len(order) < batch_size:  # epochs of shuffled pairs
             order += torch.randperm(len(pairs), generator=shuffler).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         # chosen answers first, then rejected, in one forward pass
-        batch = collate([features[i][0] for i in idx] + [features[i][1] for i in idx], pad_id)
+        batch = collate([features[i][0] for i in idx] + [features[i][1] for i in idx], pad_id, side="left")
         out = rm(**batch)
         r_chosen, r_rejected = out.rewards[: len(idx)], out.rewards[len(idx) :]
         loss, parts = reward_loss(r_chosen, r_rejected, margins[idx], out.critique_logits, out.critique_targets, weights)
@@ -73,6 +94,9 @@ def fit(
         if metrics_path is not None:
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(parts) + "\n")
+        if checkpoint_dir is not None and step % save_steps == 0 and step < steps:
+            save_checkpoint(checkpoint_dir, step, modules={"rm": rm}, optimizer=optimizer,
+                            extra={"order": order, "shuffler": shuffler.get_state()}, keep=1)  # fmt: skip
     return history
 
 
@@ -102,20 +126,27 @@ def train_reward_model(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = out_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    metrics, checkpoints = out_dir / "metrics.jsonl", out_dir / "checkpoints"
 
     # set-up
     train_pairs, held_out = split_by_prompt(read_rm_pairs(pairs_path), eval_fraction, seed)
     torch.manual_seed(seed)
     rm = build_reward_model(model, finetune, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
 
+    # resume: the last complete checkpoint of a run with these pairs and settings (more steps extend a run)
+    settings = {"pairs": rm_pairs_digest(pairs_path), "model": model, "finetune": finetune, "learning_rate": learning_rate,
+                "batch_size": batch_size, "weights": asdict(weights), "use_critiques": use_critiques,
+                "eval_fraction": eval_fraction, "lora": [lora_r, lora_alpha, lora_dropout, target_modules], "seed": seed}  # fmt: skip
+    last = resume_point(out_dir, settings, checkpoints, metrics)
+
     # train
     history = fit(rm, train_pairs, steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
-                  weights=weights, use_critiques=use_critiques, seed=seed, metrics_path=metrics)  # fmt: skip
+                  weights=weights, use_critiques=use_critiques, seed=seed, metrics_path=metrics,
+                  checkpoint_dir=checkpoints, save_steps=SAVE_STEPS, resume_from=last)  # fmt: skip
 
     # save, then evaluate on held-out prompts
     path = rm.save(out_dir / "model")
+    shutil.rmtree(checkpoints, ignore_errors=True)
     summary: dict[str, Any] = {"model": str(path), "train_pairs": len(train_pairs), "final": history[-1] if history else {}}
     if held_out:
         summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **(score_options or {}))

@@ -14,15 +14,15 @@ other pairs or settings start over.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
+
+from alignkit.records import atomic_output
+from alignkit.models.checkpoint import resume_point  # noqa: F401 (the DPO stages import it from here)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
@@ -41,50 +41,6 @@ class MetricsJsonl(TrainerCallback):
         if state.is_world_process_zero and logs and "loss" in logs:  # skip the end-of-run summary
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines after `step` (logged after the checkpoint we resume from) and torn lines."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        if json.loads(line)["step"] <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def resume_point(out_dir: Path, settings: dict[str, Any]) -> str | None:
-    """The last complete checkpoint of a run with these `settings`, or None after clearing another run's state.
-
-    `settings` holds everything that changes what is learned. Trainer writes `trainer_state.json`
-    last, so a checkpoint without it was cut by a kill.
-    """
-    ckpt_dir, metrics = out_dir / "checkpoints", out_dir / "metrics.jsonl"
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    key = ckpt_dir / "run.key"
-    if not (key.exists() and key.read_text().strip() == fingerprint):
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        metrics.unlink(missing_ok=True)
-        ckpt_dir.mkdir(parents=True)
-        key.write_text(fingerprint)
-        return None
-    complete = []
-    for d in ckpt_dir.glob("checkpoint-*"):
-        if (d / "trainer_state.json").exists():
-            complete.append(d)
-        else:
-            shutil.rmtree(d)
-    if not complete:
-        metrics.unlink(missing_ok=True)
-        return None
-    last = max(complete, key=lambda d: int(d.name.split("-")[-1]))
-    _keep_metrics_until(metrics, json.loads((last / "trainer_state.json").read_text())["global_step"])
-    return str(last)
 
 
 def dpo_config(
@@ -120,9 +76,6 @@ def dpo_config(
 
 def save_final(trainer: Trainer, final: Path) -> Path:
     """Save the trained adapter (or full model) and the processor to `final`, via a temporary name."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_output(final) as tmp:
+        trainer.save_model(str(tmp))
     return final

@@ -16,10 +16,10 @@ The reference policy is the policy with its LoRA adapter disabled, so there is n
 (`value_model="shared"`) or a second backbone of its own (`"separate"`). Sampled token ids are
 trained on as sampled (never re-tokenized from text), so the importance ratio is exact.
 
-Run directory (as in `alignkit.train.common`): `checkpoints/checkpoint-N/` (the PEFT adapter,
-`state.pt` with the value head, optimizer, reward statistics and KL coefficient, then
-`trainer_state.json` last), `metrics.jsonl` (one line per step), and the final `adapter/` (or
-`model/` after full fine-tuning) with the processor. A re-run with the same settings resumes
+Run directory (as in `alignkit.train.common`): `checkpoints/checkpoint-N/` (the PEFT adapter
+or model, then the trainable weights of policy and value head, optimizer, RNG, reward statistics
+and KL coefficient as in `alignkit.models.checkpoint`, `trainer_state.json` last), `metrics.jsonl`
+(one line per step), and the final `adapter/` (or `model/` after full fine-tuning) with the processor. A re-run with the same settings resumes
 from the last complete checkpoint; rollouts are seeded per step, so a resumed run is the run
 that was killed.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import shutil
 import time
@@ -43,7 +42,8 @@ from torch import nn
 from tqdm import tqdm
 
 from alignkit.errors import ModelError, RecipeError
-from alignkit.records import Prompt, Sample
+from alignkit.models.inputs import collate, encode, extend
+from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
 
 
@@ -313,7 +313,7 @@ class VllmRollouts:
 class Batch:
     """One rollout batch: per-answer encodings (prompt + sampled tokens) and [N, W] response grids."""
 
-    features: list[dict[str, torch.Tensor]]  # per answer, for `sft.collate`
+    features: list[dict[str, torch.Tensor]]  # per answer, for `alignkit.models.inputs.collate`
     starts: torch.Tensor  # [N] prompt length: the first response token's position
     targets: torch.Tensor  # [N, W] sampled token ids, left-aligned
     mask: torch.Tensor  # [N, W]
@@ -325,23 +325,9 @@ class Batch:
         return (self.starts[rows, None] - 1 + torch.arange(self.targets.shape[1])).clamp(max=width - 1)
 
 
-def with_response(prompt: dict[str, torch.Tensor], response: list[int]) -> dict[str, torch.Tensor]:
-    """A prompt's encoding with the sampled tokens appended (attention 1, other per-token fields 0)."""
-    ids = torch.tensor(response, dtype=prompt["input_ids"].dtype)
-    out = {}
-    for key, value in prompt.items():
-        if value.dim() == 1:  # per-token
-            tail = ids if key == "input_ids" else torch.full_like(ids, int(key == "attention_mask"))
-            out[key] = torch.cat([value, tail.to(value.dtype)])
-        else:
-            out[key] = value
-    return out
-
-
 def collect(engine: RolloutEngine, processor: Any, prompts: list[Prompt], template: Any, k: int, seed: int) -> Batch:
     """# rollout: K answers per prompt, as records (for the rewards) and token grids (for training)."""
     from alignkit.sample import to_request, to_samples
-    from alignkit.train.sft import tokenize
 
     requests = [to_request(p, template) for p in prompts]
     generations = engine.generate(requests, k, seed)
@@ -351,12 +337,11 @@ def collect(engine: RolloutEngine, processor: Any, prompts: list[Prompt], templa
                     for name in ("image_token", "video_token") if getattr(processor, name, None)}  # fmt: skip
     features, samples, rows, out_prompts = [], [], [], []
     for prompt, request, gens in zip(prompts, requests, generations):
-        text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
-        encoded = tokenize(processor, text, request.images or None)
+        encoded = encode(processor, request.messages, request.images)
         for sample, gen in zip(to_samples(prompt.prompt_id, gens, template, "ppo", False), gens):
             cut = next((i for i, t in enumerate(gen.token_ids) if t in placeholders), len(gen.token_ids))
             tokens = gen.token_ids[:cut] or [processor.tokenizer.eos_token_id]  # an empty answer still ends
-            features.append(with_response(encoded, tokens))
+            features.append(extend(encoded, tokens))
             rows.append(tokens)
             samples.append(sample)
             out_prompts.append(prompt)
@@ -371,9 +356,8 @@ def evaluate(
     policy: nn.Module, value: ValueHead | None, batch: Batch, rows: torch.Tensor, pad_id: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """# forward: log π of the sampled tokens, entropy and values (if `value`) for the batch's `rows`."""
-    from alignkit.train.sft import collate
-
     inputs = collate([batch.features[i] for i in rows.tolist()], pad_id)
+    inputs.pop("labels")  # the loss is PPO's, on `batch.targets`
     idx = batch.positions(rows, inputs["input_ids"].shape[1])
     hidden = response_hidden(_lm(policy), inputs, idx)
     logp, entropy = token_logps(_lm(policy), hidden, batch.targets[rows], temperature)
@@ -418,7 +402,7 @@ def train_ppo(
     """
     from alignkit.models import load_policy, lora_config, resolve_model
     from alignkit.sample.templates import load_template
-    from alignkit.train.common import resume_point
+    from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 
     c = config
     out_dir = Path(out_dir)
@@ -461,12 +445,9 @@ def train_ppo(
                 "reward": getattr(reward, "name", repr(reward)), "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
     start = 0
     if (last := resume_point(out_dir, settings)) is not None:
-        state = torch.load(Path(last) / "state.pt", weights_only=False)
-        policy.load_state_dict(state["policy"], strict=False)
-        value.load_state_dict(state["value"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        reward_stats.__dict__.update(state["reward_stats"])
-        kl_ctl.value, start = state["kl_coef"], state["step"]
+        start, extra = load_checkpoint(last, modules={"policy": policy, "value": value}, optimizer=optimizer)
+        reward_stats.__dict__.update(extra["reward_stats"])
+        kl_ctl.value = extra["kl_coef"]
     metrics_file = out_dir / "metrics.jsonl"
 
     bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="ppo")
@@ -561,33 +542,16 @@ def train_ppo(
 
         # checkpoint
         if (step + 1) % c.save_steps == 0 and step + 1 < c.steps:
-            state = {"policy": _trainable(policy), "value": _trainable(value), "optimizer": optimizer.state_dict(),
-                     "reward_stats": dict(reward_stats.__dict__), "kl_coef": kl_ctl.value, "step": step + 1}  # fmt: skip
-            _save_checkpoint(out_dir / "checkpoints", step + 1, policy, state)
+            extra = {"reward_stats": dict(reward_stats.__dict__), "kl_coef": kl_ctl.value}
+            save_checkpoint(out_dir / "checkpoints", step + 1, modules={"policy": policy, "value": value},
+                            optimizer=optimizer, extra=extra, export=policy.save_pretrained)  # fmt: skip
     bar.close()
 
     # save: the adapter (or model) with the processor, via a temporary name
     final = out_dir / ("adapter" if finetune == "lora" else "model")
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_output(final) as tmp:
+        policy.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     shutil.rmtree(out_dir / "rollout_adapter", ignore_errors=True)
     return final
 
-
-def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(ckpt_dir: Path, step: int, policy: nn.Module, state: dict[str, Any], keep: int = 2) -> None:
-    """checkpoint-N/: the PEFT adapter (or model), state.pt, then trainer_state.json, which marks it complete."""
-    path = ckpt_dir / f"checkpoint-{step}"
-    policy.save_pretrained(path)
-    torch.save(state, path / "state.pt")
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    done = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]))
-    for old in done[:-keep]:
-        shutil.rmtree(old)

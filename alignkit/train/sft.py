@@ -6,17 +6,16 @@ processor in its collator on every step, which on a CPU costs more than the tiny
 pass (see benchmarks/sft_speed.py); here every example is encoded once, up front.
 
 Reads top to bottom: encode, set-up, resume, loop, save. The loss is on completion tokens only.
-Checkpoints (model, optimizer, scheduler, step, RNG) go to `out_dir/checkpoint` every
-`save_steps`; a re-run with the same data and settings resumes from there. The final model (or
-LoRA adapter) is written to a temporary directory and renamed to `out_dir/model`.
+Checkpoints (model, optimizer, scheduler, step, RNG) go to `out_dir/checkpoints/checkpoint-N`
+every `save_steps` (`alignkit.models.checkpoint`; the last one is kept); a re-run with the same data
+and settings resumes from there. The final model (or LoRA adapter) is written to a temporary
+directory and renamed to `out_dir/model`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import shutil
 from pathlib import Path
@@ -25,7 +24,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from alignkit.records import file_digest, iter_jsonl, load_image, RecordError
+from alignkit.models.inputs import collate, encode
+from alignkit.records import atomic_output, file_digest, iter_jsonl, load_image, RecordError
+from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 
 
 def read_sft_file(path: Path) -> list[dict[str, Any]]:
@@ -44,43 +45,6 @@ def read_sft_file(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise RecordError(f"{path}: no SFT examples")
     return rows
-
-
-def tokenize(processor: Any, text: str, images: list | None) -> dict[str, torch.Tensor]:
-    """One text with its images through the processor; per-token tensors (input_ids, attention_mask,
-    mm_token_type_ids, ...) lose the batch dim, image tensors (pixel_values, image_grid_thw) keep theirs."""
-    enc = processor(text=[text], images=images, return_tensors="pt")
-    seq = enc["input_ids"].shape[1]
-    return {k: v[0] if v.dim() == 2 and v.shape == (1, seq) else v for k, v in enc.items()}
-
-
-def encode(processor: Any, example: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Tokenize one example with its images; labels are -100 on the prompt (completion-only loss)."""
-    images = [load_image(p) for p in example["images"]] or None
-    full = processor.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-    prompt = processor.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
-    out = tokenize(processor, full, images)
-    prompt_len = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    labels = out["input_ids"].clone()
-    labels[:prompt_len] = -100
-    out["labels"] = labels
-    return out
-
-
-def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad per-token tensors; concatenate image tensors (pixel_values, image_grid_thw) along dim 0."""
-    width = max(len(b["input_ids"]) for b in batch)
-    fills = {"input_ids": pad_id, "labels": -100}
-    out: dict[str, torch.Tensor] = {}
-    for key, first in batch[0].items():
-        if first.dim() == 1:
-            fill = fills.get(key, 0)
-            out[key] = torch.stack(
-                [torch.cat([b[key], torch.full((width - len(b[key]),), fill, dtype=b[key].dtype)]) for b in batch]
-            )
-        else:
-            out[key] = torch.cat([b[key] for b in batch])
-    return out
 
 
 def _lr_at(step: int, total: int, warmup: int) -> float:
@@ -118,12 +82,13 @@ def train_sft(
         raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
     data_path, out_dir = Path(data_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final, ckpt = out_dir / "model", out_dir / "checkpoint"
+    final, ckpt = out_dir / "model", out_dir / "checkpoints"
 
     # encode
     rows = read_sft_file(data_path)
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32)
-    examples = [encode(processor, r) for r in tqdm(rows, desc="encode", leave=False)]
+    examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
+                for r in tqdm(rows, desc="encode", leave=False)]  # fmt: skip
     pad_id = processor.tokenizer.pad_token_id
 
     # set-up
@@ -134,28 +99,18 @@ def train_sft(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, max_steps, warmup_steps))
-    key = hashlib.sha256(
-        json.dumps([file_digest(data_path), model, finetune, learning_rate, max_steps, batch_size, warmup_steps,
-                    weight_decay, lora_r, lora_alpha, seed]).encode()
-    ).hexdigest()  # fmt: skip
+    settings = [file_digest(data_path), model, finetune, learning_rate, max_steps, batch_size, warmup_steps,
+                weight_decay, lora_r, lora_alpha, seed]  # fmt: skip
 
-    # resume
+    # resume: the last complete checkpoint of a run with these settings
     step, order = 0, []
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    state_file = ckpt / "state.pt"
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        if state["key"] == key:
-            policy.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, order = state["step"], state["order"]
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
     metrics = out_dir / "metrics.jsonl"
-    kept = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics.exists() else []
-    metrics.write_text("".join(l + "\n" for l in kept))  # lines logged after the checkpoint are redone
+    if (last := resume_point(out_dir, settings, ckpt, metrics)) is not None:
+        step, extra = load_checkpoint(last, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler)
+        order = extra["order"]
+        rng.setstate(extra["rng"])
 
     # loop
     policy.train()
@@ -182,28 +137,16 @@ def train_sft(
             bar.set_postfix(loss=f"{running / n:.3f}")
             running = 0.0
         if step % save_steps == 0 and step < max_steps:
-            _save_checkpoint(ckpt, policy, optimizer, scheduler, step, order, rng, key)
+            save_checkpoint(ckpt, step, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler,
+                            extra={"order": order, "rng": rng.getstate()}, keep=1)  # fmt: skip
     bar.close()
 
     # save
-    tmp = out_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if finetune == "full":
-        policy.generation_config.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_output(final) as tmp:
+        policy.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if finetune == "full":
+            policy.generation_config.save_pretrained(tmp)
     shutil.rmtree(ckpt, ignore_errors=True)
     return final
 
-
-def _save_checkpoint(ckpt: Path, policy, optimizer, scheduler, step: int, order: list[int], rng, key: str) -> None:
-    """Trainable weights and loop state, written atomically."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    trainable = {n: p.detach() for n, p in policy.named_parameters() if p.requires_grad}
-    state = {"key": key, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "order": order, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}  # fmt: skip
-    tmp = ckpt / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt / "state.pt")
