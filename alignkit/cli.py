@@ -14,6 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from alignkit.errors import AlignkitError, ModelError, RecipeError, RecordError
+from alignkit.stages import STAGES
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,8 +38,6 @@ class _Commands(TyperGroup):
             err_console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
-
-from alignkit.stages import STAGES
 
 app = typer.Typer(
     cls=_Commands,

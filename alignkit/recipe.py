@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
 from alignkit.config import Section
-from alignkit.errors import RecipeError
-
 from alignkit.data.config import DataConfig
+from alignkit.errors import RecipeError
 from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.config import JudgeConfig
 from alignkit.models.config import PolicyConfig

@@ -11,15 +11,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from alignkit.judge.config import JudgeConfig
 import torch
 from PIL import Image
 
+from alignkit.judge.config import JudgeConfig
 from alignkit.recipe import PpoConfig
 from alignkit.records import Prompt, Sample
 from alignkit.train.ppo import (
-    AdaptiveKL, PPOConfig, RunningMeanStd, evaluate, gae, kl_penalised_rewards, policy_loss, step_prompts, value_loss,
+    AdaptiveKL,
+    PPOConfig,
+    RunningMeanStd,
+    evaluate,
+    gae,
+    kl_penalised_rewards,
+    policy_loss,
+    step_prompts,
+    value_loss,
 )  # fmt: skip
 from alignkit.train.rewards import RewardFn, combine, function_reward, judge_reward, reward_model_reward
 

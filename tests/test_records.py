@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from alignkit.records import (Prompt, RecordError, ResumableJsonl, read_prompts, read_records, sample_id,
-                              write_jsonl)
+from alignkit.records import Prompt, RecordError, ResumableJsonl, read_prompts, read_records, sample_id, write_jsonl
 
 
 def png_bytes(color="red"):

@@ -13,17 +13,15 @@ import torch
 from alignkit.data.worlds.shapes import describe_objects, make_shapes_prompts
 from alignkit.judge.reference import judge_reference
 from alignkit.judge.rubric import load_rubric
+from alignkit.models.inputs import collate
 from alignkit.objects import COLORS, SHAPES
 from alignkit.pairs import build_pairs
 from alignkit.records import RecordError, Sample, write_jsonl
-from alignkit.reward.losses import LossWeights
-from alignkit.reward.model import build_reward_model, load_reward_model
-from alignkit.reward.score import evaluate_pairs, pairwise_accuracy
-from alignkit.reward.train import fit
-from alignkit.models.inputs import collate
 from alignkit.reward.data import pair_features, read_rm_pairs
-from alignkit.reward.losses import reward_loss
-from alignkit.reward.score import add_rm_columns, pair_answers, score_answers
+from alignkit.reward.losses import LossWeights, reward_loss
+from alignkit.reward.model import build_reward_model, load_reward_model
+from alignkit.reward.score import add_rm_columns, evaluate_pairs, pair_answers, pairwise_accuracy, score_answers
+from alignkit.reward.train import fit
 
 
 def shapes_pairs(out_dir: Path, num_prompts: int, seed: int) -> Path:

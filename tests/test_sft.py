@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from alignkit.data.worlds.shapes import make_shapes_prompts, perceived_answer, sft_examples

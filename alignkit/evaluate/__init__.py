@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from alignkit.evaluate.config import EvalConfig
 from alignkit.errors import RecordError
+from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present, parse_object
 from alignkit.records import Prompt, Sample, read_records

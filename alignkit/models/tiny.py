@@ -140,8 +140,14 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     For transformers/TRL paths only; vLLM cannot load it.
     """
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)  # fmt: skip
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,  # fmt: skip
+        LlavaProcessor,
+    )
 
     out_dir = Path(out_dir)
     tokenizer = _train_tokenizer(LLAVA_SPECIAL)

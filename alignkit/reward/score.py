@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from alignkit.models.inputs import collate, encode
 from alignkit.pairs import _conversation
 from alignkit.records import Prompt, RecordError, Sample, iter_jsonl, load_image, write_jsonl
-from alignkit.models.inputs import collate, encode
 from alignkit.reward.data import Messages, RMPair, encode_answer, render
 from alignkit.reward.model import RewardModel, load_reward_model
 

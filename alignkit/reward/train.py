@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
+from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import collate
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import Finetune, RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
-from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 
 SAVE_STEPS = 50
 """Checkpoint interval of `train_reward_model` (the loop's state is small next to a step's work)."""

@@ -19,11 +19,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from alignkit.models import resolve_model
 from alignkit.errors import ModelError, RecordError, SampleError
+from alignkit.models import resolve_model
 from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
-from alignkit.sample.config import SampleConfig
 from alignkit.sample.base import Backend, Generation, RejectedPrompts, Request, derive_seed
+from alignkit.sample.config import SampleConfig
 from alignkit.sample.templates import Template, load_template, parse_output
 
 __all__ = [

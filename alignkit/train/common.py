@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from alignkit.records import atomic_output
 from alignkit.models.checkpoint import resume_point  # noqa: F401 (the DPO stages import it from here)
+from alignkit.records import atomic_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer

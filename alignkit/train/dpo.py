@@ -11,8 +11,8 @@ from pathlib import Path
 from alignkit.data.preference import load_preference_dataset
 from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
-from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
+from alignkit.train.config import TrainConfig
 
 
 def train_dpo(

@@ -29,8 +29,8 @@ from trl import DPOTrainer
 from alignkit.data.preference import COLUMNS, load_preference_dataset
 from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
-from alignkit.train.config import TrainConfig
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
+from alignkit.train.config import TrainConfig
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
 # Batch columns the trainer must keep and carry to `compute_loss` beside the processor outputs.

@@ -401,8 +401,8 @@ def train_ppo(
     with the current adapter loaded every step (LoRA only).
     """
     from alignkit.models import load_policy, lora_config, resolve_model
-    from alignkit.sample.templates import load_template
     from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+    from alignkit.sample.templates import load_template
 
     c = config
     out_dir = Path(out_dir)

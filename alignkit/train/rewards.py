@@ -43,7 +43,7 @@ class RewardFn:
 
 def judge_reward(cfg: JudgeConfig, cache_path: Path) -> RewardFn:
     """The combined score (0..1) of the judge `cfg` describes, its verdicts cached in `cache_path`."""
-    from alignkit.judge import make_judge, load_rubric
+    from alignkit.judge import load_rubric, make_judge
     from alignkit.judge.cache import VerdictCache
     from alignkit.judge.openai_judge import judge_samples
     from alignkit.judge.progress import Tally

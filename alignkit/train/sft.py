@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from alignkit.models.inputs import collate, encode
-from alignkit.records import atomic_output, file_digest, iter_jsonl, load_image, RecordError
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from alignkit.models.inputs import collate, encode
+from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
 
 
 def read_sft_file(path: Path) -> list[dict[str, Any]]:

@@ -41,8 +41,8 @@ class SftStage:
         data_file = Path(cfg.data) if cfg.data else sft_dir / "data.jsonl"
         summary: dict[str, Any] = {}
         if cfg.synthetic is not None:
-            from alignkit.sample.templates import load_template
             from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
+            from alignkit.sample.templates import load_template
 
             syn = cfg.synthetic
             prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
