@@ -27,15 +27,18 @@ def says_red(prompts, samples) -> list[float]:
 
 
 def run(engine: str, model: str, prompts, out: Path, args) -> dict:
-    from alignkit.train.ppo import PPOConfig, train_ppo
+    from alignkit.sample.config import SampleConfig
+    from alignkit.train.config import PpoConfig, TrainConfig
+    from alignkit.train.ppo import train_ppo
     from alignkit.train.rewards import RewardFn
 
-    config = PPOConfig(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, num_samples=args.k,
-                       max_new_tokens=args.max_new_tokens, learning_rate=1e-3, save_steps=10**6)  # fmt: skip
-    options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
+    ppo = PpoConfig(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, rollout=engine)
+    sample = SampleConfig(num_samples=args.k, max_new_tokens=args.max_new_tokens, template="plain",
+                          vllm={"max_model_len": 512, "kv_cache_memory": 0.25})  # fmt: skip
+    train = TrainConfig(method="ppo", learning_rate=1e-3, save_steps=10**6)
     started = time.perf_counter()
-    train_ppo(prompts, out, model=model, reward=RewardFn("red", says_red), config=config, rollout=engine,
-              template="plain", vllm_options=options)  # fmt: skip
+    train_ppo(prompts, out, ppo, model=model, reward=RewardFn("red", says_red), sample=sample, train=train,
+              engine_options={"distributed_executor_backend": "uni"})  # fmt: skip
     total = time.perf_counter() - started
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = logged[args.warmup :]

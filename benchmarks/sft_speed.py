@@ -34,11 +34,12 @@ def prepare(work: Path, examples: int) -> tuple[Path, Path]:
 
 
 def run_alignkit(model: Path, data: Path, out: Path, steps: int, batch_size: int) -> float:
+    from alignkit.train.config import SftConfig
     from alignkit.train.sft import train_sft
 
+    cfg = SftConfig(data=str(data), max_steps=steps, batch_size=batch_size, warmup_steps=0, save_steps=10**9)
     start = time.perf_counter()
-    train_sft(data, out, model=str(model), max_steps=steps, batch_size=batch_size, warmup_steps=0,
-              save_steps=10**9, logging_steps=steps)  # fmt: skip
+    train_sft(data, out, cfg, model=str(model), logging_steps=steps)
     return time.perf_counter() - start
 
 

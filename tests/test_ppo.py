@@ -1,7 +1,6 @@
 """PPO: its formulas against hand computation, its rewards, and short runs on the tiny Qwen2-VL."""
 
 import base64
-import dataclasses
 import gc
 import io
 import json
@@ -15,11 +14,11 @@ import torch
 from PIL import Image
 
 from alignkit.judge.config import JudgeConfig
-from alignkit.recipe import PpoConfig
 from alignkit.records import Prompt, Sample
+from alignkit.sample.config import SampleConfig
+from alignkit.train.config import PpoConfig, TrainConfig
 from alignkit.train.ppo import (
     AdaptiveKL,
-    PPOConfig,
     RunningMeanStd,
     evaluate,
     gae,
@@ -97,12 +96,6 @@ def test_step_prompts_cover_every_prompt_once_per_pass():
     assert step_prompts(10, 2, 7, seed=0) == step_prompts(10, 2, 7, seed=0)
 
 
-def test_recipe_defaults_are_the_algorithm_defaults():
-    recipe = PpoConfig().model_dump(exclude={"rollout", "rewards"})
-    algorithm = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-    assert recipe == {k: algorithm[k] for k in recipe}
-
-
 # ---------------------------------------------------------------------------------------------
 # rewards
 
@@ -160,15 +153,23 @@ def _length(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
 
 def _run(tiny_qwen_dir, shapes, out_dir, steps: int, *, reward=None, finetune="lora", rollout="transformers",
          vllm_options=None, **overrides):  # fmt: skip
-    """A short PPO run (`overrides` go to PPOConfig); returns the final adapter (or model) and the metrics."""
+    """A short PPO run (`overrides` go to the ppo, sample or train section that has the key); returns the
+    final adapter (or model) and the metrics."""
     from alignkit.train.ppo import train_ppo
 
-    defaults = dict(prompts_per_step=4, num_samples=4, max_new_tokens=12, learning_rate=1e-2, ppo_epochs=2,
-                    num_minibatches=2)  # fmt: skip
-    config = PPOConfig(steps=steps, **defaults | overrides)
-    final = train_ppo(shapes, out_dir, model=str(tiny_qwen_dir), reward=reward or RewardFn("red", _says_red),
-                      config=config, template="plain", finetune=finetune, rollout=rollout,
-                      vllm_options=vllm_options)  # fmt: skip
+    settings = dict(prompts_per_step=4, num_samples=4, max_new_tokens=12, learning_rate=1e-2, ppo_epochs=2,
+                    num_minibatches=2) | overrides  # fmt: skip
+    sections = {}
+    for cls in (PpoConfig, SampleConfig, TrainConfig):
+        sections[cls] = {k: settings.pop(k) for k in list(settings) if k in cls.model_fields}
+    assert not settings, f"not a ppo, sample or train key: {settings}"
+    ppo = PpoConfig(steps=steps, rollout=rollout, **sections[PpoConfig])
+    vllm = dict(vllm_options or {})
+    engine = {"distributed_executor_backend": vllm.pop("distributed_executor_backend")} if vllm else None
+    sample = SampleConfig(template="plain", vllm=vllm, **sections[SampleConfig])
+    train = TrainConfig(method="ppo", finetune=finetune, **sections[TrainConfig])
+    final = train_ppo(shapes, out_dir, ppo, model=str(tiny_qwen_dir), reward=reward or RewardFn("red", _says_red),
+                      sample=sample, train=train, engine_options=engine)  # fmt: skip
     return final, [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 

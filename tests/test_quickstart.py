@@ -75,4 +75,4 @@ def test_bad_recipe_key_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "alignkit", "run", str(ROOT / "recipes" / "quickstart.yaml"),
                           "sample.num_smaples=2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 2
-    assert "sample.num_smaples" in res.stdout and "unknown key" in res.stdout and "Traceback" not in res.stderr
+    assert "sample.num_smaples" in res.stderr and "unknown key" in res.stderr and "Traceback" not in res.stderr

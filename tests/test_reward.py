@@ -17,6 +17,7 @@ from alignkit.models.inputs import collate
 from alignkit.objects import COLORS, SHAPES
 from alignkit.pairs import build_pairs
 from alignkit.records import RecordError, Sample, write_jsonl
+from alignkit.reward.config import RewardModelConfig
 from alignkit.reward.data import pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import build_reward_model, load_reward_model
@@ -172,9 +173,9 @@ def test_save_load_round_trip_gives_the_same_scores(tiny_qwen_dir, pairs_dir, tm
 def test_training_resumes_after_a_kill(tiny_qwen_dir, pairs_dir, tmp_path, monkeypatch):
     from alignkit.reward import train as rm_train
 
-    args = dict(model=str(tiny_qwen_dir), finetune="full", max_steps=4, batch_size=2, learning_rate=1e-3, eval_fraction=0)
-    monkeypatch.setattr(rm_train, "SAVE_STEPS", 2)
-    rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "straight", **args)
+    cfg = RewardModelConfig(finetune="full", max_steps=4, batch_size=2, learning_rate=1e-3, eval_fraction=0, save_steps=2)
+    args = dict(model=str(tiny_qwen_dir))
+    rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "straight", cfg, **args)
     straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
 
     calls, real = {"n": 0}, rm_train.reward_loss
@@ -187,10 +188,10 @@ def test_training_resumes_after_a_kill(tiny_qwen_dir, pairs_dir, tmp_path, monke
 
     monkeypatch.setattr(rm_train, "reward_loss", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", **args)
+        rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", cfg, **args)
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     monkeypatch.setattr(rm_train, "reward_loss", real)
-    summary = rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", **args)
+    summary = rm_train.train_reward_model(pairs_dir / "pairs.jsonl", tmp_path / "cut", cfg, **args)
     resumed = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4] and summary["final"]["step"] == 4
     for a, b in zip(straight, resumed):

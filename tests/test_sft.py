@@ -11,6 +11,7 @@ from alignkit.models.inputs import collate, encode
 from alignkit.records import Prompt, load_image, write_jsonl
 from alignkit.sample.templates import load_template
 from alignkit.train import sft as sft_module
+from alignkit.train.config import SftConfig
 from alignkit.train.sft import read_sft_file, train_sft
 
 
@@ -71,8 +72,8 @@ def test_missing_image_names_file_and_line(tmp_path):
 
 @pytest.mark.slow
 def test_train_saves_a_model_that_generates(tiny_qwen_dir, sft_file, tmp_path):
-    out = train_sft(sft_file, tmp_path / "run", model=str(tiny_qwen_dir), max_steps=3, batch_size=2,
-                    warmup_steps=1, logging_steps=1)
+    cfg = SftConfig(data=str(sft_file), max_steps=3, batch_size=2, warmup_steps=1)
+    out = train_sft(sft_file, tmp_path / "run", cfg, model=str(tiny_qwen_dir), logging_steps=1)
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
@@ -83,8 +84,9 @@ def test_train_saves_a_model_that_generates(tiny_qwen_dir, sft_file, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_file, tmp_path, monkeypatch):
-    args = dict(model=str(tiny_qwen_dir), max_steps=4, batch_size=2, warmup_steps=1, logging_steps=1, save_steps=2)
-    train_sft(sft_file, tmp_path / "straight", **args)
+    cfg = SftConfig(data=str(sft_file), max_steps=4, batch_size=2, warmup_steps=1, save_steps=2)
+    args = dict(model=str(tiny_qwen_dir), logging_steps=1)
+    train_sft(sft_file, tmp_path / "straight", cfg, **args)
     straight = [json.loads(l)["loss"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
 
     calls = {"n": 0}
@@ -98,7 +100,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
 
     monkeypatch.setattr(sft_module, "collate", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        train_sft(sft_file, tmp_path / "resumed", **args)
+        train_sft(sft_file, tmp_path / "resumed", cfg, **args)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert (checkpoints / "checkpoint-2" / "trainer_state.json").exists()
     assert {p.suffix for p in (checkpoints / "checkpoint-2").iterdir()} == {".safetensors", ".json"}  # no pickle
@@ -108,7 +110,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "lo')
     monkeypatch.setattr(sft_module, "collate", real)
-    train_sft(sft_file, tmp_path / "resumed", **args)
+    train_sft(sft_file, tmp_path / "resumed", cfg, **args)
     lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)

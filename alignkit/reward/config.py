@@ -40,5 +40,12 @@ class RewardModelConfig(Section):
     max_critique_tokens: int = Field(64, ge=1)
     critique_temperature: float = Field(1.0, gt=0)
     score_batch_size: int = Field(8, ge=1)
+    save_steps: int = Field(50, ge=1)
+    """Checkpoint training every this many steps (a killed run resumes from the last one)."""
     checkpoint: str | None = None
     """Score with this reward model directory instead of the one the `reward_model` stage trains."""
+
+    def score_options(self) -> dict[str, int | float]:
+        """`score_answers`' keyword arguments: how the model scores (critiques, their length, batch)."""
+        return {"num_critiques": self.num_critiques, "max_new_tokens": self.max_critique_tokens,
+                "temperature": self.critique_temperature, "batch_size": self.score_batch_size}  # fmt: skip

@@ -4,7 +4,7 @@ Reads top to bottom: set-up (pairs, held-out split, model), loop, save, held-out
 output directory:
 
     out_dir/metrics.jsonl  one line per step: loss, bradley_terry, tie, center, critique_ce, accuracy
-    out_dir/checkpoints/   every SAVE_STEPS steps (`alignkit.models.checkpoint`); a re-run with the same
+    out_dir/checkpoints/   every `reward_model.save_steps` steps (`alignkit.models.checkpoint`); a re-run with the same
                            pairs and settings resumes from the last one; removed once the model is saved
     out_dir/model/         the reward model (see model.py), written last and atomically
 """
@@ -15,7 +15,6 @@ import json
 import math
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,12 +22,12 @@ import torch
 
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import collate
+from alignkit.reward.config import RewardModelConfig
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
-from alignkit.reward.model import Finetune, RewardModel, build_reward_model
+from alignkit.reward.model import RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
 
-SAVE_STEPS = 50
 """Checkpoint interval of `train_reward_model` (the loop's state is small next to a step's work)."""
 
 
@@ -53,7 +52,7 @@ def fit(
     seed: int = 0,
     metrics_path: Path | None = None,
     checkpoint_dir: Path | None = None,
-    save_steps: int = SAVE_STEPS,
+    save_steps: int = 50,
     resume_from: str | Path | None = None,
 ) -> list[dict[str, float]]:
     """Train `rm` in place for `steps` AdamW steps of `batch_size` pairs; returns the metrics of the steps it ran.
@@ -103,51 +102,42 @@ def fit(
 def train_reward_model(
     pairs_path: Path,
     out_dir: Path,
+    cfg: RewardModelConfig = RewardModelConfig(),
     *,
     model: str,
-    finetune: Finetune = "lora",
-    learning_rate: float = 1e-4,
-    max_steps: int = 100,
-    batch_size: int = 4,
-    weights: LossWeights = LossWeights(),
-    use_critiques: bool = True,
-    eval_fraction: float = 0.1,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: list[str] | None = None,
     seed: int = 0,
-    score_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on a pairs file into `out_dir/model`; returns a summary with held-out ACC/ACC+.
 
-    Pair rationales are the critiques (`use_critiques`); pairs without one train the score only.
-    `score_options` are `score_answers` keyword arguments for the held-out evaluation.
+    The settings are the `reward_model` section's. Pair rationales are the critiques
+    (`cfg.use_critiques`); pairs without one train the score only. The held-out evaluation scores as
+    `cfg.score_options()` says.
     """
+    weights = LossWeights(cfg.critique_weight, cfg.margin_weight, cfg.tie_weight, cfg.center_weight)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, checkpoints = out_dir / "metrics.jsonl", out_dir / "checkpoints"
 
     # set-up
-    train_pairs, held_out = split_by_prompt(read_rm_pairs(pairs_path), eval_fraction, seed)
+    train_pairs, held_out = split_by_prompt(read_rm_pairs(pairs_path), cfg.eval_fraction, seed)
     torch.manual_seed(seed)
-    rm = build_reward_model(model, finetune, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
+    rm = build_reward_model(model, cfg.finetune, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                            lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules)  # fmt: skip
 
     # resume: the last complete checkpoint of a run with these pairs and settings (more steps extend a run)
-    settings = {"pairs": rm_pairs_digest(pairs_path), "model": model, "finetune": finetune, "learning_rate": learning_rate,
-                "batch_size": batch_size, "weights": asdict(weights), "use_critiques": use_critiques,
-                "eval_fraction": eval_fraction, "lora": [lora_r, lora_alpha, lora_dropout, target_modules], "seed": seed}  # fmt: skip
+    settings = {"pairs": rm_pairs_digest(pairs_path), "model": model, "seed": seed,
+                "config": cfg.model_dump(mode="json", exclude={"max_steps", "save_steps", "checkpoint"})}  # fmt: skip
     last = resume_point(out_dir, settings, checkpoints, metrics)
 
     # train
-    history = fit(rm, train_pairs, steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
-                  weights=weights, use_critiques=use_critiques, seed=seed, metrics_path=metrics,
-                  checkpoint_dir=checkpoints, save_steps=SAVE_STEPS, resume_from=last)  # fmt: skip
+    history = fit(rm, train_pairs, steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                  weights=weights, use_critiques=cfg.use_critiques, seed=seed, metrics_path=metrics,
+                  checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=last)  # fmt: skip
 
     # save, then evaluate on held-out prompts
     path = rm.save(out_dir / "model")
     shutil.rmtree(checkpoints, ignore_errors=True)
     summary: dict[str, Any] = {"model": str(path), "train_pairs": len(train_pairs), "final": history[-1] if history else {}}
     if held_out:
-        summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **(score_options or {}))
+        summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **cfg.score_options())
     return summary

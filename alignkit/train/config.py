@@ -63,36 +63,56 @@ class RewardSpec(Section):
 
 class PpoConfig(Section):
     """PPO (train.method: ppo). Answers are sampled as the `sample` section says (num_samples,
-    max_new_tokens, temperature, top_p, template, vllm); the hyperparameters' defaults and the
-    reasons for them are documented on `alignkit.train.ppo.PPOConfig`."""
+    max_new_tokens, temperature, top_p, template, vllm); the learning rate, LoRA, fine-tuning mode
+    and checkpoint interval come from `train`. Defaults follow Schulman et al. 2017 and cleanrl's
+    ppo.py for the optimisation, and Ziegler et al. 2019 / TRL's PPOTrainer (removed in TRL 1.13)
+    for the language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
 
     rollout: Literal["transformers", "vllm"] = "transformers"
     """Rollout engine: `transformers` generates with the policy in training; `vllm` loads the current
     LoRA adapter into a vLLM engine before every rollout batch (LoRA only)."""
     rewards: list[RewardSpec] = [RewardSpec()]
+    """The reward sources, summed with their weights."""
     steps: int = Field(100, ge=1)
+    """PPO steps; each samples one rollout batch and runs `ppo_epochs` passes over it."""
     prompts_per_step: int = Field(8, ge=1)
+    """Prompts per rollout batch; the batch holds prompts_per_step * sample.num_samples answers."""
     ppo_epochs: int = Field(4, ge=1)
+    """Passes over each rollout batch (cleanrl `update_epochs`, TRL `num_ppo_epochs`)."""
     num_minibatches: int = Field(4, ge=1)
+    """Minibatches per pass (cleanrl); each is rollout batch / num_minibatches answers."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """Discount. 1.0 for text (TRL): the only non-KL reward comes at the last token."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ (Schulman et al. 2016; cleanrl, TRL)."""
     clip_range: float = Field(0.2, gt=0)
+    """Policy ratio clip ε (PPO paper, cleanrl `clip_coef`)."""
     clip_range_value: float = Field(0.2, gt=0)
+    """Value clip: new values stay within ± this of the rollout's values (cleanrl `clip_vloss`, TRL)."""
     vf_coef: float = Field(0.1, ge=0)
+    """Value-loss weight (TRL; cleanrl's 0.5 lets a shared backbone's value loss swamp the policy's)."""
     ent_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight (0 for LMs, as in TRL; the KL penalty already keeps the policy spread)."""
     max_grad_norm: float = Field(0.5, gt=0)
+    """Global gradient-norm clip (cleanrl)."""
     whiten_advantages: bool = True
+    """Advantages to mean 0, std 1 over the batch's response tokens (cleanrl `norm_adv`, TRL)."""
     kl_coef: float = Field(0.05, ge=0)
-    """β of the per-token KL penalty to the reference (the starting β with target_kl)."""
+    """β of the per-token KL penalty to the reference policy (TRL); the initial β when adaptive."""
     target_kl: float | None = Field(None, gt=0)
-    """Set (e.g. 6.0) for Ziegler et al.'s adaptive KL controller; null keeps kl_coef fixed."""
+    """Adaptive KL (Ziegler et al. 2019): β moves so the per-answer KL approaches this (their 6
+    nats); null keeps β fixed."""
     kl_horizon: int = Field(10000, ge=1)
+    """Adaptive KL horizon in answers: how slowly β moves (Ziegler et al. 2019)."""
     normalize_rewards: bool = True
-    """Scale rewards by a running mean/std over all answers so far (on by default)."""
+    """Scale scores by a running mean/std over all answers so far (Ziegler et al. normalise their
+    reward model likewise): judge scores in [0, 1] and reward-model logits get one scale, so β and
+    the learning rate mean the same thing for any reward source."""
     reward_clip: float = Field(10.0, ge=0)
-    """Clip normalised rewards to ± this (0: no clipping)."""
+    """Normalised scores are clipped to ± this (the VecNormalize default cleanrl uses); 0 turns clipping off."""
     value_model: Literal["shared", "separate"] = "shared"
-    """`shared`: a value head on the policy's hidden states; `separate`: a second backbone with its own LoRA."""
+    """`shared`: the value head reads the policy's hidden states (one forward, as TRL's value-head
+    model); `separate`: a second backbone (same base, own LoRA) for the value, as in InstructGPT."""
 
 
 class SftSyntheticConfig(Section):
@@ -118,6 +138,7 @@ class SftConfig(Section):
     max_steps: int = Field(1500, ge=1)
     batch_size: int = Field(16, ge=1)
     warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     save_steps: int = Field(250, ge=1)

@@ -32,10 +32,10 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,66 +45,8 @@ from alignkit.errors import ModelError, RecipeError
 from alignkit.models.inputs import collate, encode, extend
 from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyperparameters. Defaults follow Schulman et al. 2017 and cleanrl's ppo.py for the
-    optimisation, and Ziegler et al. 2019 / TRL's PPOTrainer (removed in TRL 1.13) for the
-    language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
-
-    steps: int = 100
-    """PPO steps; each samples one rollout batch and runs `ppo_epochs` passes over it."""
-    prompts_per_step: int = 8
-    """Prompts per rollout batch; the batch holds prompts_per_step * num_samples answers."""
-    num_samples: int = 4
-    """K answers per prompt (per image)."""
-    max_new_tokens: int = 64
-    """Longest answer; a truncated answer is scored as it stands."""
-    temperature: float = 1.0
-    """Rollout temperature. 1.0 samples the policy itself, which the ratio π/π_old assumes."""
-    top_p: float = 1.0
-    learning_rate: float = 1e-5
-    """Adam step size (TRL's PPO default for LMs; LoRA on small models tolerates 10-100x more)."""
-    ppo_epochs: int = 4
-    """Passes over each rollout batch (cleanrl `update_epochs`, TRL `num_ppo_epochs`)."""
-    num_minibatches: int = 4
-    """Minibatches per pass (cleanrl); each is rollout batch / num_minibatches answers."""
-    gamma: float = 1.0
-    """Discount. 1.0 for text (TRL): the only non-KL reward comes at the last token."""
-    lam: float = 0.95
-    """GAE λ (Schulman et al. 2016; cleanrl, TRL)."""
-    clip_range: float = 0.2
-    """Policy ratio clip ε (PPO paper, cleanrl `clip_coef`)."""
-    clip_range_value: float = 0.2
-    """Value clip: new values stay within ± this of the rollout's values (cleanrl `clip_vloss`, TRL)."""
-    vf_coef: float = 0.1
-    """Value-loss weight (TRL; cleanrl's 0.5 lets a shared backbone's value loss swamp the policy's)."""
-    ent_coef: float = 0.0
-    """Entropy bonus weight (0 for LMs, as in TRL; the KL penalty already keeps the policy spread)."""
-    max_grad_norm: float = 0.5
-    """Global gradient-norm clip (cleanrl)."""
-    whiten_advantages: bool = True
-    """Advantages to mean 0, std 1 over the batch's response tokens (cleanrl `norm_adv`, TRL)."""
-    kl_coef: float = 0.05
-    """β of the per-token KL penalty to the reference policy (TRL); the initial β when adaptive."""
-    target_kl: float | None = None
-    """Adaptive KL (Ziegler et al. 2019): β moves so the per-answer KL approaches this (their 6 nats); None keeps β fixed."""
-    kl_horizon: int = 10000
-    """Adaptive KL horizon in answers: how slowly β moves (Ziegler et al. 2019)."""
-    normalize_rewards: bool = True
-    """Scale scores by a running mean/std over all answers so far (Ziegler et al. normalise their
-    reward model likewise): judge scores in [0, 1] and reward-model logits get one scale, so β and
-    the learning rate mean the same thing for any reward source."""
-    reward_clip: float = 10.0
-    """Normalised scores are clipped to ± this (the VecNormalize default cleanrl uses); 0 turns clipping off."""
-    value_model: Literal["shared", "separate"] = "shared"
-    """`shared`: the value head reads the policy's hidden states (one forward, as TRL's value-head model);
-    `separate`: a second backbone (same base, own LoRA) for the value, as in InstructGPT."""
-    save_steps: int = 20
-    """Checkpoint (PEFT adapter + training state) every this many steps."""
-    seed: int = 0
-
+from alignkit.sample.config import SampleConfig
+from alignkit.train.config import PpoConfig, TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # math on [answers, response tokens] grids; `mask` is 1 on real response tokens, 0 on padding
@@ -381,67 +323,70 @@ def step_prompts(n: int, per_step: int, step: int, seed: int) -> list[int]:
 def train_ppo(
     prompts: Sequence[Prompt],
     out_dir: Path,
+    cfg: PpoConfig = PpoConfig(),
     *,
     model: str,
     reward: Any,
-    config: PPOConfig = PPOConfig(),
-    rollout: Literal["transformers", "vllm"] = "transformers",
-    template: str = "cot",
-    finetune: Literal["lora", "full"] = "lora",
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: list[str] | None = None,
-    vllm_options: dict | None = None,
+    sample: SampleConfig = SampleConfig(),
+    train: TrainConfig = TrainConfig(method="ppo"),
+    seed: int = 0,
+    engine_options: dict | None = None,
 ) -> Path:
     """Train `model` with PPO on `prompts`; returns `out_dir/adapter` (LoRA) or `out_dir/model` (full).
 
-    `reward` is an `alignkit.train.rewards.RewardFn` (or any callable `(prompts, samples) -> list[float]`
-    with a `name`). `rollout` picks the engine: the policy itself through transformers, or vLLM
-    with the current adapter loaded every step (LoRA only).
+    `cfg` is the `ppo` section; answers are sampled as `sample` says (K, length, temperature, top_p,
+    template, vLLM engine), and `train` gives the learning rate, `finetune` (lora or full), LoRA and
+    checkpoint interval. `reward` is an `alignkit.train.rewards.RewardFn` (or any callable
+    `(prompts, samples) -> list[float]` with a `name`). `cfg.rollout` picks the engine: the policy
+    itself through transformers, or vLLM with the current adapter loaded every step (LoRA only);
+    `engine_options` adds vLLM engine arguments beyond `sample.vllm` (tests run it in-process).
     """
     from alignkit.models import load_policy, lora_config, resolve_model
     from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
     from alignkit.sample.templates import load_template
 
-    c = config
+    c, t = cfg, train
     out_dir = Path(out_dir)
     model_path = resolve_model(model)
-    tmpl = load_template(template)
-    torch.manual_seed(c.seed)
+    tmpl = load_template(sample.template)
+    torch.manual_seed(seed)
 
     # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine
     policy, processor = load_policy(model_path, dtype=torch.float32)
     pad_id = processor.tokenizer.pad_token_id
     reference = None
-    if finetune == "lora":
+    lora = lora_config(t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules)
+    if t.finetune == "lora":
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(lora_r, lora_alpha, lora_dropout, target_modules))
+        policy = get_peft_model(policy, lora)
     else:  # full fine-tuning: the one case that needs a frozen copy
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     hidden_size = _lm(policy).config.get_text_config().hidden_size
     critic_backbone = None
     if c.value_model == "separate":
         critic_backbone, _ = load_policy(model_path, dtype=torch.float32)
-        if finetune == "lora":
+        if t.finetune == "lora":
             from peft import get_peft_model
 
-            critic_backbone = get_peft_model(critic_backbone, lora_config(lora_r, lora_alpha, lora_dropout, target_modules))
+            critic_backbone = get_peft_model(critic_backbone, lora)
     value = ValueHead(hidden_size, critic_backbone)
     params = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.learning_rate, eps=1e-5)  # cleanrl's eps
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, eps=1e-5)  # cleanrl's eps
     reward_stats, kl_ctl = RunningMeanStd(), AdaptiveKL(c.kl_coef, c.target_kl, c.kl_horizon)
-    sampling = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+    sampling = dict(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
                     batch_size=c.prompts_per_step)  # fmt: skip
-    if rollout == "vllm":
-        engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", vllm_options, **sampling)
+    if c.rollout == "vllm":
+        options = sample.vllm.model_dump(exclude_none=True) | (engine_options or {})
+        engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", options, **sampling)
     else:
         engine = TransformersRollouts(policy, processor, **sampling)
 
     # resume: the last complete checkpoint of a run with these settings (more steps extend a run)
-    settings = {"config": {k: v for k, v in asdict(c).items() if k not in ("steps", "save_steps")}, "model": model_path, "rollout": rollout, "template": template,
-                "finetune": finetune, "lora": [lora_r, lora_alpha, lora_dropout, target_modules],
+    settings = {"config": c.model_dump(mode="json", exclude={"steps", "rewards"}), "model": model_path, "seed": seed,
+                "sample": sample.model_dump(include={"num_samples", "max_new_tokens", "temperature", "top_p", "template"}),
+                "train": t.model_dump(include={"learning_rate", "finetune", "lora_r", "lora_alpha", "lora_dropout",
+                                               "target_modules"}),
                 "reward": getattr(reward, "name", repr(reward)), "prompts": [p.prompt_id for p in prompts]}  # fmt: skip
     start = 0
     if (last := resume_point(out_dir, settings)) is not None:
@@ -458,8 +403,8 @@ def train_ppo(
         policy.eval()
         value.eval()  # a separate critic has (LoRA) dropout too: none in the rollout's values
         engine.sync(policy, step)
-        chosen = [prompts[i] for i in step_prompts(len(prompts), c.prompts_per_step, step, c.seed)]
-        batch = collect(engine, processor, chosen, tmpl, c.num_samples, derive_seed(c.seed, "rollout", step))
+        chosen = [prompts[i] for i in step_prompts(len(prompts), c.prompts_per_step, step, seed)]
+        batch = collect(engine, processor, chosen, tmpl, sample.num_samples, derive_seed(seed, "rollout", step))
         n, mask = len(batch.samples), batch.mask
         rollout_seconds = time.monotonic() - started
 
@@ -472,16 +417,16 @@ def train_ppo(
             scores = raw.clamp(-c.reward_clip, c.reward_clip) if c.reward_clip > 0 else raw
 
         # forward: old log-probs and values under the rollout policy, reference log-probs
-        minibatch, t = max(1, n // c.num_minibatches), c.temperature
+        minibatch, temp = max(1, n // c.num_minibatches), sample.temperature
         chunks = torch.arange(n).split(minibatch)
         with torch.no_grad():
-            old = [evaluate(policy, value, batch, rows, pad_id, t) for rows in chunks]
+            old = [evaluate(policy, value, batch, rows, pad_id, temp) for rows in chunks]
             old_logp, old_values = torch.cat([o[0] for o in old]), torch.cat([o[2] for o in old])
             if reference is None:
                 with policy.disable_adapter():
-                    ref_logp = torch.cat([evaluate(policy, None, batch, rows, pad_id, t)[0] for rows in chunks])
+                    ref_logp = torch.cat([evaluate(policy, None, batch, rows, pad_id, temp)[0] for rows in chunks])
             else:
-                ref_logp = torch.cat([evaluate(reference, None, batch, rows, pad_id, t)[0] for rows in chunks])
+                ref_logp = torch.cat([evaluate(reference, None, batch, rows, pad_id, temp)[0] for rows in chunks])
 
         # kl penalty: per-token -β·KL, the scaled score on the final token
         rewards, kl = kl_penalised_rewards(old_logp, ref_logp, scores, mask, kl_ctl.value)
@@ -494,12 +439,12 @@ def train_ppo(
         # update: ppo_epochs passes over shuffled minibatches
         policy.train()
         value.train()
-        generator = torch.Generator().manual_seed(derive_seed(c.seed, "minibatches", step))
+        generator = torch.Generator().manual_seed(derive_seed(seed, "minibatches", step))
         logs: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
         for _ in range(c.ppo_epochs):
             for rows in torch.randperm(n, generator=generator).split(minibatch):
                 m = mask[rows]
-                logp, entropy, values = evaluate(policy, value, batch, rows, pad_id, t)
+                logp, entropy, values = evaluate(policy, value, batch, rows, pad_id, temp)
 
                 # policy loss
                 pg_loss, stats = policy_loss(logp, old_logp[rows], advantages[rows], m, c.clip_range)
@@ -541,14 +486,14 @@ def train_ppo(
         bar.set_postfix(reward=f"{record['reward/raw']:.3f}", kl=f"{record['kl']:.3f}")
 
         # checkpoint
-        if (step + 1) % c.save_steps == 0 and step + 1 < c.steps:
+        if (step + 1) % t.save_steps == 0 and step + 1 < c.steps:
             extra = {"reward_stats": dict(reward_stats.__dict__), "kl_coef": kl_ctl.value}
             save_checkpoint(out_dir / "checkpoints", step + 1, modules={"policy": policy, "value": value},
                             optimizer=optimizer, extra=extra, export=policy.save_pretrained)  # fmt: skip
     bar.close()
 
     # save: the adapter (or model) with the processor, via a temporary name
-    final = out_dir / ("adapter" if finetune == "lora" else "model")
+    final = out_dir / ("adapter" if t.finetune == "lora" else "model")
     with atomic_output(final) as tmp:
         policy.save_pretrained(tmp)
         processor.save_pretrained(tmp)

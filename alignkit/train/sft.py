@@ -27,6 +27,7 @@ from tqdm import tqdm
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
+from alignkit.train.config import SftConfig
 
 
 def read_sft_file(path: Path) -> list[dict[str, Any]]:
@@ -57,29 +58,20 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
 def train_sft(
     data_path: Path,
     out_dir: Path,
+    cfg: SftConfig,
     *,
     model: str,
-    finetune: str = "full",
-    learning_rate: float = 1e-3,
-    max_steps: int = 1000,
-    batch_size: int = 16,
-    warmup_steps: int = 50,
-    weight_decay: float = 0.0,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    save_steps: int = 250,
-    logging_steps: int = 25,
     seed: int = 0,
+    logging_steps: int = 25,
 ) -> Path:
     """Fine-tune `model` on an SFT file; returns `out_dir/model` (full weights or a LoRA adapter).
 
-    `finetune` is "full" or "lora". Defaults suit training a tiny model from scratch (lr 1e-3,
-    batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4.
+    The settings are the `sft` section's (`cfg.data` / `cfg.synthetic` are the caller's business:
+    `data_path` is the file to train on). Its defaults suit training a tiny model from scratch
+    (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4.
     """
     from alignkit.models import load_policy, lora_config, resolve_model
 
-    if finetune not in ("full", "lora"):
-        raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
     data_path, out_dir = Path(data_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final, ckpt = out_dir / "model", out_dir / "checkpoints"
@@ -92,15 +84,15 @@ def train_sft(
     pad_id = processor.tokenizer.pad_token_id
 
     # set-up
-    if finetune == "lora":
+    if cfg.finetune == "lora":
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(lora_r, lora_alpha))
+        policy = get_peft_model(policy, lora_config(cfg.lora_r, cfg.lora_alpha))
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, max_steps, warmup_steps))
-    settings = [file_digest(data_path), model, finetune, learning_rate, max_steps, batch_size, warmup_steps,
-                weight_decay, lora_r, lora_alpha, seed]  # fmt: skip
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, cfg.max_steps, cfg.warmup_steps))
+    settings = [file_digest(data_path), model, cfg.finetune, cfg.learning_rate, cfg.max_steps, cfg.batch_size,
+                cfg.warmup_steps, cfg.weight_decay, cfg.lora_r, cfg.lora_alpha, seed]  # fmt: skip
 
     # resume: the last complete checkpoint of a run with these settings
     step, order = 0, []
@@ -114,12 +106,12 @@ def train_sft(
 
     # loop
     policy.train()
-    bar = tqdm(total=max_steps, initial=step, desc="sft")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft")
     running = 0.0
-    while step < max_steps:
-        if len(order) < batch_size:  # a fresh shuffled epoch once the current one runs out
+    while step < cfg.max_steps:
+        if len(order) < cfg.batch_size:  # a fresh shuffled epoch once the current one runs out
             order += rng.sample(range(len(examples)), len(examples))
-        idx, order = order[:batch_size], order[batch_size:]
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         batch = collate([examples[i] for i in idx], pad_id)
         loss = policy(**batch).loss
         loss.backward()
@@ -130,13 +122,13 @@ def train_sft(
         step += 1
         running += loss.item()
         bar.update(1)
-        if step % logging_steps == 0 or step == max_steps:
+        if step % logging_steps == 0 or step == cfg.max_steps:
             n = logging_steps if step % logging_steps == 0 else step % logging_steps
             with metrics.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": running / n, "lr": scheduler.get_last_lr()[0]}) + "\n")
             bar.set_postfix(loss=f"{running / n:.3f}")
             running = 0.0
-        if step % save_steps == 0 and step < max_steps:
+        if step % cfg.save_steps == 0 and step < cfg.max_steps:
             save_checkpoint(ckpt, step, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler,
                             extra={"order": order, "rng": rng.getstate()}, keep=1)  # fmt: skip
     bar.close()
@@ -145,7 +137,7 @@ def train_sft(
     with atomic_output(final) as tmp:
         policy.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if finetune == "full":
+        if cfg.finetune == "full":
             policy.generation_config.save_pretrained(tmp)
     shutil.rmtree(ckpt, ignore_errors=True)
     return final

@@ -49,10 +49,5 @@ class SftStage:
             rows = sft_examples(prompts, load_template(ctx.config.sample.template), syn.error_rate, seed=syn.seed)
             write_jsonl(data_file, rows)
             summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
-        model_dir = train_sft(
-            data_file, sft_dir, model=ctx.config.policy.model, finetune=cfg.finetune,
-            learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-            warmup_steps=cfg.warmup_steps, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-            save_steps=cfg.save_steps, seed=ctx.config.seed,
-        )  # fmt: skip
+        model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed)
         return summary | {"model": str(model_dir)}

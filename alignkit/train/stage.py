@@ -11,7 +11,7 @@ from alignkit.errors import RecipeError, StageInputError
 from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.judge.stage import rubric_file
 from alignkit.records import Prompt, read_records
-from alignkit.reward.stage import SCORE_KEYS, score_options
+from alignkit.reward.stage import SCORE_KEYS
 from alignkit.sample.stage import SampleStage
 from alignkit.stage import Context, template_files
 
@@ -85,16 +85,11 @@ def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
     learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`.
     """
     from alignkit.train import rewards
-    from alignkit.train.ppo import PPOConfig, train_ppo
+    from alignkit.train.ppo import train_ppo
 
     cfg, ppo, sample = ctx.config.train, ctx.config.ppo, ctx.config.sample
     if cfg.finetune == "qlora":
         raise StageInputError("train.method ppo supports train.finetune lora or full, not qlora")
-    config = PPOConfig(
-        **ppo.model_dump(exclude={"rollout", "rewards"}), num_samples=sample.num_samples,
-        max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
-        learning_rate=cfg.learning_rate, save_steps=cfg.save_steps, seed=ctx.config.seed,
-    )  # fmt: skip
 
     def reward(spec) -> rewards.RewardFn:
         if spec.source == "judge":
@@ -104,15 +99,12 @@ def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
             return rewards.judge_reward(reference, ctx.paths.judge_cache)
         if spec.source == "reward_model":
             rm_dir = spec.path or ctx.paths.reward_model / "model"
-            return rewards.reward_model_reward(rm_dir, sample.template, **score_options(ctx.config.reward_model))
+            return rewards.reward_model_reward(rm_dir, sample.template, **ctx.config.reward_model.score_options())
         return rewards.function_reward(spec.path)
 
     out = train_ppo(
-        read_records(ctx.paths.prompts, Prompt), ctx.paths.train, model=model,
-        reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]), config=config,
-        rollout=ppo.rollout, template=sample.template, finetune=cfg.finetune, lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-        vllm_options=sample.vllm.model_dump(exclude_none=True),
+        read_records(ctx.paths.prompts, Prompt), ctx.paths.train, ppo, model=model, sample=sample, train=cfg,
+        reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]), seed=ctx.config.seed,
     )  # fmt: skip
     steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
     return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"]}
