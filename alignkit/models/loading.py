@@ -6,12 +6,12 @@ are imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignkit.errors import SetupError
+from alignkit.records import atomic_output
 
 if TYPE_CHECKING:
     import torch
@@ -136,18 +136,14 @@ def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
 
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapter is None:
-        shutil.copytree(model, tmp)
-    else:
-        base = AutoModelForImageTextToText.from_pretrained(model, dtype="auto")
-        stored_dtype = base.dtype  # merge in float32, save in the base's own dtype (bf16 stays bf16)
-        merged = load_adapter(base.float(), adapter).merge_and_unload()
-        merged.to(stored_dtype).save_pretrained(tmp)
-        load_processor(model).save_pretrained(tmp)
-        GenerationConfig.from_pretrained(model).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_output(out_dir) as tmp:
+        if adapter is None:
+            shutil.copytree(model, tmp)
+        else:
+            base = AutoModelForImageTextToText.from_pretrained(model, dtype="auto")
+            stored_dtype = base.dtype  # merge in float32, save in the base's own dtype (bf16 stays bf16)
+            merged = load_adapter(base.float(), adapter).merge_and_unload()
+            merged.to(stored_dtype).save_pretrained(tmp)
+            load_processor(model).save_pretrained(tmp)
+            GenerationConfig.from_pretrained(model).save_pretrained(tmp)
+    return Path(out_dir)
