@@ -298,27 +298,6 @@ def test_kv_cache_memory_is_an_absolute_size():
 
 
 @pytest.mark.slow
-def test_vllm_starts_with_little_free_memory(vllm_backend, tiny_qwen_dir, monkeypatch):
-    """With kv_cache_memory the engine starts wherever that much memory is free, even when other
-    processes hold all but 1 GiB of a large machine (a share of host RAM failed to start there)."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        pytest.skip("vLLM's CPU worker reads the host's free memory")
-    import vllm.v1.worker.cpu_worker as cpu_worker
-    from vllm.utils.cpu_resource_utils import MemoryNodeInfo
-
-    assert vllm_backend.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process sees the patch
-    little = MemoryNodeInfo(total_memory=256 * 2**30, available_memory=2**30)
-    monkeypatch.setattr(cpu_worker, "get_memory_node_info", lambda node=0: little)
-    with pytest.raises(RuntimeError, match="less than desired CPU memory utilization"):
-        make_backend("vllm", str(tiny_qwen_dir), vllm_options=VLLM_OPTIONS | {"kv_cache_memory": None})
-    backend = make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=4, vllm_options=VLLM_OPTIONS)
-    assert backend.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
-
-
-@pytest.mark.slow
 def test_vllm_samples_join_and_reproduce(vllm_backend, prompts, tmp_path: Path):
     runs = {}
     for name, seed, subset in [("a", 0, prompts), ("b", 0, prompts[::-1][:4]), ("c", 1, prompts)]:
@@ -436,3 +415,24 @@ def test_vllm_samples_unloraable_adapter_from_merged_copy(tiny_qwen_dir, vision_
     assert not base[qkv].equal(ours[qkv])
     requests = [to_request(p, load_template("cot")) for p in prompts[:2]]
     assert all(len(gs) == K for gs in backend.generate(requests, K, seed=0))
+
+
+@pytest.mark.slow
+def test_vllm_starts_with_little_free_memory(tiny_qwen_dir, monkeypatch):
+    """With kv_cache_memory the engine starts wherever that much memory is free, even when other
+    processes hold all but 1 GiB of a large machine (a share of host RAM failed to start there).
+    Last in the module: engines started after others in one process may disturb those."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's CPU worker reads the host's free memory")
+    import vllm.v1.worker.cpu_worker as cpu_worker
+    from vllm.utils.cpu_resource_utils import MemoryNodeInfo
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process sees the patch
+    little = MemoryNodeInfo(total_memory=256 * 2**30, available_memory=2**30)
+    monkeypatch.setattr(cpu_worker, "get_memory_node_info", lambda node=0: little)
+    with pytest.raises(RuntimeError, match="less than desired CPU memory utilization"):
+        make_backend("vllm", str(tiny_qwen_dir), vllm_options=VLLM_OPTIONS | {"kv_cache_memory": None})
+    backend = make_backend("vllm", str(tiny_qwen_dir), max_new_tokens=4, vllm_options=VLLM_OPTIONS)
+    assert backend.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
