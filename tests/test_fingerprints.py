@@ -190,3 +190,24 @@ def test_editing_the_judge_file_reruns_eval_and_ppo(tmp_path):
     after = _fingerprints(recipe)
     assert after["eval"] != before["eval"] and after["train"] != before["train"] and after["judge"] != before["judge"]
     assert after["sample"] == before["sample"] and after["pairs"] == before["pairs"]
+
+
+@pytest.mark.slow
+def test_eval_judge_score_is_not_stale_after_a_judge_file_edit(tmp_path):
+    """End to end: before, `eval` skipped as up to date after its judge file changed (a stale judge score)."""
+    shutil.copy(builtin_dir("judges") / "overall.yaml", tmp_path / "judge.yaml")
+    (tmp_path / "r.yaml").write_text(f"""\
+output_dir: {tmp_path / "run"}
+data: {{synthetic: {{num_prompts: 2}}}}
+judge: {{backend: reference, rubric: {tmp_path / "judge.yaml"}}}
+eval: {{synthetic: {{num_prompts: 4, seed: 9, tasks: [describe]}}, max_new_tokens: 8}}
+""")
+    results = tmp_path / "run" / "eval" / "base" / "results.json"
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["eval"])
+    first = results.stat().st_mtime_ns
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["eval"])
+    assert results.stat().st_mtime_ns == first  # unchanged inputs: skipped
+    with (tmp_path / "judge.yaml").open("a") as f:
+        f.write("# stricter now\n")
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["eval"])
+    assert results.stat().st_mtime_ns != first  # the judge file changed: evaluated and judged again

@@ -45,7 +45,9 @@ class RewardModelConfig(Section):
     checkpoint: str | None = None
     """Score with this reward model directory instead of the one the `reward_model` stage trains."""
 
-    def score_options(self) -> dict[str, int | float]:
-        """`score_answers`' keyword arguments: how the model scores (critiques, their length, batch)."""
-        return {"num_critiques": self.num_critiques, "max_new_tokens": self.max_critique_tokens,
-                "temperature": self.critique_temperature, "batch_size": self.score_batch_size}  # fmt: skip
+
+def score_options(cfg: RewardModelConfig) -> dict[str, int | float]:
+    """`score_answers`' keyword arguments from the section: how the model scores (critiques, their
+    length, batch). Stages pass their view of the section, which lets it read only these keys."""
+    return {"num_critiques": cfg.num_critiques, "max_new_tokens": cfg.max_critique_tokens,
+            "temperature": cfg.critique_temperature, "batch_size": cfg.score_batch_size}  # fmt: skip

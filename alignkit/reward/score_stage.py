@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.records import Prompt, Sample, read_records
+from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
 from alignkit.stage import Context, settings_of, stage_key, template_files
 
@@ -48,7 +49,7 @@ class ScoreStage:
             return score_samples(
                 self._rm_dir(ctx), prompts, read_records(ctx.paths.samples, Sample),
                 {p.prompt_id: template.render(p.question) for p in prompts}, ctx.paths.rm_scores,
-                seed=ctx.config.seed, **ctx.config.reward_model.score_options(),
+                seed=ctx.config.seed, **score_options(ctx.config.reward_model),
             )  # fmt: skip
 
         # Scoring is cached apart from the pairs, so re-made pairs are annotated without re-scoring.

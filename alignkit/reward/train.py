@@ -22,7 +22,7 @@ import torch
 
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import collate
-from alignkit.reward.config import RewardModelConfig
+from alignkit.reward.config import RewardModelConfig, score_options
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
@@ -111,7 +111,7 @@ def train_reward_model(
 
     The settings are the `reward_model` section's. Pair rationales are the critiques
     (`cfg.use_critiques`); pairs without one train the score only. The held-out evaluation scores as
-    `cfg.score_options()` says.
+    `score_options(cfg)` says.
     """
     weights = LossWeights(cfg.critique_weight, cfg.margin_weight, cfg.tie_weight, cfg.center_weight)
     out_dir = Path(out_dir)
@@ -139,5 +139,5 @@ def train_reward_model(
     shutil.rmtree(checkpoints, ignore_errors=True)
     summary: dict[str, Any] = {"model": str(path), "train_pairs": len(train_pairs), "final": history[-1] if history else {}}
     if held_out:
-        summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **cfg.score_options())
+        summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **score_options(cfg))
     return summary

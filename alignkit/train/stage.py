@@ -11,6 +11,7 @@ from alignkit.errors import RecipeError, StageInputError
 from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.judge.stage import rubric_file
 from alignkit.records import Prompt, read_records
+from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
 from alignkit.sample.stage import SampleStage
 from alignkit.stage import Context, template_files
@@ -99,7 +100,7 @@ def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
             return rewards.judge_reward(reference, ctx.paths.judge_cache)
         if spec.source == "reward_model":
             rm_dir = spec.path or ctx.paths.reward_model / "model"
-            return rewards.reward_model_reward(rm_dir, sample.template, **ctx.config.reward_model.score_options())
+            return rewards.reward_model_reward(rm_dir, sample.template, **score_options(ctx.config.reward_model))
         return rewards.function_reward(spec.path)
 
     out = train_ppo(
