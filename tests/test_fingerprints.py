@@ -211,3 +211,26 @@ eval: {{synthetic: {{num_prompts: 4, seed: 9, tasks: [describe]}}, max_new_token
         f.write("# stricter now\n")
     Runner(load_recipe(tmp_path / "r.yaml")).run(["eval"])
     assert results.stat().st_mtime_ns != first  # the judge file changed: evaluated and judged again
+
+
+@pytest.mark.slow
+def test_ppo_with_a_judge_reward_reruns_after_a_judge_file_edit(tmp_path):
+    """End to end: before, PPO's fingerprint held the judge's name only, so an edited judge file kept the old policy."""
+    shutil.copy(builtin_dir("judges") / "overall.yaml", tmp_path / "judge.yaml")
+    (tmp_path / "r.yaml").write_text(f"""\
+output_dir: {tmp_path / "run"}
+data: {{synthetic: {{num_prompts: 2, tasks: [describe]}}}}
+sample: {{backend: transformers, num_samples: 2, max_new_tokens: 6}}
+judge: {{backend: reference, rubric: {tmp_path / "judge.yaml"}}}
+train: {{method: ppo}}
+ppo: {{steps: 1, prompts_per_step: 2, ppo_epochs: 1, num_minibatches: 1, rewards: [{{source: reference}}]}}
+""")
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["prompts", "train"])
+    first = metrics.stat().st_mtime_ns
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["prompts", "train"])
+    assert metrics.stat().st_mtime_ns == first
+    with (tmp_path / "judge.yaml").open("a") as f:
+        f.write("# stricter now\n")
+    Runner(load_recipe(tmp_path / "r.yaml")).run(["prompts", "train"])
+    assert metrics.stat().st_mtime_ns != first  # the reward's judge file changed: trained again
