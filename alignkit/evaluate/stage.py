@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.records import Prompt, Sample, read_records, write_atomic, write_jsonl
+from alignkit.sample.stage import VLLM_UNCHANGING
 from alignkit.stage import Context, stage_key, template_files
 
 
@@ -18,8 +20,7 @@ class EvalStage:
 
     name = command = "eval"
     per_round = True
-    exclude = frozenset({"sample.vllm.data_parallel_size", "judge.concurrency", "judge.api_key_env",
-                         "judge.rpm", "judge.tpm"})  # fmt: skip
+    exclude = frozenset({*VLLM_UNCHANGING, *JUDGE_UNCHANGING})
 
     def config(self, recipe) -> tuple[str, ...]:
         judge = ("judge",) if recipe.eval is not None and recipe.eval.judge else ()
