@@ -39,3 +39,8 @@ class SampleError(AlignkitError, ValueError):
 class SetupError(AlignkitError, RuntimeError):
     """What a setting needs is missing or not working on this machine: a CUDA GPU, an optional
     package, an engine that will not start, a server that refuses every request."""
+
+
+class LaunchError(AlignkitError, RuntimeError):
+    """A stage started as several processes (`launch.num_processes`) failed; the message names the
+    stage and the log that holds its processes' output."""

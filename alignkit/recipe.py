@@ -18,6 +18,7 @@ from alignkit.data.config import DataConfig
 from alignkit.errors import RecipeError
 from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.config import JudgeConfig
+from alignkit.launch import LaunchConfig
 from alignkit.models.config import PolicyConfig
 from alignkit.pairs.config import PairsConfig
 from alignkit.reward.config import RewardModelConfig
@@ -41,6 +42,8 @@ class Recipe(Section):
     ppo: PpoConfig = PpoConfig()
     sft: SftConfig | None = None
     eval: EvalConfig | None = None
+    launch: LaunchConfig = LaunchConfig()
+    """Processes per distributed stage (`alignkit.launch`): `launch.num_processes=2` runs `sft` as 2."""
     rounds: int = Field(1, ge=1)
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from alignkit.errors import RecipeError, StageInputError
+from alignkit.launch import launch_stage
 from alignkit.recipe import Recipe, resolved_yaml
 from alignkit.records import write_atomic
 from alignkit.stage import Context, RunPaths, Stage, digest, fingerprint, identity, model_identity, require, stage_key
@@ -77,11 +78,13 @@ class Runner:
 
     def run_stage(self, stage: Stage, round: int = 1) -> dict[str, Any]:
         """Run one stage in one round (skipped when up to date)."""
-        ctx = self.context(stage, round)
+        ctx, launch = self.context(stage, round), self.recipe.launch
         reads = stage.reads(ctx)
         require(reads, stage.name)
-        return self.step(stage_key(stage.name, round), identity(stage, ctx), reads, stage.output(ctx),
-                         lambda fp: stage.run(ctx, fp))  # fmt: skip
+        work = lambda fp: stage.run(ctx, fp)  # noqa: E731
+        if getattr(stage, "distributed", False) and launch.num_processes > 1:  # N processes, see alignkit.launch
+            work = lambda fp: launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))  # noqa: E731
+        return self.step(stage_key(stage.name, round), identity(stage, ctx), reads, stage.output(ctx), work)
 
     # -- the round loop -------------------------------------------------------------------------
 

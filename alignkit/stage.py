@@ -11,7 +11,12 @@ in `alignkit.stages`. It declares:
 - `reads(ctx)`: the files whose bytes its result depends on (inputs, judge files, templates, ...);
 - `upstream(ctx)`: identities of inputs that are not plain files (the policy it starts from);
 - `output(ctx)`: the file or directory whose existence means "done";
-- `run(ctx, fingerprint)`: does the work and returns a JSON-able summary.
+- `run(ctx, fingerprint)`: does the work and returns a JSON-able summary;
+- optionally `distributed = True`: its `run` works as one of N processes under accelerate, so with
+  `launch.num_processes > 1` the runner starts it as N processes (`alignkit.launch`). Every process
+  calls `run`; only the main one writes (accelerate's `is_main_process`), and its summary is the
+  one recorded. Its config declares `launch.num_processes` when that changes the result (a
+  per-device batch size makes the global batch depend on it).
 
 The fingerprint is derived, never assembled by hand: the stage's name, the dump of its config keys
 minus `exclude`, the digest of every file it reads and its upstream identities.

@@ -100,6 +100,9 @@ def _changed(path: str, value: object, tmp_path: Path) -> object:
         other.mkdir(exist_ok=True)
         (other / "head.safetensors").write_bytes(b"other head")
         return str(other)
+    if path == "launch.config_file":  # a file the sft stage reads: it must exist
+        (tmp_path / "accelerate.yaml").write_text("mixed_precision: 'no'\n")
+        return str(tmp_path / "accelerate.yaml")
     if path in ALTERNATIVES:
         return ALTERNATIVES[path]
     options = typing.get_args(_field(path).annotation)

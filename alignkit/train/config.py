@@ -137,11 +137,18 @@ class SftConfig(Section):
     """1e-3 trains the tiny model from scratch; use ~1e-4 with LoRA on a pretrained VLM."""
     max_steps: int = Field(1500, ge=1)
     batch_size: int = Field(16, ge=1)
+    """Examples per process (per device) in each micro-batch. A step trains on the global batch,
+    batch_size × grad_accum × launch.num_processes examples; any split of the same global batch
+    takes the same step (see `alignkit.train.sft`)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per step and process (a larger global batch in the same memory)."""
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     save_steps: int = Field(250, ge=1)
+    logging_steps: int = Field(25, ge=1)
+    """Steps per line of metrics.jsonl (the mean loss over them)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "SftConfig":

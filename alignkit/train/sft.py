@@ -10,10 +10,22 @@ Checkpoints (model, optimizer, scheduler, step, RNG) go to `out_dir/checkpoints/
 every `save_steps` (`alignkit.models.checkpoint`; the last one is kept); a re-run with the same data
 and settings resumes from there. The final model (or LoRA adapter) is written to a temporary
 directory and renamed to `out_dir/model`.
+
+Devices and processes come from accelerate (`alignkit.train.device`): the same loop runs as one
+process or as N (torchrun / accelerate launch, see `alignkit.launch`). `batch_size` is per process;
+a step takes a global batch of batch_size × grad_accum × num_processes examples from one shuffled
+order, and process r trains on its own slices of it. The loss is the sum over this process's
+completion tokens divided by the global batch's token count (scaled by num_processes, which DDP's
+gradient mean divides back out), so every split of the same global batch takes the same step: 2
+processes × batch 2 equal 1 process × batch 4, and equal batch 2 × grad_accum 2. Checkpoints hold
+the whole (unsharded) state and the run key holds the global batch, not the split: a run resumes
+with another process count when the global batch is unchanged; another global batch starts over.
+Only the main process writes metrics, checkpoints and the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,9 +37,10 @@ import torch
 from tqdm import tqdm
 
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from alignkit.models.inputs import collate, encode
+from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
 from alignkit.train.config import SftConfig
+from alignkit.train.device import make_accelerator
 
 
 def read_sft_file(path: Path) -> list[dict[str, Any]]:
@@ -68,19 +81,27 @@ def train_sft(
 
     The settings are the `sft` section's (`cfg.data` / `cfg.synthetic` are the caller's business:
     `data_path` is the file to train on). Its defaults suit training a tiny model from scratch
-    (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4.
+    (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4. Run it in
+    every process of a launch (see the module docstring); it returns when all are done.
     """
+    from accelerate.utils import broadcast_object_list
+
     from alignkit.models import load_policy, lora_config, resolve_model
 
     data_path, out_dir = Path(data_path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final, ckpt = out_dir / "model", out_dir / "checkpoints"
+    accelerator = make_accelerator()
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
 
-    # encode
+    # encode (every process encodes all examples: the loss is normalised by the global batch's tokens)
     rows = read_sft_file(data_path)
+    # float32 weights; accelerate runs the compute in its mixed precision and places the model
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32)
     examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
-                for r in tqdm(rows, desc="encode", leave=False)]  # fmt: skip
+                for r in tqdm(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
+    targets = [int((e["labels"][1:] != IGNORE).sum()) for e in examples]  # tokens the loss counts
     pad_id = processor.tokenizer.pad_token_id
 
     # set-up
@@ -91,54 +112,73 @@ def train_sft(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, cfg.max_steps, cfg.warmup_steps))
-    settings = [file_digest(data_path), model, cfg.finetune, cfg.learning_rate, cfg.max_steps, cfg.batch_size,
+    # The scheduler is not prepared: accelerate would step it once per process on every step.
+    wrapped, optimizer = accelerator.prepare(policy, optimizer)
+    settings = [file_digest(data_path), model, cfg.finetune, cfg.learning_rate, cfg.max_steps, global_batch,
                 cfg.warmup_steps, cfg.weight_decay, cfg.lora_r, cfg.lora_alpha, seed]  # fmt: skip
 
-    # resume: the last complete checkpoint of a run with these settings
+    # resume: the last complete checkpoint of a run with these settings (the main process decides)
     step, order = 0, []
     rng = random.Random(seed)
-    torch.manual_seed(seed)
     metrics = out_dir / "metrics.jsonl"
-    if (last := resume_point(out_dir, settings, ckpt, metrics)) is not None:
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    box = [resume_point(out_dir, settings, ckpt, metrics) if main else None]
+    broadcast_object_list(box)
+    if (last := box[0]) is not None:
         step, extra = load_checkpoint(last, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler)
         order = extra["order"]
         rng.setstate(extra["rng"])
 
     # loop
-    policy.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft")
+    wrapped.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not main)
     running = 0.0
     while step < cfg.max_steps:
-        if len(order) < cfg.batch_size:  # a fresh shuffled epoch once the current one runs out
+        if len(order) < global_batch:  # a fresh shuffled epoch once the current one runs out
             order += rng.sample(range(len(examples)), len(examples))
-        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        batch = collate([examples[i] for i in idx], pad_id)
-        loss = policy(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        idx, order = order[:global_batch], order[global_batch:]
+        n_tokens = sum(targets[i] for i in idx)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for m in range(cfg.grad_accum):
+            # micro-batch m of process r: slice m * world + r of the global batch
+            part = idx[(m * world + rank) * cfg.batch_size:][:cfg.batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in part], pad_id).items()}
+            sync = m == cfg.grad_accum - 1  # all-reduce the gradients once, after the last micro-batch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
+                loss = wrapped(**batch, num_items_in_batch=n_tokens).loss
+                accelerator.backward(loss * world)  # DDP averages over processes; we want their sum
+            loss_sum += loss.detach()
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        running += loss.item()
+        running += accelerator.reduce(loss_sum, "sum").item()  # the global batch's mean token loss
         bar.update(1)
-        if step % logging_steps == 0 or step == cfg.max_steps:
+        if main and (step % logging_steps == 0 or step == cfg.max_steps):
             n = logging_steps if step % logging_steps == 0 else step % logging_steps
             with metrics.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": running / n, "lr": scheduler.get_last_lr()[0]}) + "\n")
             bar.set_postfix(loss=f"{running / n:.3f}")
+        if step % logging_steps == 0:
             running = 0.0
         if step % cfg.save_steps == 0 and step < cfg.max_steps:
-            save_checkpoint(ckpt, step, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler,
-                            extra={"order": order, "rng": rng.getstate()}, keep=1)  # fmt: skip
+            if main:
+                save_checkpoint(ckpt, step, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler,
+                                extra={"order": order, "rng": rng.getstate()}, keep=1)  # fmt: skip
+            accelerator.wait_for_everyone()
     bar.close()
 
     # save
-    with atomic_output(final) as tmp:
-        policy.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if cfg.finetune == "full":
-            policy.generation_config.save_pretrained(tmp)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if main:
+        unwrapped = accelerator.unwrap_model(wrapped)
+        with atomic_output(final) as tmp:
+            unwrapped.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            if cfg.finetune == "full":
+                unwrapped.generation_config.save_pretrained(tmp)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
-

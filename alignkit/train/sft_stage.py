@@ -15,10 +15,13 @@ class SftStage:
 
     name = command = "sft"
     per_round = False
-    exclude = frozenset({"sft.save_steps"})
+    distributed = True  # runs as launch.num_processes processes (alignkit.launch)
+    # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
+    # config file may set the mixed precision (its bytes are in `reads`).
+    exclude = frozenset({"sft.save_steps", "sft.logging_steps"})
 
     def config(self, recipe) -> tuple[str, ...]:
-        return ("sft", "policy.model", "sample.template", "seed")
+        return ("sft", "policy.model", "sample.template", "seed", "launch")
 
     def reads(self, ctx: Context) -> list[Path]:
         cfg = ctx.config.sft
@@ -26,7 +29,9 @@ class SftStage:
             from alignkit.errors import StageInputError
 
             raise StageInputError("stage 'sft' needs an `sft` section in the recipe")
-        return [*([Path(cfg.data)] if cfg.data else []), *template_files(ctx.config.sample.template)]
+        launch = ctx.config.launch.config_file  # an accelerate config file may set the mixed precision
+        return [*([Path(cfg.data)] if cfg.data else []), *template_files(ctx.config.sample.template),
+                *([Path(launch)] if launch else [])]  # fmt: skip
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         return {"model": model_identity(ctx.config.policy.model)}
@@ -35,19 +40,25 @@ class SftStage:
         return ctx.paths.sft / "model"
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        """Runs in every process of a launch: the main one writes the data, all of them train."""
+        from alignkit.train.device import process_state
         from alignkit.train.sft import train_sft
 
-        cfg, sft_dir = ctx.config.sft, ctx.paths.sft
+        cfg, sft_dir, state = ctx.config.sft, ctx.paths.sft, process_state()
         data_file = Path(cfg.data) if cfg.data else sft_dir / "data.jsonl"
         summary: dict[str, Any] = {}
         if cfg.synthetic is not None:
-            from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
-            from alignkit.sample.templates import load_template
+            if state.is_main_process:
+                from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
+                from alignkit.sample.templates import load_template
 
-            syn = cfg.synthetic
-            prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
-            rows = sft_examples(prompts, load_template(ctx.config.sample.template), syn.error_rate, seed=syn.seed)
-            write_jsonl(data_file, rows)
-            summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
-        model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed)
-        return summary | {"model": str(model_dir)}
+                syn = cfg.synthetic
+                prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
+                rows = sft_examples(prompts, load_template(ctx.config.sample.template), syn.error_rate, seed=syn.seed)
+                write_jsonl(data_file, rows)
+                summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
+            state.wait_for_everyone()
+        model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed,
+                              logging_steps=cfg.logging_steps)
+        return summary | {"model": str(model_dir), "num_processes": state.num_processes,
+                          "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes}  # fmt: skip

@@ -1,0 +1,214 @@
+"""Many processes (`launch.num_processes`): the sft stage as 2 real gloo processes trains like 1 process
+with the same global batch, resumes across process counts, and a failing launch is a clear error.
+Device and precision come from accelerate's state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alignkit.launch import LaunchConfig, command
+from alignkit.recipe import load_recipe
+from alignkit.runner import Runner
+from alignkit.train import device
+from alignkit.train import sft as sft_module
+
+# Same global batch, other split: the gradients are all-reduced in fp32 over gloo and the padding
+# differs (each process pads its own half), so the losses agree to float rounding, not bit for bit.
+REL_TOL = 1e-5
+
+RECIPE = """\
+output_dir: {out}
+stages: [sft]
+policy: {{model: "tiny:qwen2-vl"}}
+data: {{synthetic: {{num_prompts: 2}}}}
+sft:
+  synthetic: {{num_examples: 32}}
+  max_steps: 4
+  batch_size: {batch}
+  warmup_steps: 1
+  logging_steps: 1
+  save_steps: {save}
+"""
+
+
+def _recipe(tmp_path, name: str, batch: int, save: int = 100):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / name, batch=batch, save=save))
+    return path
+
+
+def _cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "sft", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: 1 process, batch 4 (in this process, through the runner)."""
+    tmp = tmp_path_factory.mktemp("one")
+    Runner(load_recipe(_recipe(tmp, "one", batch=4))).run()
+    return tmp / "one"
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(one_process, tmp_path):
+    done = _cli(_recipe(tmp_path, "two", batch=2), "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "two"
+    summary = json.loads((run / "stages.json").read_text())["sft"]["summary"]
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 4  # the world size the stage saw
+    assert json.loads((one_process / "stages.json").read_text())["sft"]["summary"]["num_processes"] == 1
+
+    one, two = _losses(one_process), _losses(run)
+    assert len(one) == len(two) == 4
+    diffs = [(abs(a - b), abs(a - b) / abs(a)) for a, b in zip(one, two)]
+    print("per-step |loss diff| (abs, rel):", [(f"{d:.2e}", f"{r:.2e}") for d, r in diffs])
+    assert two == pytest.approx(one, rel=REL_TOL)
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    w1, w2 = load_file(one_process / "sft/model/model.safetensors"), load_file(run / "sft/model/model.safetensors")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4  # the same weights after 4 steps
+    model = AutoModelForImageTextToText.from_pretrained(run / "sft" / "model")
+    processor = AutoProcessor.from_pretrained(run / "sft" / "model")
+    ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
+    assert not (run / "sft" / "model.summary.json").exists()  # read and removed by the runner
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_another_process_count_and_the_same_global_batch(one_process, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, "resumed", batch=4, save=2)
+    calls = {"n": 0}
+    real = sft_module.collate
+
+    def crash_on_third(batch, pad_id):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed in step 3, after the step-2 checkpoint
+        return real(batch, pad_id)
+
+    monkeypatch.setattr(sft_module, "collate", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(load_recipe(recipe)).run()
+    run = tmp_path / "resumed"
+    assert (run / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    metrics = run / "sft" / "metrics.jsonl"
+    # mark the lines before the checkpoint: a resumed run keeps them, a fresh start would rewrite them
+    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
+                               for line in metrics.read_text().splitlines()))  # fmt: skip
+
+    done = _cli(recipe, "launch.num_processes=2", "sft.batch_size=2")  # 2 x 2: the same global batch
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(l["step"], l.get("before", False)) for l in lines] == [(1, True), (2, True), (3, False), (4, False)]
+    assert [l["loss"] for l in lines] == pytest.approx(_losses(one_process), rel=REL_TOL)
+
+
+@pytest.mark.slow
+def test_a_failing_launch_names_the_stage_and_its_log(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": []}) + "\n")  # no completion: every process stops on it
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""\
+output_dir: {tmp_path / "run"}
+policy: {{model: "tiny:qwen2-vl"}}
+data: {{synthetic: {{num_prompts: 2}}}}
+sft: {{data: {bad}, max_steps: 1}}
+""")
+    done = _cli(recipe, "launch.num_processes=2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stage 'sft' failed in 2 processes" in done.stderr
+    log = tmp_path / "run" / "sft" / "model.launch.log"
+    assert str(log) in " ".join(done.stderr.split()) and "missing key(s)" in log.read_text()
+    assert json.loads((tmp_path / "run" / "stages.json").read_text())["sft"]["status"] == "running"
+
+
+def test_the_launch_command():
+    args = ["--stage", "sft"]
+    torchrun = command(LaunchConfig(num_processes=2), args)
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert torchrun[-4:] == ["-m", "alignkit.worker", "--stage", "sft"]
+    accel = command(LaunchConfig(num_processes=4, config_file="acc.yaml"), args)
+    assert accel[1:7] == ["-m", "accelerate.commands.launch", "--config_file", "acc.yaml", "--num_processes", "4"]
+
+
+def test_precision_comes_from_the_hardware_and_accelerate(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.mixed_precision() == "no"  # fp32 on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device.mixed_precision() == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert device.mixed_precision() == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --config_file` passes on
+    assert device.mixed_precision() == "fp16"
+
+
+@pytest.mark.slow
+def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, monkeypatch):
+    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
+    from alignkit.records import write_jsonl
+    from alignkit.sample.templates import load_template
+    from alignkit.train.config import SftConfig
+
+    data = write_jsonl(tmp_path / "sft.jsonl",
+                       sft_examples(make_shapes_prompts(tmp_path, 4, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
+    seen = {}
+
+    def spy():
+        acc = device.make_accelerator()
+        prepare = acc.prepare
+
+        def prepared(*objs):
+            out = prepare(*objs)
+            seen["model_device"] = next(out[0].parameters()).device
+            return out
+
+        acc.prepare = prepared
+        seen["accelerator"] = acc
+        return acc
+
+    monkeypatch.setattr(sft_module, "make_accelerator", spy)
+    sft_module.train_sft(data, tmp_path / "run", SftConfig(data=str(data), max_steps=1, batch_size=2),
+                         model=str(tiny_qwen_dir))  # fmt: skip
+    acc = seen["accelerator"]
+    assert seen["model_device"] == acc.device  # placed by accelerate.prepare, not by the loop
+    assert acc.mixed_precision == device.mixed_precision()  # "no" here: no GPU
+    source = (sft_module.__file__ and open(sft_module.__file__).read())
+    assert '"cuda"' not in source and '"cpu"' not in source and ".cuda(" not in source
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_qwen_dir, tmp_path):
+    """batch 2 × grad_accum 2 = batch 4: the loss is normalised over the global batch's tokens."""
+    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
+    from alignkit.records import write_jsonl
+    from alignkit.sample.templates import load_template
+    from alignkit.train.config import SftConfig
+
+    data = write_jsonl(tmp_path / "sft.jsonl",
+                       sft_examples(make_shapes_prompts(tmp_path, 8, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
+    losses = {}
+    for name, batch, accum in (("whole", 4, 1), ("accumulated", 2, 2)):
+        cfg = SftConfig(data=str(data), max_steps=3, batch_size=batch, grad_accum=accum, warmup_steps=1)
+        sft_module.train_sft(data, tmp_path / name, cfg, model=str(tiny_qwen_dir), logging_steps=1)
+        losses[name] = _losses_of(tmp_path / name / "metrics.jsonl")
+    assert losses["accumulated"] == pytest.approx(losses["whole"], rel=REL_TOL)
+
+
+def _losses_of(path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
