@@ -81,9 +81,12 @@ class Runner:
         ctx, launch = self.context(stage, round), self.recipe.launch
         reads = stage.reads(ctx)
         require(reads, stage.name)
-        work = lambda fp: stage.run(ctx, fp)  # noqa: E731
-        if getattr(stage, "distributed", False) and launch.num_processes > 1:  # N processes, see alignkit.launch
-            work = lambda fp: launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))  # noqa: E731
+
+        def work(fp: str) -> dict[str, Any]:
+            if getattr(stage, "distributed", False) and launch.num_processes > 1:  # N processes: alignkit.launch
+                return launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))
+            return stage.run(ctx, fp)
+
         return self.step(stage_key(stage.name, round), identity(stage, ctx), reads, stage.output(ctx), work)
 
     # -- the round loop -------------------------------------------------------------------------
