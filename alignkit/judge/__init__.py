@@ -14,17 +14,18 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alignkit.judge import pairwise
 from alignkit.judge.cache import VerdictCache
 from alignkit.judge.config import JudgeConfig
-from alignkit.judge.openai_judge import OpenAIJudge, judge_samples
 from alignkit.judge.progress import Tally
 from alignkit.judge.reference import check_rubric, judge_reference, reference_verdicts
 from alignkit.judge.report import format_report, quality_report, write_report
 from alignkit.judge.rubric import JudgeError, Rubric, RubricError, load_rubric
 from alignkit.records import Prompt, ResumableJsonl, Sample
+
+if TYPE_CHECKING:  # the OpenAI client is imported when a judge is made: `alignkit --help` stays quick
+    from alignkit.judge.openai_judge import OpenAIJudge
 
 __all__ = ["JudgeConfig", "JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "run_judge"]
 
@@ -156,6 +157,8 @@ def make_judge(rub: Rubric, cfg: JudgeConfig) -> OpenAIJudge | None:
         )
     options = cfg.model_dump(include={"model", "base_url", "api_key_env", "concurrency", "timeout", "max_retries",
                                       "image_max_side", "rpm", "tpm"})  # fmt: skip
+    from alignkit.judge.openai_judge import OpenAIJudge
+
     return OpenAIJudge(rub, **options)
 
 
@@ -189,6 +192,9 @@ async def _judge_openai(
     tally: Tally,
 ) -> None:
     """Judge the samples still to do, writing verdicts (and comparisons) in batches as they come."""
+    from alignkit.judge import pairwise
+    from alignkit.judge.openai_judge import judge_samples
+
     writers = [_Batched(out, "sample_id")] + ([_Batched(comps, "comparison_id")] if comps is not None else [])
 
     async def flush_every(seconds: float) -> None:
