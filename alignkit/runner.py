@@ -23,6 +23,7 @@ from rich.console import Console
 
 from alignkit.errors import RecipeError, StageInputError
 from alignkit.launch import launch_stage
+from alignkit.lock import run_lock
 from alignkit.recipe import Recipe, resolved_yaml
 from alignkit.records import write_atomic
 from alignkit.stage import Context, RunPaths, Stage, digest, fingerprint, identity, model_identity, require, stage_key
@@ -92,21 +93,23 @@ class Runner:
     # -- the round loop -------------------------------------------------------------------------
 
     def run(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """Run `names` (default: the recipe's stages) in pipeline order; return each stage's summary."""
+        """Run `names` (default: the recipe's stages) in pipeline order; return each stage's summary.
+        One process per run directory: a second `run` on it stops at once (`alignkit.lock`)."""
         wanted = names or list(self.recipe.stages)
         unknown = [s for s in wanted if s not in STAGE_NAMES]
         if unknown:
             raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
-        write_atomic(RunPaths(self.root).recipe, resolved_yaml(self.recipe))
-        stages = [s for s in STAGES if s.name in wanted]
-        results = {s.name: self.run_stage(s) for s in stages if not s.per_round}
-        per_round = [s for s in stages if s.per_round]
-        for r in range(1, self.recipe.rounds + 1):
-            self.paths = RunPaths(self.root, r)
-            if r > 1 and per_round:
-                self._merge(r - 1)
-            for s in per_round:
-                results[stage_key(s.name, r)] = self.run_stage(s, r)
+        with run_lock(self.root):
+            write_atomic(RunPaths(self.root).recipe, resolved_yaml(self.recipe))
+            stages = [s for s in STAGES if s.name in wanted]
+            results = {s.name: self.run_stage(s) for s in stages if not s.per_round}
+            per_round = [s for s in stages if s.per_round]
+            for r in range(1, self.recipe.rounds + 1):
+                self.paths = RunPaths(self.root, r)
+                if r > 1 and per_round:
+                    self._merge(r - 1)
+                for s in per_round:
+                    results[stage_key(s.name, r)] = self.run_stage(s, r)
         return results
 
     def _merge(self, round: int) -> None:

@@ -85,3 +85,24 @@ def test_resolved_recipe_is_saved_without_secrets(tmp_path):
 def test_unknown_stage(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         Runner(recipe(tmp_path)).run(["smaple"])
+
+
+def test_one_process_per_run_directory_and_a_killed_owner_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from alignkit.lock import RunLockedError
+
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom alignkit.lock import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)\n")  # fmt: skip
+    owner = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=rf"in use by another alignkit process \(pid {owner.pid}\)"):
+            Runner(recipe(tmp_path)).run(["prompts"])
+        assert not (tmp_path / "run" / "prompts.jsonl").exists()  # it stopped before doing anything
+    finally:
+        owner.kill()  # SIGKILL: the lock file stays behind, the kernel's lock does not
+        owner.wait()
+    Runner(recipe(tmp_path)).run(["prompts"])
+    assert (tmp_path / "run" / "prompts.jsonl").exists()
