@@ -654,3 +654,21 @@ def test_quality_report_on_a_hand_made_set():
     assert ra["samples"] == 5 and ra["spearman"] == pytest.approx(spearman([0, 0.5, 1, 0.2, 0.2], [0.1, 0.9, 0.5, 0, 1]))
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 1], [1, 2]) is None
     assert report["self_consistency"] is None and report["position"] is None
+
+
+def test_a_cached_verdict_the_judge_file_no_longer_accepts_is_asked_again(server, world, tmp_path):
+    prompts, samples = world
+    judge(server, tmp_path, prompts, samples)
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "judge_cache.sqlite")  # poison: out of the judge file's 0..10 range
+    for key, verdict in db.execute("SELECT key, verdict FROM verdicts").fetchall():
+        db.execute("UPDATE verdicts SET verdict = ? WHERE key = ?", (json.dumps(json.loads(verdict) | {"hallucination": 40}), key))
+    db.commit()
+    db.close()
+    (tmp_path / "verdicts.jsonl").unlink()
+    again = judge(server, tmp_path, prompts, samples)
+    assert again["requests"] == 6 and again["cached"] == 0 and again["ok"] == 6
+    assert all(0 <= v["score"] <= 1 for v in verdicts(tmp_path / "verdicts.jsonl").values())
+    third = judge(server, tmp_path, prompts, samples, out="v3.jsonl")  # the re-asked verdicts replaced them
+    assert third["requests"] == 0 and third["cached"] == 6

@@ -144,7 +144,11 @@ class OpenAIJudge:
         sampling = dict(self.rubric.sampling)
         key = cache_key(self.rubric.request_hash, self.model, sampling, messages, repetition)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return Judgment(hit[0], cached=True)
+            try:  # checked against the judge file as it is now (a score's range may have changed)
+                self.rubric.validate(hit[0])
+                return Judgment(hit[0], cached=True)
+            except JudgeError:
+                pass  # asked again below, and the new verdict replaces it
 
         attempts = 1 + self.max_retries
         estimate = estimate_tokens(messages, int(sampling.get("max_tokens", 512)))
