@@ -672,3 +672,22 @@ def test_a_cached_verdict_the_judge_file_no_longer_accepts_is_asked_again(server
     assert all(0 <= v["score"] <= 1 for v in verdicts(tmp_path / "verdicts.jsonl").values())
     third = judge(server, tmp_path, prompts, samples, out="v3.jsonl")  # the re-asked verdicts replaced them
     assert third["requests"] == 0 and third["cached"] == 6
+
+
+def test_a_reply_cut_at_max_tokens_is_recorded_as_truncated_not_retried_blindly(server, world, tmp_path):
+    prompts, samples = world
+    data = yaml.safe_load((REPO / "judges" / "overall.yaml").read_text())
+    data["sampling"]["max_tokens"] = 5  # the fixture cuts a reply at max_tokens words, with finish_reason "length"
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    summary = judge(server, tmp_path, prompts, samples, rubric=str(tmp_path / "short.yaml"), max_retries=3)
+    assert summary["failed_reasons"] == {"truncated": 6} and summary["requests"] == 6  # one request each
+    assert all("max_tokens=5" in v["error"] for v in verdicts(tmp_path / "verdicts.jsonl").values())
+
+    data["sampling"]["retry_max_tokens"] = 512  # the judge file allows one retry with a larger budget
+    (tmp_path / "retry.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    before = len(server.chat_requests)
+    summary = judge(server, tmp_path, prompts, samples, out="v2.jsonl", rubric=str(tmp_path / "retry.yaml"))
+    sent = server.chat_requests[before:]
+    assert summary["ok"] == 6 and len(sent) == 12
+    assert sorted(r.body["max_tokens"] for r in sent) == [5] * 6 + [512] * 6
+    assert all("retry_max_tokens" not in r.body for r in sent)

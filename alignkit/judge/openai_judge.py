@@ -141,7 +141,8 @@ class OpenAIJudge:
 
     async def _ask(self, prompt: Prompt, repetition: int, untrusted: dict[str, str]) -> Judgment:
         messages = build_messages(self.rubric, prompt, self.image_max_side, **untrusted)
-        sampling = dict(self.rubric.sampling)
+        sampling = {k: v for k, v in self.rubric.sampling.items() if k != "retry_max_tokens"}
+        retry_tokens = self.rubric.sampling.get("retry_max_tokens")
         key = cache_key(self.rubric.request_hash, self.model, sampling, messages, repetition)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             try:  # checked against the judge file as it is now (a score's range may have changed)
@@ -165,6 +166,13 @@ class OpenAIJudge:
             completion_tokens = usage.completion_tokens if usage else 0
             self.tally.prompt_tokens += prompt_tokens
             self.tally.completion_tokens += completion_tokens
+            if reply.choices and reply.choices[0].finish_reason == "length":  # the same request would be cut again
+                budget = body.get("max_tokens")
+                if retry_tokens and (budget or 0) < retry_tokens:
+                    sampling["max_tokens"] = retry_tokens  # once, with the larger budget the judge file allows
+                    continue
+                return Judgment(None, f"truncated: the reply was cut at max_tokens={budget}; raise sampling.max_tokens "
+                                      f"in {self.rubric.path}, or set sampling.retry_max_tokens to retry once with more")  # fmt: skip
             try:
                 verdict = parse_verdict((reply.choices[0].message.content if reply.choices else None) or "")
                 self.rubric.validate(verdict)

@@ -35,7 +35,7 @@ TRUSTED_VARIABLES = ("question", "reference_answer", "objects")
 WINNER = "winner"  # the pairwise verdict's field: "A", "B" or "tie"
 WINNER_VALUES = ("A", "B", "tie")
 PRICE_KEYS = {"prompt_per_million", "completion_per_million"}
-SAMPLING_KEYS = {"temperature", "top_p", "max_tokens", "seed"}
+SAMPLING_KEYS = {"temperature", "top_p", "max_tokens", "seed", "retry_max_tokens"}
 RATIONALE = "rationale"
 # The JSON-schema subset the verdict validator enforces; other keywords are refused at load
 # time, so a schema is never silently checked more loosely than it reads.

@@ -48,8 +48,9 @@ class JudgeStage:
     score is its win rate over the prompt's other samples, each pair judged in both orders (a
     winner only when both orders agree).
 
-    sampling: temperature, top_p, max_tokens, seed. price (optional): prompt_per_million,
-    completion_per_million, to report the run's cost.
+    sampling: temperature, top_p, max_tokens, seed, and retry_max_tokens (a reply cut at max_tokens is
+    recorded as `truncated`, not re-asked as it was; with retry_max_tokens it is asked once more with
+    that budget). price (optional): prompt_per_million, completion_per_million, to report the run's cost.
 
     See judges/*.yaml and examples/custom_judge.yaml.
     """

@@ -233,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             content = f"Sure! Here is my verdict:\n```json\n{verdict}\n```\nHope this helps."
         else:
             content = json.dumps(out) if isinstance(out, dict) else out
-        self._completion(fx, body, [(content, "stop")])
+        self._completion(fx, body, [_cut(content, body.get("max_tokens"))])  # a verdict longer than max_tokens is cut
 
     def _completion(self, fx: ChatServer, body: dict[str, Any], choices: list[tuple[str, str]]) -> None:
         """Reply with one choice per (text, finish_reason); a token is a word here."""
