@@ -3,6 +3,8 @@
 One place for: the API key (read from the environment variable a recipe names, never from the
 recipe), the async client with its retry settings, the concurrency limit and the rpm/tpm caps
 (`alignkit.throttle`), images as data URLs, and how a failed request is described.
+`timeout` is a deadline for the whole of each HTTP request (connect, send and every read of the
+reply), not for each read: a server trickling its reply cannot hold a slot (`DeadlineTransport`).
 Transport faults are retried by the openai client itself: it honours `Retry-After` on 429 (up to
 60 s) and otherwise backs off exponentially (0.5 s * 2^n, at most 8 s, 25% jitter) on 408, 409,
 429, 5xx, timeouts and connection errors, `max_retries` times. Those retries wait as the server
@@ -17,6 +19,7 @@ import io
 import os
 from typing import Any
 
+import httpx2 as httpx  # the HTTP library the openai client is built on (a fork of httpx)
 import openai
 from openai.types.chat import ChatCompletion
 from PIL import Image
@@ -46,6 +49,34 @@ def data_url(img: Image.Image, max_side: int | None = None, jpeg: bool = False) 
     img.save(buf, format="JPEG" if jpeg else "PNG", **({"quality": 90} if jpeg else {}))
     mime = "image/jpeg" if jpeg else "image/png"
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class DeadlineTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with one deadline for a whole request, its reply's body read included.
+
+    httpx's own timeouts bound each network operation, so a reply trickled a byte at a time never
+    times out. Past the deadline this raises `httpx.ReadTimeout`, which the openai client retries
+    and reports as a timeout like any other.
+    """
+
+    def __init__(self, deadline: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.deadline = deadline
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async def whole() -> httpx.Response:
+            response = await super(DeadlineTransport, self).handle_async_request(request)
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+            return response
+
+        try:
+            return await asyncio.wait_for(whole(), self.deadline)
+        except asyncio.TimeoutError:
+            raise httpx.ReadTimeout(f"no whole reply within {self.deadline:g}s", request=request) from None
 
 
 class ChatClient:
@@ -81,6 +112,8 @@ class ChatClient:
             api_key=api_key_from_env(self.api_key_env, self.setting, self.error),
             max_retries=self.max_retries,
             timeout=self.timeout,
+            http_client=openai.DefaultAsyncHttpxClient(transport=DeadlineTransport(
+                self.timeout, limits=httpx.Limits(max_connections=max(100, self.concurrency)))),
         )
         return self
 

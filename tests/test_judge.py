@@ -691,3 +691,17 @@ def test_a_reply_cut_at_max_tokens_is_recorded_as_truncated_not_retried_blindly(
     assert summary["ok"] == 6 and len(sent) == 12
     assert sorted(r.body["max_tokens"] for r in sent) == [5] * 6 + [512] * 6
     assert all("retry_max_tokens" not in r.body for r in sent)
+
+
+def test_a_trickling_server_cannot_hold_a_request_past_its_timeout(world, tmp_path):
+    """`judge.timeout` bounds the whole request: a reply sent 16 bytes every 0.2 s (each read quick)
+    used to hold a 5 s-timeout request for 12.6 s."""
+    prompts, samples = world
+    with ChatServer(trickle_s=0.2) as srv:
+        srv.inject("trickle", when="marker-p0-0:")
+        start = time.monotonic()
+        summary = judge(srv, tmp_path, prompts, samples, timeout=1.0, max_retries=0)
+        elapsed = time.monotonic() - start
+    v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
+    assert v["status"] == "failed" and v["error"].startswith("timeout:")
+    assert summary["ok"] == 5 and elapsed < 5.0  # the whole trickled reply would take over 10 s

@@ -7,8 +7,9 @@ answering `POST /v1/chat/completions` and `GET /v1/models`. Replies come from a 
 requests, cut at `max_tokens` words with finish_reason "length"; `honour_n=False` plays a server
 that ignores `n` and answers one choice); every request is recorded so tests can count them and
 inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, 400 as
-for a prompt over the model's context, a hung request, malformed JSON, a schema-violating verdict,
-a reply ignoring `response_format`);
+for a prompt over the model's context, a hung request, a reply trickled out a few bytes every
+`trickle_s` (each read is quick, the whole is slow), malformed JSON, a schema-violating verdict, a
+reply ignoring `response_format`);
 `delay_s` answers every request after a fixed delay (the throughput benchmark's latency L).
 
     python -m alignkit.testing.chat_server --port 8011   # serves the placeholder heuristic judge
@@ -30,7 +31,7 @@ from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 
 Reply = Callable[[dict[str, Any]], "dict[str, Any] | str | list[str]"]
-FAULTS = ("rate_limit", "server_error", "bad_request", "hang", "malformed", "schema_violation", "plain_text")
+FAULTS = ("rate_limit", "server_error", "bad_request", "hang", "trickle", "malformed", "schema_violation", "plain_text")
 
 
 @dataclass
@@ -83,11 +84,13 @@ class ChatServer:
         model: str = "alignkit-test-judge",
         retry_after: float = 0.05,
         hang_s: float = 2.0,
+        trickle_s: float = 0.2,
         delay_s: float = 0.0,
         honour_n: bool = True,
     ):
         self.reply = reply or heuristic_reply
         self.model, self.retry_after, self.hang_s, self.delay_s = model, retry_after, hang_s, delay_s
+        self.trickle_s = trickle_s
         self.honour_n = honour_n
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
@@ -195,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, _error("not found", "invalid_request_error"))
             return
         fx._enter()
+        self.trickle = fx.trickle_s if fault == "trickle" else 0.0
         try:
             self._chat(fx, body, fault)
         except (BrokenPipeError, ConnectionResetError):
@@ -272,7 +276,12 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        step = 16 if getattr(self, "trickle", 0.0) else len(data)
+        for i in range(0, len(data), step):
+            if i:
+                time.sleep(self.trickle)
+            self.wfile.write(data[i : i + step])
+            self.wfile.flush()
 
 
 def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:
