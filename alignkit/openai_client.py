@@ -17,6 +17,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 from typing import Any
 
 import httpx2 as httpx  # the HTTP library the openai client is built on (a fork of httpx)
@@ -120,6 +121,10 @@ class ChatClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.client.close()
 
+    def failure(self, e: openai.APIError) -> str:
+        """`api_failure` for this client: the key it sends is scrubbed from the server's text."""
+        return api_failure(e, self.timeout, self.max_retries, os.environ.get(self.api_key_env))
+
     async def chat(self, body: dict[str, Any], estimated_tokens: int) -> ChatCompletion:
         """POST one chat completion once the caps allow it; the token booking is corrected by its usage.
 
@@ -134,18 +139,30 @@ class ChatClient:
         return reply
 
 
-def api_failure(e: openai.APIError, timeout: float, max_retries: int) -> str:
-    """A failed request as 'kind: detail' (the kind is what summaries count)."""
+def api_failure(e: openai.APIError, timeout: float, max_retries: int, secret: str | None = None) -> str:
+    """A failed request as 'kind: detail' (the kind is what summaries count), scrubbed of `secret`
+    (the API key) and of anything that looks like credentials: some proxies echo the request's
+    Authorization header in their error text, and this text is printed and stored."""
     after = f"after {max_retries} retries"
     if isinstance(e, openai.APITimeoutError):
         return f"timeout: no reply within {timeout:g}s, {after}"
     if isinstance(e, openai.APIConnectionError):
-        return f"connection_error: {e}, {after}"
+        return scrub(f"connection_error: {e}, {after}", secret)
     if isinstance(e, openai.APIStatusError):
-        detail = f"HTTP {e.status_code} {str(e.message)[:200]}"
+        detail = f"HTTP {e.status_code} {scrub(str(e.message), secret)[:200]}"
         if e.status_code == 429:
             return f"rate_limited: {detail}, {after}"
         if e.status_code >= 500:
             return f"server_error: {detail}, {after}"
         return f"api_error: {detail}"
-    return f"api_error: {str(e)[:200]}"
+    return f"api_error: {scrub(str(e), secret)[:200]}"
+
+
+_CREDENTIALS = re.compile(r"(?i)(bearer\s+|authorization[\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?|api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+")
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` without `secret` and without credential-looking values (bearer tokens, api_key=...)."""
+    if secret:
+        text = text.replace(secret, "***")
+    return _CREDENTIALS.sub(lambda m: m.group(1) + "***", text)

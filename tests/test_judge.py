@@ -705,3 +705,15 @@ def test_a_trickling_server_cannot_hold_a_request_past_its_timeout(world, tmp_pa
     v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
     assert v["status"] == "failed" and v["error"].startswith("timeout:")
     assert summary["ok"] == 5 and elapsed < 5.0  # the whole trickled reply would take over 10 s
+
+
+def test_a_server_echoing_the_key_in_its_error_leaks_it_nowhere(server, world, tmp_path, capsys):
+    prompts, samples = world
+    server.inject(*["unauthorized_echo"] * 6)
+    summary = judge(server, tmp_path, prompts, samples)
+    assert summary["failed"] == 6
+    errors = [v["error"] for v in verdicts(tmp_path / "verdicts.jsonl").values()]
+    assert all("HTTP 401" in e and "Bearer ***" in e for e in errors)  # the server did echo it
+    out = capsys.readouterr()
+    files = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert SECRET not in out.out + out.err and not any(SECRET.encode() in b for b in files)

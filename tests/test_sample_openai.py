@@ -188,3 +188,21 @@ def test_resume_with_dropped_duplicates_regenerates_only_the_torn_prompt(prompts
     summary = sample_prompts(again, prompts[:3], out, **opts)
     assert again.calls == 1 and summary["resumed_prompts"] == 2
     assert out.read_text().splitlines(keepends=True) == lines and summary["duplicates_dropped"] == 3
+
+
+def test_a_server_echoing_the_key_in_its_error_leaks_it_nowhere(prompts, tmp_path, capsys, monkeypatch):
+    """A 401 stops sampling at once (a bad key fails every request); its message, its traceback
+    (`--debug` shows it), the output and the files never hold the key, though the server echoed it."""
+    import traceback
+
+    from alignkit.errors import SetupError
+
+    monkeypatch.setenv(KEY_ENV, "sk-canary-7d1e0b")
+    with ChatServer() as server:
+        server.inject("unauthorized_echo")
+        with pytest.raises(SetupError, match=r"HTTP 401 .*Bearer \*\*\*") as raised:
+            sample(server, prompts[:2], tmp_path / "s.jsonl")
+    shown = "".join(traceback.format_exception(raised.value))
+    out = capsys.readouterr()
+    assert "sk-canary-7d1e0b" not in shown + out.out + out.err
+    assert not any(b"sk-canary-7d1e0b" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())

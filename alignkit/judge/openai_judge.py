@@ -23,7 +23,7 @@ import openai
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
-from alignkit.openai_client import ChatClient, api_failure, data_url
+from alignkit.openai_client import ChatClient, data_url
 from alignkit.records import Prompt, Sample, Verdict, load_image, to_dict
 from alignkit.throttle import estimate_tokens
 
@@ -160,7 +160,7 @@ class OpenAIJudge:
                 body = {"model": self.model, "messages": messages, "response_format": self.response_format, **sampling}
                 reply = await self.conn.chat(body, estimate)
             except openai.APIError as e:
-                return Judgment(None, api_failure(e, self.timeout, self.max_retries))
+                return Judgment(None, self.conn.failure(e))
             usage = reply.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0

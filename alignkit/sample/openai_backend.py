@@ -21,7 +21,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from alignkit.errors import SampleError, SetupError
-from alignkit.openai_client import ChatClient, api_failure, data_url
+from alignkit.openai_client import ChatClient, data_url
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, policy_name
 from alignkit.throttle import estimate_tokens
 
@@ -91,12 +91,13 @@ class OpenAIBackend:
             try:
                 reply = await self.conn.chat(body, estimate_tokens(messages, n * self.sampling["max_tokens"]))
             except openai.APIError as e:
-                failure = api_failure(e, self.conn.timeout, self.conn.max_retries)
+                failure = self.conn.failure(e)
                 if isinstance(e, openai.APIStatusError) and e.status_code in REFUSED_INPUT:
-                    raise RejectedPrompts({prompt_id: f"the server refused it: {failure}"}, []) from e
+                    # `from None`: the server's own text (which may quote the key) stays out of any traceback
+                    raise RejectedPrompts({prompt_id: f"the server refused it: {failure}"}, []) from None
                 server = f"model {self.model_name!r} at {self.conn.base_url or 'the OpenAI API'}"
                 raise SetupError(f"prompt {prompt_id}: sampling request to {server} failed: {failure} "
-                                 "(check sample.base_url, sample.model_name and the server)") from e  # fmt: skip
+                                 "(check sample.base_url, sample.model_name and the server)") from None  # fmt: skip
         if not reply.choices:
             raise SetupError(f"prompt {prompt_id}: the server answered no choices (model {self.model_name!r})")
         return _generations(reply, self.sampling["max_tokens"])

@@ -7,7 +7,7 @@ answering `POST /v1/chat/completions` and `GET /v1/models`. Replies come from a 
 requests, cut at `max_tokens` words with finish_reason "length"; `honour_n=False` plays a server
 that ignores `n` and answers one choice); every request is recorded so tests can count them and
 inspect them (with their arrival time); faults can be injected (429 with Retry-After, 500, 400 as
-for a prompt over the model's context, a hung request, a reply trickled out a few bytes every
+for a prompt over the model's context, 401 quoting the request's Authorization header, a hung request, a reply trickled out a few bytes every
 `trickle_s` (each read is quick, the whole is slow), malformed JSON, a schema-violating verdict, a
 reply ignoring `response_format`);
 `delay_s` answers every request after a fixed delay (the throughput benchmark's latency L).
@@ -31,7 +31,8 @@ from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 
 Reply = Callable[[dict[str, Any]], "dict[str, Any] | str | list[str]"]
-FAULTS = ("rate_limit", "server_error", "bad_request", "hang", "trickle", "malformed", "schema_violation", "plain_text")
+FAULTS = ("rate_limit", "server_error", "bad_request", "unauthorized_echo", "hang", "trickle", "malformed",
+          "schema_violation", "plain_text")  # fmt: skip
 
 
 @dataclass
@@ -217,6 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "bad_request":  # as vLLM answers a prompt longer than the model's context
             message = "This model's maximum context length is 512 tokens; the prompt has 900 (injected)"
             self._json(400, _error(message, "invalid_request_error"))
+            return
+        if fault == "unauthorized_echo":  # as some proxies answer a bad key: quoting the request's header
+            message = f"invalid API key in header Authorization: {self.headers.get('Authorization')} (injected)"
+            self._json(401, _error(message, "authentication_error"))
             return
         if fault == "hang":
             time.sleep(fx.hang_s)
