@@ -707,13 +707,33 @@ def test_a_trickling_server_cannot_hold_a_request_past_its_timeout(world, tmp_pa
     assert summary["ok"] == 5 and elapsed < 5.0  # the whole trickled reply would take over 10 s
 
 
-def test_a_server_echoing_the_key_in_its_error_leaks_it_nowhere(server, world, tmp_path, capsys):
+def test_a_refused_key_stops_the_judge_at_once_and_leaks_it_nowhere(server, world, tmp_path, capsys):
+    """A 401 (whose text, as some proxies do, quotes the Authorization header) stops the stage after
+    the first reply, naming base_url and model; the key is in no message, traceback, output or file."""
+    import traceback
+
+    from alignkit.errors import SetupError
+
     prompts, samples = world
     server.inject(*["unauthorized_echo"] * 6)
-    summary = judge(server, tmp_path, prompts, samples)
-    assert summary["failed"] == 6
-    errors = [v["error"] for v in verdicts(tmp_path / "verdicts.jsonl").values()]
-    assert all("HTTP 401" in e and "Bearer ***" in e for e in errors)  # the server did echo it
+    with pytest.raises(SetupError, match=r"HTTP 401 .*Bearer \*\*\*.*judge.base_url .*judge.model \('judge-m'\)") as e:
+        judge(server, tmp_path, prompts, samples, concurrency=1)
+    assert len(server.chat_requests) == 1  # no request after the first refusal
+    shown = "".join(traceback.format_exception(e.value))
     out = capsys.readouterr()
     files = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
-    assert SECRET not in out.out + out.err and not any(SECRET.encode() in b for b in files)
+    assert SECRET not in shown + out.out + out.err and not any(SECRET.encode() in b for b in files)
+
+
+def test_the_circuit_breaker_stops_a_judge_whose_requests_mostly_fail(world, tmp_path):
+    from alignkit.errors import SetupError
+    from alignkit.judge.openai_judge import BREAKER_WINDOW
+
+    prompts, _ = world
+    samples = [_sample("p0", i, f"marker-p0-{i}: I see a red circle. Answer: 2", "2") for i in range(40)]
+    with ChatServer() as srv:
+        srv.inject(*["server_error"] * 40)
+        with pytest.raises(SetupError, match="failed 16 or more of its last 20 requests"):
+            judge(srv, tmp_path, prompts, samples, concurrency=1, max_retries=0)
+        assert len(srv.chat_requests) == BREAKER_WINDOW  # not one per sample
+    assert (tmp_path / "verdicts.jsonl.partial").exists()  # what was received is kept for the re-run

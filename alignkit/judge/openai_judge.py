@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import openai
 
+from alignkit.errors import SetupError
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
@@ -85,6 +87,12 @@ class Judgment:
     cached: bool = False
 
 
+# HTTP statuses that mean the configuration is wrong (key, permission, model or URL), not this request.
+CONFIGURATION_ERRORS = (401, 403, 404)
+# The circuit breaker: the stage stops when this many of the last BREAKER_WINDOW requests failed.
+BREAKER_WINDOW, BREAKER_FAILURES = 20, 16
+
+
 class OpenAIJudge:
     """Asks an OpenAI-compatible API for verdicts with a concurrency limit, rate caps and a cache."""
 
@@ -115,6 +123,7 @@ class OpenAIJudge:
         }
         self.cache: VerdictCache | None = None
         self.tally = Tally()
+        self.recent: deque[str | None] = deque(maxlen=BREAKER_WINDOW)  # the last requests' errors (None: ok)
 
     def session(self, cache: VerdictCache | None, tally: Tally) -> OpenAIJudge:
         """Set this run's cache and tally; use as `async with judge.session(cache, tally):` around `ask`."""
@@ -160,7 +169,15 @@ class OpenAIJudge:
                 body = {"model": self.model, "messages": messages, "response_format": self.response_format, **sampling}
                 reply = await self.conn.chat(body, estimate)
             except openai.APIError as e:
-                return Judgment(None, self.conn.failure(e))
+                failure = self.conn.failure(e)
+                if isinstance(e, openai.APIStatusError) and e.status_code in CONFIGURATION_ERRORS:
+                    # a bad key, model or URL fails every request alike: stop at the first, pay for no more
+                    raise SetupError(
+                        f"the judge server refused the request ({failure}); check judge.base_url "
+                        f"({self.conn.base_url or 'the OpenAI API'}), judge.model ({self.model!r}) and the key in "
+                        f"{self.conn.api_key_env}. Verdicts already received are kept: fix it and run again"
+                    ) from None
+                return self._breaker(Judgment(None, failure))
             usage = reply.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
@@ -181,8 +198,20 @@ class OpenAIJudge:
                 continue
             if self.cache is not None:  # cache first: a kill before the jsonl write still re-asks nothing
                 self.cache.put(key, verdict, prompt_tokens, completion_tokens)
+            self.recent.append(None)
             return Judgment(verdict)
-        return Judgment(None, f"invalid_verdict: {problem} (after {attempts} attempts)")
+        return self._breaker(Judgment(None, f"invalid_verdict: {problem} (after {attempts} attempts)"))
+
+    def _breaker(self, failed: Judgment) -> Judgment:
+        """Count a failed request; when most recent ones failed, stop instead of burning through every sample."""
+        self.recent.append(failed.error)
+        if len(self.recent) == self.recent.maxlen and sum(e is not None for e in self.recent) >= BREAKER_FAILURES:
+            raise SetupError(
+                f"the judge failed {BREAKER_FAILURES} or more of its last {self.recent.maxlen} requests (the last: "
+                f"{failed.error}); stopping rather than trying every sample. Verdicts already received are "
+                "kept: fix the server or the judge file and run again"
+            )
+        return failed
 
 
 async def judge_samples(
