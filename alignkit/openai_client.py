@@ -133,10 +133,36 @@ class ChatClient:
         as the rest of a request (a base64 image is a long string).
         """
         await self.throttle.acquire(estimated_tokens)
-        reply = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+        try:
+            reply = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+        except ValueError as e:  # a body that is not complete JSON (json.JSONDecodeError)
+            raise BadReply(f"the reply body is not complete JSON ({e})") from None
+        reply = checked(reply)
         if reply.usage:
             self.throttle.settle(estimated_tokens, reply.usage.prompt_tokens + reply.usage.completion_tokens)
         return reply
+
+
+class BadReply(Exception):
+    """An HTTP 200 reply that is not a usable chat completion (an HTML page, `null`, a choice
+    without a message, ...). Callers re-ask within their retry budget, then record it as a failure."""
+
+
+def checked(reply: Any) -> ChatCompletion:
+    """`reply` if it is a usable chat completion, in the one shape the callers read: null usage
+    counts become 0, content given as a list of parts becomes its text. Otherwise `BadReply`."""
+    if not isinstance(reply, ChatCompletion) or not isinstance(reply.choices, list):
+        raise BadReply(f"the reply is not a chat completion: {str(reply)[:80]!r}")
+    if reply.usage is not None:
+        reply.usage.prompt_tokens = reply.usage.prompt_tokens or 0
+        reply.usage.completion_tokens = reply.usage.completion_tokens or 0
+    for choice in reply.choices:
+        if choice.message is None:
+            raise BadReply(f"choice {choice.index} of the reply has no message")
+        if isinstance(choice.message.content, list):
+            parts = choice.message.content
+            choice.message.content = "".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+    return reply
 
 
 def api_failure(e: openai.APIError, timeout: float, max_retries: int, secret: str | None = None) -> str:

@@ -23,7 +23,7 @@ from alignkit.judge.reference import answers_match, judge_reference
 from alignkit.judge.rubric import load_rubric
 from alignkit.records import Prompt, Sample, Verdict, read_records, write_jsonl
 from alignkit.resources import builtin_dir
-from alignkit.testing.chat_server import ChatServer
+from alignkit.testing.chat_server import ENVELOPE_FAULTS, ChatServer
 
 SECRET = "sk-test-SECRET-4f2a9c"
 KEY_ENV = "ALIGNKIT_TEST_JUDGE_KEY"
@@ -737,3 +737,18 @@ def test_the_circuit_breaker_stops_a_judge_whose_requests_mostly_fail(world, tmp
             judge(srv, tmp_path, prompts, samples, concurrency=1, max_retries=0)
         assert len(srv.chat_requests) == BREAKER_WINDOW  # not one per sample
     assert (tmp_path / "verdicts.jsonl.partial").exists()  # what was received is kept for the re-run
+
+
+@pytest.mark.parametrize("fault", ENVELOPE_FAULTS)
+def test_a_broken_reply_envelope_is_asked_again_never_a_crash(server, world, tmp_path, fault):
+    prompts, samples = world
+    server.inject(fault, when="marker-p0-0:")  # once: the re-ask gets a good reply
+    server.inject(fault, fault, when="marker-p1-2:")  # on every attempt (max_retries=1): a recorded failure
+    summary = judge(server, tmp_path, prompts, samples)
+    out = verdicts(tmp_path / "verdicts.jsonl")
+    assert out["p0#s0"]["status"] == "ok"
+    if fault in ("null_usage", "content_parts"):  # usable as they are: read, not re-asked
+        assert out["p1#s2"]["status"] == "ok" and summary["requests"] == 6
+    else:
+        assert out["p1#s2"]["status"] == "failed" and out["p1#s2"]["error"].startswith("bad_reply: ")
+        assert summary["ok"] == 5 and summary["requests"] == 6 + 1 + 1

@@ -16,7 +16,7 @@ from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import Generation, SampleConfig, make_backend, run_sample, sample_prompts
 from alignkit.sample.base import derive_seed
-from alignkit.testing.chat_server import ChatServer, heuristic_reply
+from alignkit.testing.chat_server import ENVELOPE_FAULTS, ChatServer, heuristic_reply
 
 K = 3
 KEY_ENV = "ALIGNKIT_TEST_SAMPLER_KEY"
@@ -206,3 +206,18 @@ def test_a_server_echoing_the_key_in_its_error_leaks_it_nowhere(prompts, tmp_pat
     out = capsys.readouterr()
     assert "sk-canary-7d1e0b" not in shown + out.out + out.err
     assert not any(b"sk-canary-7d1e0b" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("fault", ENVELOPE_FAULTS)
+def test_a_broken_reply_envelope_fails_only_its_prompt_never_a_crash(prompts, tmp_path, fault):
+    with ChatServer() as server:
+        server.inject(fault, when=f"[{prompts[0].prompt_id}]")  # once: asked again, then fine
+        server.inject(*[fault] * 3, when=f"[{prompts[1].prompt_id}]")  # every attempt (max_retries=2)
+        summary = sample(server, prompts[:3], tmp_path / "s.jsonl")
+    done = {s.prompt_id for s in read_records(tmp_path / "s.jsonl", Sample)}
+    if fault in ("null_usage", "content_parts"):  # usable as they are
+        assert summary["failed"] == [] and done == {p.prompt_id for p in prompts[:3]}
+    else:
+        assert [f["prompt_id"] for f in summary["failed"]] == [prompts[1].prompt_id]
+        assert "bad_reply" in summary["failed"][0]["error"]
+        assert done == {prompts[0].prompt_id, prompts[2].prompt_id}  # the others' paid answers are kept

@@ -25,7 +25,7 @@ from alignkit.errors import SetupError
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
-from alignkit.openai_client import ChatClient, data_url
+from alignkit.openai_client import BadReply, ChatClient, data_url, scrub
 from alignkit.records import Prompt, Sample, Verdict, load_image, to_dict
 from alignkit.throttle import estimate_tokens
 
@@ -178,6 +178,9 @@ class OpenAIJudge:
                         f"{self.conn.api_key_env}. Verdicts already received are kept: fix it and run again"
                     ) from None
                 return self._breaker(Judgment(None, failure))
+            except BadReply as e:  # an unusable HTTP 200 reply: asked again, like an unusable verdict
+                problem = f"bad_reply: {scrub(str(e), None)}"
+                continue
             usage = reply.usage
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
@@ -200,7 +203,8 @@ class OpenAIJudge:
                 self.cache.put(key, verdict, prompt_tokens, completion_tokens)
             self.recent.append(None)
             return Judgment(verdict)
-        return self._breaker(Judgment(None, f"invalid_verdict: {problem} (after {attempts} attempts)"))
+        kind = "" if problem.startswith("bad_reply: ") else "invalid_verdict: "
+        return self._breaker(Judgment(None, f"{kind}{problem} (after {attempts} attempts)"))
 
     def _breaker(self, failed: Judgment) -> Judgment:
         """Count a failed request; when most recent ones failed, stop instead of burning through every sample."""

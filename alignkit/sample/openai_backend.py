@@ -21,7 +21,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from alignkit.errors import SampleError, SetupError
-from alignkit.openai_client import ChatClient, data_url
+from alignkit.openai_client import BadReply, ChatClient, data_url
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, policy_name
 from alignkit.throttle import estimate_tokens
 
@@ -87,9 +87,13 @@ class OpenAIBackend:
 
     async def _ask(self, prompt_id: str, messages: list[dict[str, Any]], n: int, seed: int) -> list[Generation]:
         body = {"model": self.model_name, "messages": messages, "n": n, "seed": seed, **self.sampling}
-        async with self.conn.slot:
+        for attempt in range(1 + self.conn.max_retries):
             try:
-                reply = await self.conn.chat(body, estimate_tokens(messages, n * self.sampling["max_tokens"]))
+                async with self.conn.slot:
+                    reply = await self.conn.chat(body, estimate_tokens(messages, n * self.sampling["max_tokens"]))
+            except BadReply as e:  # an unusable HTTP 200 reply: asked again, then this prompt fails alone
+                problem = f"bad_reply: {e} (after {attempt + 1} attempts)"
+                continue
             except openai.APIError as e:
                 failure = self.conn.failure(e)
                 if isinstance(e, openai.APIStatusError) and e.status_code in REFUSED_INPUT:
@@ -98,9 +102,11 @@ class OpenAIBackend:
                 server = f"model {self.model_name!r} at {self.conn.base_url or 'the OpenAI API'}"
                 raise SetupError(f"prompt {prompt_id}: sampling request to {server} failed: {failure} "
                                  "(check sample.base_url, sample.model_name and the server)") from None  # fmt: skip
-        if not reply.choices:
-            raise SetupError(f"prompt {prompt_id}: the server answered no choices (model {self.model_name!r})")
-        return _generations(reply, self.sampling["max_tokens"])
+            if not reply.choices:
+                problem = f"bad_reply: the server answered no choices (after {attempt + 1} attempts)"
+                continue
+            return _generations(reply, self.sampling["max_tokens"])
+        raise RejectedPrompts({prompt_id: problem}, [])
 
 
 def _messages(request: Request) -> list[dict[str, Any]]:

@@ -31,8 +31,10 @@ from alignkit.judge.reference import answers_match
 from alignkit.objects import find_mentions, is_present
 
 Reply = Callable[[dict[str, Any]], "dict[str, Any] | str | list[str]"]
+# Malformed HTTP 200 replies that real gateways send: the envelope, not the verdict, is broken.
+ENVELOPE_FAULTS = ("html_body", "null_body", "truncated_body", "null_usage", "null_message", "content_parts")
 FAULTS = ("rate_limit", "server_error", "bad_request", "unauthorized_echo", "hang", "trickle", "malformed",
-          "schema_violation", "plain_text")  # fmt: skip
+          "schema_violation", "plain_text", *ENVELOPE_FAULTS)  # fmt: skip
 
 
 @dataclass
@@ -200,6 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         fx._enter()
         self.trickle = fx.trickle_s if fault == "trickle" else 0.0
+        self.envelope = fault if fault in ENVELOPE_FAULTS else None
         try:
             self._chat(fx, body, fault)
         except (BrokenPipeError, ConnectionResetError):
@@ -274,9 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _json(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj).encode()
+        data, kind = _envelope(getattr(self, "envelope", None), obj)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -287,6 +290,26 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(self.trickle)
             self.wfile.write(data[i : i + step])
             self.wfile.flush()
+
+
+def _envelope(fault: str | None, obj: dict[str, Any]) -> tuple[bytes, str]:
+    """The reply body (and its content type) as sent, broken as an envelope fault says."""
+    if fault == "html_body":
+        return b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"
+    if fault == "null_body":
+        return b"null", "application/json"
+    if fault == "truncated_body":
+        data = json.dumps(obj).encode()
+        return data[: len(data) // 2], "application/json"
+    if fault == "null_usage":
+        obj = obj | {"usage": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}}
+    elif fault == "null_message":
+        obj = obj | {"choices": [{**obj["choices"][0], "message": None}]}
+    elif fault == "content_parts":
+        message = obj["choices"][0]["message"]
+        parts = [{"type": "text", "text": message["content"]}]
+        obj = obj | {"choices": [{**obj["choices"][0], "message": {**message, "content": parts}}]}
+    return json.dumps(obj).encode(), "application/json"
 
 
 def _cut(text: str, max_tokens: int | None) -> tuple[str, str]:
