@@ -19,7 +19,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
@@ -233,8 +233,14 @@ class ResumableJsonl:
         self._f.flush()
         os.fsync(self._f.fileno())
 
-    def finish(self) -> Path:
+    def finish(self, order: Callable[[dict[str, Any]], Any] | None = None) -> Path:
+        """Rename the partial file to its final name; with `order`, its records are first rewritten
+        sorted by it (records that arrive in any order still make the same file)."""
         self._f.close()
+        if order is not None:
+            with atomic_output(self.partial) as tmp, tmp.open("w", encoding="utf-8") as f:
+                for obj in sorted(self.done.values(), key=order):
+                    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         os.replace(self.partial, self.path)
         self.keyfile.unlink(missing_ok=True)
         return self.path

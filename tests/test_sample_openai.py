@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import re
 from pathlib import Path
 
@@ -221,3 +222,24 @@ def test_a_broken_reply_envelope_fails_only_its_prompt_never_a_crash(prompts, tm
         assert [f["prompt_id"] for f in summary["failed"]] == [prompts[1].prompt_id]
         assert "bad_reply" in summary["failed"][0]["error"]
         assert done == {prompts[0].prompt_id, prompts[2].prompt_id}  # the others' paid answers are kept
+
+
+def test_a_failing_prompt_costs_no_other_prompt_its_paid_answers(prompts, tmp_path):
+    """Answers are written as each prompt's reply arrives: a prompt that fails (here the server keeps
+    answering 500, and the stage stops) loses none of its chunk-mates' answers, and the re-run asks
+    for the failed prompt only."""
+    from alignkit.errors import SetupError
+
+    with ChatServer() as server:
+        server.inject(*["server_error"] * 3, when=f"[{prompts[1].prompt_id}]")  # 1 + max_retries attempts
+        with pytest.raises(SetupError, match="HTTP 500"):
+            sample(server, prompts[:2], tmp_path / "s.jsonl")  # chunk_size 2: one chunk
+        partial = (tmp_path / "s.jsonl.partial").read_text().splitlines()
+        assert {json.loads(line)["prompt_id"] for line in partial} == {prompts[0].prompt_id}
+        before = len(server.chat_requests)
+        sample(server, prompts[:2], tmp_path / "s.jsonl")
+        asked = server.chat_requests[before:]
+    assert asked and all(f"[{prompts[1].prompt_id}]" in r.text() for r in asked)
+    with ChatServer() as server:  # the file equals an uninterrupted run's
+        sample(server, prompts[:2], tmp_path / "straight.jsonl")
+    assert (tmp_path / "s.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()

@@ -165,15 +165,22 @@ def sample_prompts(
                 except ValueError as e:
                     failed.append({"prompt_id": p.prompt_id, "error": str(e)})
             chunk_seed = derive_seed(seed, "chunk", c // chunk_size)
+
+            def keep(prompt_id: str, gens: list[Generation]) -> None:
+                """Write a prompt's samples (those not on disk yet): each paid answer is kept at once."""
+                samples = to_samples(prompt_id, gens, tmpl, backend.policy, drop_duplicates)
+                out.append([s for s in samples if s.sample_id not in out.done])
+
+            # A backend that streams (a server: each prompt is its own paid request) hands each prompt's
+            # answers over as they arrive, so a kill or another prompt's failure loses none of them.
+            stream = {"on_answers": keep} if getattr(backend, "streams_answers", False) else {}
             try:
-                gens = backend.generate(requests, num_samples, chunk_seed) if requests else []
+                gens = backend.generate(requests, num_samples, chunk_seed, **stream) if requests else []
             except RejectedPrompts as e:
                 failed += [{"prompt_id": p, "error": f"prompt {p}: {m}"} for p, m in e.errors.items()]
                 requests, gens = [r for r in requests if r.prompt_id not in e.errors], e.generations
             for r, g in zip(requests, gens):
-                # Samples already on disk (a prompt torn by a kill) were drawn identically: keep them.
-                samples = to_samples(r.prompt_id, g, tmpl, backend.policy, drop_duplicates)
-                out.append([s for s in samples if s.sample_id not in out.done])
+                keep(r.prompt_id, g)  # samples already on disk (streamed, or torn by a kill) were drawn identically
             bar.update(sum(p.prompt_id not in complete for p in chunk))
     except BaseException:
         out.close()
@@ -188,7 +195,8 @@ def sample_prompts(
         raise SampleError(
             f"every prompt failed ({len(failed)}), nothing was sampled; failed prompt ids: {ids}; the first:\n{shown}"
         )
-    out.finish()
+    position = {p.prompt_id: i for i, p in enumerate(prompts)}
+    out.finish(order=lambda r: (position.get(r["prompt_id"], len(position)), int(r["sample_id"].rsplit("#s", 1)[1])))
     duplicates = _duplicates(records, num_samples)
     return {
         "num_prompts": len(prompts),

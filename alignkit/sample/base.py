@@ -67,6 +67,9 @@ class Backend(Protocol):
     # of the call (vLLM, servers: a seed per prompt), so a resumed chunk asks for its missing prompts only.
     seeds_per_prompt: bool
 
+    # Optionally `streams_answers = True`, with `generate(..., on_answers=fn)` calling `fn(prompt_id,
+    # answers)` as each prompt's answers arrive (servers: every prompt is its own paid request).
+
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]: ...
 
 

@@ -15,7 +15,7 @@ tokens exactly (usage counts the K answers together). A prompt the server refuse
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -32,6 +32,7 @@ REFUSED_INPUT = (400, 413, 422)
 
 class OpenAIBackend:
     seeds_per_prompt = True
+    streams_answers = True  # each prompt's answers are handed over as they arrive (`on_answers`)
 
     def __init__(
         self,
@@ -61,13 +62,22 @@ class OpenAIBackend:
         if logprobs:
             self.sampling["logprobs"] = True
 
-    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
-        return asyncio.run(self._generate(requests, num_samples, seed))
+    def generate(
+        self, requests: list[Request], num_samples: int, seed: int,
+        on_answers: Callable[[str, list[Generation]], None] | None = None,
+    ) -> list[list[Generation]]:  # fmt: skip
+        """As `Backend.generate`; `on_answers(prompt_id, answers)` is called as each prompt's answers arrive."""
+        return asyncio.run(self._generate(requests, num_samples, seed, on_answers))
 
-    async def _generate(self, requests: list[Request], k: int, seed: int) -> list[list[Generation]]:
+    async def _generate(self, requests: list[Request], k: int, seed: int, on_answers) -> list[list[Generation]]:
+        async def one(r: Request) -> list[Generation]:
+            gens = await self._prompt(r, k, derive_seed(seed, r.prompt_id))
+            if on_answers is not None:
+                on_answers(r.prompt_id, gens)
+            return gens
+
         async with self.conn:
-            tasks = (self._prompt(r, k, derive_seed(seed, r.prompt_id)) for r in requests)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
         failed = [x for x in results if isinstance(x, BaseException)]
         if unexpected := next((x for x in failed if not isinstance(x, RejectedPrompts)), None):
             raise unexpected
