@@ -130,16 +130,33 @@ def run(
     _run(recipe, overrides, stages.split(",") if stages else None)
 
 
-def _stage_command(name: str, command: str, doc: str) -> None:
+def _stage_command(stage) -> None:
     def run_one(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-        _run(recipe, overrides, [name])
+        _run(recipe, overrides, [stage.name])
 
-    run_one.__doc__ = doc
-    app.command(name=command)(run_one)
+    def run_or_plan(
+        recipe: RecipeArg,
+        overrides: OverridesArg = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what it would send and cost; send nothing.")] = False,
+    ) -> None:
+        if not dry_run:
+            return _run(recipe, overrides, [stage.name])
+        from alignkit.recipe import load_recipe
+        from alignkit.runner import Runner
+
+        plan = Runner(load_recipe(_recipe_path(recipe), overrides or []), console).dry_run(stage)
+        table = Table(title=f"{stage.command} --dry-run: nothing was sent", show_header=False)
+        for key, value in plan.items():
+            table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(table)
+
+    command = run_or_plan if hasattr(stage, "dry_run") else run_one
+    command.__doc__ = inspect.getdoc(stage) or stage.name
+    app.command(name=stage.command)(command)
 
 
 for _stage in STAGES:
-    _stage_command(_stage.name, _stage.command, inspect.getdoc(_stage) or _stage.name)
+    _stage_command(_stage)
 
 
 @app.command()

@@ -44,3 +44,7 @@ class SetupError(AlignkitError, RuntimeError):
 class LaunchError(AlignkitError, RuntimeError):
     """A stage started as several processes (`launch.num_processes`) failed; the message names the
     stage and the log that holds its processes' output."""
+
+
+class SpendCapReached(AlignkitError):
+    """The judge stopped at a spending cap (`judge.max_requests`, `judge.max_cost`)."""

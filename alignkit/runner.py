@@ -90,6 +90,12 @@ class Runner:
 
         return self.step(stage_key(stage.name, round), identity(stage, ctx), reads, stage.output(ctx), work)
 
+    def dry_run(self, stage: Stage, round: int = 1) -> dict[str, Any]:
+        """What `stage` would do now (its `dry_run`), doing nothing."""
+        ctx = self.context(stage, round)
+        require(stage.reads(ctx), stage.name)
+        return stage.dry_run(ctx)
+
     # -- the round loop -------------------------------------------------------------------------
 
     def run(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:

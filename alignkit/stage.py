@@ -12,6 +12,8 @@ in `alignkit.stages`. It declares:
 - `upstream(ctx)`: identities of inputs that are not plain files (the policy it starts from);
 - `output(ctx)`: the file or directory whose existence means "done";
 - `run(ctx, fingerprint)`: does the work and returns a JSON-able summary;
+- optionally `dry_run(ctx)`: what `run` would do and cost, doing nothing (its command gets
+  `--dry-run`);
 - optionally `distributed = True`: its `run` works as one of N processes under accelerate, so with
   `launch.num_processes > 1` the runner starts it as N processes (`alignkit.launch`). Every process
   calls `run`; only the main one writes (accelerate's `is_main_process`), and its summary is the

@@ -90,7 +90,7 @@ ALTERNATIVES = {
     "judge.api_key_env": "OTHER_KEY", "train.margin_key": "rm_margin", "train.target_modules": ["q_proj"],
     "reward_model.model": "tiny:llava", "reward_model.target_modules": ["q_proj"], "ppo.rewards": [{"source": "reference"}],
     "ppo.target_kl": 6.0, "data.synthetic.tasks": ["describe"], "eval.synthetic.tasks": ["count"],
-    "sample.vllm.kv_cache_memory": 1.0,
+    "sample.vllm.kv_cache_memory": 1.0, "judge.max_requests": 100, "judge.max_cost": 5.0,
 }  # fmt: skip
 
 

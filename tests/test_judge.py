@@ -752,3 +752,54 @@ def test_a_broken_reply_envelope_is_asked_again_never_a_crash(server, world, tmp
     else:
         assert out["p1#s2"]["status"] == "failed" and out["p1#s2"]["error"].startswith("bad_reply: ")
         assert summary["ok"] == 5 and summary["requests"] == 6 + 1 + 1
+
+
+def test_spending_caps_stop_the_stage_cleanly_and_a_rerun_goes_on(server, world, tmp_path):
+    from alignkit.errors import SpendCapReached
+
+    prompts, samples = world
+    with pytest.raises(SpendCapReached, match=r"judge.max_requests=2 reached, with 2 of 6 verdicts"):
+        judge(server, tmp_path, prompts, samples, concurrency=1, max_requests=2)
+    assert len(server.chat_requests) == 2
+    summary = judge(server, tmp_path, prompts, samples)  # no cap: asks for the 4 missing only
+    assert summary["ok"] == 6 and summary["requests"] == 4 and len(server.chat_requests) == 6
+
+    priced = yaml.safe_load((REPO / "judges" / "overall.yaml").read_text())
+    priced["price"] = {"prompt_per_million": 1_000_000.0, "completion_per_million": 0.0}  # $1 a prompt token
+    (tmp_path / "priced.yaml").write_text(yaml.safe_dump(priced, sort_keys=False))
+    with pytest.raises(SpendCapReached, match=r"judge.max_cost=1 reached \(spent [0-9]+\), with 1 of 6"):
+        judge(server, tmp_path, prompts, samples, out="v2.jsonl", concurrency=1, max_cost=1.0,
+              rubric=str(tmp_path / "priced.yaml"), cache_path=tmp_path / "fresh.sqlite")  # fmt: skip
+    with pytest.raises(JudgeError, match="judge.max_cost needs a `price`"):
+        judge(server, tmp_path, prompts, samples, out="v3.jsonl", max_cost=1.0)
+
+
+def test_dry_run_counts_requests_tokens_and_cost_and_sends_nothing(server, world, tmp_path):
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+    from alignkit.judge import plan_judge
+
+    prompts, samples = world
+    priced = yaml.safe_load((REPO / "judges" / "overall.yaml").read_text())
+    priced["price"] = {"prompt_per_million": 2.0, "completion_per_million": 8.0}
+    (tmp_path / "priced.yaml").write_text(yaml.safe_dump(priced, sort_keys=False))
+    cfg = JudgeConfig(backend="openai", model="judge-m", base_url=server.url, api_key_env=KEY_ENV,
+                      image_max_side=128, rubric=str(tmp_path / "priced.yaml"))  # fmt: skip
+    run = tmp_path / "run"
+    plan = plan_judge(prompts, samples, cfg, run / "judge_cache.sqlite")
+    assert plan["requests"] == 6 and plan["cached"] == 0 and plan["completion_tokens_at_most"] == 6 * 512
+    assert plan["cost_at_most"] == pytest.approx((plan["prompt_tokens"] * 2.0 + 6 * 512 * 8.0) / 1e6)
+    assert len(server.chat_requests) == 0
+
+    write_jsonl(run / "prompts.jsonl", prompts)
+    write_jsonl(run / "samples.jsonl", samples[:4])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(run), "data": {"synthetic": {}},
+                                      "judge": cfg.model_dump(mode="json")}))  # fmt: skip
+    result = CliRunner().invoke(app, ["judge", str(recipe), "--dry-run"])
+    assert result.exit_code == 0 and "nothing was sent" in result.output and "requests" in result.output
+    assert len(server.chat_requests) == 0 and not (run / "verdicts.jsonl").exists()
+    run_judge(prompts, samples[:4], run / "verdicts.jsonl", cfg, fingerprint="f", cache_path=run / "judge_cache.sqlite")
+    again = plan_judge(prompts, samples, cfg, run / "judge_cache.sqlite")
+    assert (again["requests"], again["cached"]) == (2, 4)  # cached verdicts cost nothing

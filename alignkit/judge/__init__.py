@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit.judge.cache import VerdictCache
+from alignkit.errors import SpendCapReached
+from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.config import JudgeConfig
 from alignkit.judge.progress import Tally
 from alignkit.judge.reference import check_rubric, judge_reference, reference_verdicts
@@ -27,7 +28,7 @@ from alignkit.records import Prompt, ResumableJsonl, Sample
 if TYPE_CHECKING:  # the OpenAI client is imported when a judge is made: `alignkit --help` stays quick
     from alignkit.judge.openai_judge import OpenAIJudge
 
-__all__ = ["JudgeConfig", "JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "run_judge"]
+__all__ = ["JudgeConfig", "JudgeError", "Rubric", "RubricError", "load_rubric", "make_judge", "plan_judge", "run_judge"]
 
 BACKENDS = ("reference", "openai")
 FLUSH_SECONDS = 0.2  # how often finished verdicts are appended (and fsynced) to the output
@@ -88,10 +89,15 @@ def run_judge(
         else:
             cache = VerdictCache(cache_path or out_path.parent / "judge_cache.sqlite")
             asyncio.run(_judge_openai(judge, items, todo, num_judgments, out, comps, cache, tally))
-    except BaseException:
+    except BaseException as e:
         out.close()
         if comps is not None:
             comps.close()
+        if isinstance(e, SpendCapReached):
+            raise SpendCapReached(
+                f"the judge stopped: {e}, with {len(out.done)} of {len(items)} verdicts; the rest were not asked. "
+                "Raise the cap and run again: nothing already received is asked (or paid for) again"
+            ) from None
         raise
     finally:
         tally.close_bar()
@@ -136,6 +142,47 @@ def run_judge(
     }
 
 
+def plan_judge(prompts: list[Prompt], samples: list[Sample], cfg: JudgeConfig, cache_path: Path) -> dict[str, Any]:
+    """What judging `samples` would send, sending nothing: the requests (verdicts already in the
+    cache are free), their prompt tokens (estimated as the rate caps do: text / 4, 765 per image),
+    at most `max_tokens` completion tokens each, and the most that costs at the judge file's price."""
+    import itertools
+
+    from alignkit.judge.openai_judge import build_messages
+    from alignkit.throttle import estimate_tokens
+
+    rub, items = load_rubric(cfg.rubric), _join(prompts, samples)
+    sampling = {k: v for k, v in rub.sampling.items() if k != "retry_max_tokens"}
+    max_tokens = int(sampling.get("max_tokens", 512))
+    if cfg.backend == "reference":
+        asks = []
+    elif rub.mode == "pairwise":
+        groups: dict[str, tuple[Prompt, list[Sample]]] = {}
+        for p, smp in items:
+            groups.setdefault(p.prompt_id, (p, []))[1].append(smp)
+        asks = [(p, 0, {"answer_a": x.answer, "response_a": x.text, "answer_b": y.answer, "response_b": y.text})
+                for p, ss in groups.values() for a, b in itertools.combinations(ss, 2) for x, y in ((a, b), (b, a))]
+    else:
+        asks = [(p, r, {"answer": smp.answer, "response": smp.text}) for p, smp in items for r in range(cfg.num_judgments)]
+    cache = VerdictCache(cache_path) if cache_path.exists() else None
+    requests = cached = prompt_tokens = 0
+    try:
+        for prompt, repetition, untrusted in asks:
+            messages = build_messages(rub, prompt, cfg.image_max_side, **untrusted)
+            if cache is not None and cache.get(cache_key(rub.request_hash, cfg.model, sampling, messages, repetition)):
+                cached += 1
+                continue
+            requests += 1
+            prompt_tokens += estimate_tokens(messages, 0)
+    finally:
+        if cache is not None:
+            cache.close()
+    completion = requests * max_tokens
+    return {"judge": f"{cfg.backend}/{rub.name}", "samples": len(items), "requests": requests, "cached": cached,
+            "prompt_tokens": prompt_tokens, "completion_tokens_at_most": completion,
+            "cost_at_most": rub.price.cost(prompt_tokens, completion) if rub.price else None}  # fmt: skip
+
+
 def make_judge(rub: Rubric, cfg: JudgeConfig) -> OpenAIJudge | None:
     """The OpenAI judge, or None for the reference backend; refuses settings that do not combine."""
     backend, num_judgments = cfg.backend, cfg.num_judgments
@@ -156,7 +203,7 @@ def make_judge(rub: Rubric, cfg: JudgeConfig) -> OpenAIJudge | None:
             "(each pair is already judged twice, once per order)"
         )
     options = cfg.model_dump(include={"model", "base_url", "api_key_env", "concurrency", "timeout", "max_retries",
-                                      "image_max_side", "rpm", "tpm"})  # fmt: skip
+                                      "image_max_side", "rpm", "tpm", "max_requests", "max_cost"})  # fmt: skip
     from alignkit.judge.openai_judge import OpenAIJudge
 
     return OpenAIJudge(rub, **options)

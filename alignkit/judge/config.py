@@ -26,6 +26,12 @@ class JudgeConfig(Section):
     """Cap on judge requests per minute (starts spaced evenly); null: no cap."""
     tpm: float | None = Field(None, gt=0)
     """Cap on judge tokens per minute (estimated before sending, corrected by the reply); null: no cap."""
+    max_requests: int | None = Field(None, ge=1)
+    """Stop the stage cleanly once this many requests were sent in one run (cached verdicts are free);
+    what was received is kept, and a re-run with a higher cap goes on. Null: no cap."""
+    max_cost: float | None = Field(None, gt=0)
+    """Stop the stage cleanly once this much was spent in one run, priced with the judge file's
+    `price` (which it then needs). Null: no cap."""
     num_judgments: int = Field(1, ge=1)
     """Judgments per sample; > 1 averages them (self-consistency) and reports their agreement."""
 

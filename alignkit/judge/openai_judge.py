@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import openai
 
-from alignkit.errors import SetupError
+from alignkit.errors import SetupError, SpendCapReached
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.progress import Tally
 from alignkit.judge.rubric import RATIONALE, JudgeError, Rubric
@@ -109,6 +109,8 @@ class OpenAIJudge:
         image_max_side: int,
         rpm: float | None = None,
         tpm: float | None = None,
+        max_requests: int | None = None,
+        max_cost: float | None = None,
     ):
         self.conn = ChatClient(
             base_url, api_key_env, setting="judge.backend=openai", concurrency=concurrency, timeout=timeout,
@@ -124,6 +126,9 @@ class OpenAIJudge:
         self.cache: VerdictCache | None = None
         self.tally = Tally()
         self.recent: deque[str | None] = deque(maxlen=BREAKER_WINDOW)  # the last requests' errors (None: ok)
+        self.max_requests, self.max_cost = max_requests, max_cost
+        if max_cost is not None and rubric.price is None:
+            raise JudgeError(f"judge.max_cost needs a `price` in the judge file {rubric.path}")
 
     def session(self, cache: VerdictCache | None, tally: Tally) -> OpenAIJudge:
         """Set this run's cache and tally; use as `async with judge.session(cache, tally):` around `ask`."""
@@ -164,6 +169,7 @@ class OpenAIJudge:
         estimate = estimate_tokens(messages, int(sampling.get("max_tokens", 512)))
         problem = ""
         for _ in range(attempts):
+            self._check_caps()
             try:
                 self.tally.requests += 1
                 body = {"model": self.model, "messages": messages, "response_format": self.response_format, **sampling}
@@ -205,6 +211,16 @@ class OpenAIJudge:
             return Judgment(verdict)
         kind = "" if problem.startswith("bad_reply: ") else "invalid_verdict: "
         return self._breaker(Judgment(None, f"{kind}{problem} (after {attempts} attempts)"))
+
+    def _check_caps(self) -> None:
+        """Stop before a request the spending caps do not allow (requests in flight may finish)."""
+        t = self.tally
+        if self.max_requests is not None and t.requests >= self.max_requests:
+            raise SpendCapReached(f"judge.max_requests={self.max_requests} reached")
+        if self.max_cost is not None:
+            spent = self.rubric.price.cost(t.prompt_tokens, t.completion_tokens)
+            if spent >= self.max_cost:
+                raise SpendCapReached(f"judge.max_cost={self.max_cost:g} reached (spent {spent:.4g})")
 
     def _breaker(self, failed: Judgment) -> Judgment:
         """Count a failed request; when most recent ones failed, stop instead of burning through every sample."""

@@ -9,7 +9,8 @@ from alignkit.records import Prompt, Sample, read_records
 from alignkit.stage import Context
 
 # Keys of the judge section that cannot change a verdict (how it is reached, not what it says).
-UNCHANGING = frozenset({"judge.concurrency", "judge.api_key_env", "judge.rpm", "judge.tpm"})
+UNCHANGING = frozenset({"judge.concurrency", "judge.api_key_env", "judge.rpm", "judge.tpm", "judge.max_requests",
+                        "judge.max_cost"})  # fmt: skip
 
 
 def rubric_file(rubric: str) -> Path:
@@ -70,6 +71,13 @@ class JudgeStage:
 
     def output(self, ctx: Context) -> Path:
         return ctx.paths.verdicts
+
+    def dry_run(self, ctx: Context) -> dict[str, Any]:
+        """What `run` would send and spend, sending nothing (`alignkit judge RECIPE --dry-run`)."""
+        from alignkit.judge import plan_judge
+
+        return plan_judge(read_records(ctx.paths.prompts, Prompt), read_records(ctx.paths.samples, Sample),
+                          ctx.config.judge, ctx.paths.judge_cache)  # fmt: skip
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         from alignkit.judge import run_judge
