@@ -48,3 +48,8 @@ class LaunchError(AlignkitError, RuntimeError):
 
 class SpendCapReached(AlignkitError):
     """The judge stopped at a spending cap (`judge.max_requests`, `judge.max_cost`)."""
+
+
+class StageIncomplete(AlignkitError):
+    """A stage finished what it could, but some of its work failed for a transient reason (timeouts,
+    server errors): it is not marked done, and a re-run does exactly the rest."""

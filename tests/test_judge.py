@@ -18,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from alignkit.errors import AlignkitError
 from alignkit.judge import JudgeConfig, JudgeError, run_judge
 from alignkit.judge.reference import answers_match, judge_reference
 from alignkit.judge.rubric import load_rubric
@@ -128,30 +129,34 @@ def test_rate_limit_is_retried_after_retry_after(server, world, tmp_path):
     assert requests_for(server, "marker-p0-1") == 2  # the 429, then the retry
 
 
-def test_server_errors_retried_then_recorded_as_failed(server, world, tmp_path):
+def test_server_errors_retried_then_left_for_the_rerun(server, world, tmp_path):
+    """A 500 past the retries is transient, not a verdict: the stage is incomplete (an error saying
+    how many remain), keeps what it received, and the re-run asks for exactly that one."""
+    from alignkit.errors import StageIncomplete
+
     prompts, samples = world
     server.inject("server_error", when="marker-p0-0:")  # one 500: the retry succeeds
     server.inject("server_error", "server_error", when="marker-p1-2:")  # more than max_retries
-    summary = judge(server, tmp_path, prompts, samples)
-    out = verdicts(tmp_path / "verdicts.jsonl")
-    assert len(out) == 6  # none lost
-    assert out["p0#s0"]["status"] == "ok"
-    failed = out["p1#s2"]
-    assert failed["status"] == "failed" and failed["score"] is None and failed["error"].startswith("server_error: HTTP 500")
-    assert summary["ok"] == 5 and summary["failed"] == 1 and summary["failed_reasons"] == {"server_error": 1}
+    with pytest.raises(StageIncomplete, match=r"1 of 6 verdicts failed .*\(server_error: 1;.*HTTP 500.*5 received"):
+        judge(server, tmp_path, prompts, samples)
     assert requests_for(server, "marker-p1-2") == 2
+    kept = verdicts(tmp_path / "verdicts.jsonl.partial")
+    assert set(kept) == {"p0#s0", "p0#s1", "p0#s2", "p1#s0", "p1#s1"} and kept["p0#s0"]["status"] == "ok"
+    summary = judge(server, tmp_path, prompts, samples)  # the server is fine again
+    assert summary["ok"] == 6 and summary["requests"] == 1 and summary["resumed"] == 5
+    assert requests_for(server, "marker-p1-2") == 3  # every other sample was billed once
 
 
-def test_hung_request_times_out_and_is_retried_or_recorded(server, world, tmp_path):
+def test_hung_request_times_out_and_is_retried_or_left_for_the_rerun(server, world, tmp_path):
+    from alignkit.errors import StageIncomplete
+
     prompts, samples = world
     server.inject("hang", when="marker-p0-2:")
     server.inject("hang", "hang", when="marker-p1-0:")
-    summary = judge(server, tmp_path, prompts, samples)
-    out = verdicts(tmp_path / "verdicts.jsonl")
-    assert len(out) == 6
-    assert out["p0#s2"]["status"] == "ok"
-    assert out["p1#s0"]["status"] == "failed" and out["p1#s0"]["error"].startswith("timeout:")
-    assert summary["failed_reasons"] == {"timeout": 1}
+    with pytest.raises(StageIncomplete, match=r"\(timeout: 1;"):
+        judge(server, tmp_path, prompts, samples)
+    kept = verdicts(tmp_path / "verdicts.jsonl.partial")
+    assert len(kept) == 5 and kept["p0#s2"]["status"] == "ok" and "p1#s0" not in kept
 
 
 def test_invalid_verdicts_are_reasked_then_recorded(server, world, tmp_path):
@@ -198,12 +203,18 @@ def test_rerun_sends_no_requests(server, world, tmp_path):
 
 
 def test_failed_verdicts_are_not_cached(server, world, tmp_path):
+    from alignkit.errors import StageIncomplete
+
     prompts, samples = world
-    server.inject("server_error", "server_error", when="marker-p0-0:")
-    judge(server, tmp_path, prompts, samples)
-    (tmp_path / "verdicts.jsonl").unlink()
+    server.inject("schema_violation", "schema_violation", when="marker-p0-1:")  # a final failure
+    server.inject("server_error", "server_error", when="marker-p0-0:")  # a transient one
+    with pytest.raises(StageIncomplete):
+        judge(server, tmp_path, prompts, samples)
     again = judge(server, tmp_path, prompts, samples)
-    assert again["requests"] == 1 and again["ok"] == 6  # only the failed one is asked again
+    assert again["requests"] == 1 and again["ok"] == 5  # the transient one only: the final one is kept
+    (tmp_path / "verdicts.jsonl").unlink()
+    third = judge(server, tmp_path, prompts, samples)
+    assert third["requests"] == 1 and third["ok"] == 6  # a fresh run: only the uncached (failed) one is asked
 
 
 def test_changing_the_judge_prompt_invalidates_the_cache(server, world, tmp_path):
@@ -275,9 +286,10 @@ def test_api_key_never_written(server, world, tmp_path, capfd):
     prompts, samples = world
     server.inject("server_error", "server_error", when="marker-p0-0:")
     server.inject("schema_violation", "schema_violation", when="marker-p0-1:")
+    with pytest.raises(AlignkitError) as incomplete:  # the 500 is transient: incomplete, then asked again
+        judge(server, tmp_path, prompts, samples)
     summary = judge(server, tmp_path, prompts, samples)
-    judge(server, tmp_path, prompts, samples)
-    assert SECRET not in json.dumps(summary)
+    assert SECRET not in json.dumps(summary) + str(incomplete.value)
     captured = capfd.readouterr()
     assert SECRET not in captured.out + captured.err
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -697,14 +709,16 @@ def test_a_trickling_server_cannot_hold_a_request_past_its_timeout(world, tmp_pa
     """`judge.timeout` bounds the whole request: a reply sent 16 bytes every 0.2 s (each read quick)
     used to hold a 5 s-timeout request for 12.6 s."""
     prompts, samples = world
+    from alignkit.errors import StageIncomplete
+
     with ChatServer(trickle_s=0.2) as srv:
         srv.inject("trickle", when="marker-p0-0:")
         start = time.monotonic()
-        summary = judge(srv, tmp_path, prompts, samples, timeout=1.0, max_retries=0)
+        with pytest.raises(StageIncomplete, match=r"\(timeout: 1; the first: timeout: no reply within 1s"):
+            judge(srv, tmp_path, prompts, samples, timeout=1.0, max_retries=0)
         elapsed = time.monotonic() - start
-    v = verdicts(tmp_path / "verdicts.jsonl")["p0#s0"]
-    assert v["status"] == "failed" and v["error"].startswith("timeout:")
-    assert summary["ok"] == 5 and elapsed < 5.0  # the whole trickled reply would take over 10 s
+    assert len(verdicts(tmp_path / "verdicts.jsonl.partial")) == 5
+    assert elapsed < 5.0  # the whole trickled reply would take over 10 s
 
 
 def test_a_refused_key_stops_the_judge_at_once_and_leaks_it_nowhere(server, world, tmp_path, capsys):

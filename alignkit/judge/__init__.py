@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit.errors import SpendCapReached
+from alignkit.errors import SpendCapReached, StageIncomplete
 from alignkit.judge.cache import VerdictCache, cache_key
 from alignkit.judge.config import JudgeConfig
 from alignkit.judge.progress import Tally
@@ -77,7 +77,7 @@ def run_judge(
     out = ResumableJsonl(out_path, key, id_key="sample_id")
     comps = ResumableJsonl(out_path.with_name("comparisons.jsonl"), key, "comparison_id") if rub.mode == "pairwise" else None
     todo = [(p, s) for p, s in items if s.sample_id not in out.done]
-    tally = Tally()
+    tally, held = Tally(), []
     cache = None
     try:
         if judge is None:
@@ -88,7 +88,14 @@ def run_judge(
                 tally.add(verdict.status == "ok")
         else:
             cache = VerdictCache(cache_path or out_path.parent / "judge_cache.sqlite")
-            asyncio.run(_judge_openai(judge, items, todo, num_judgments, out, comps, cache, tally))
+            asyncio.run(_judge_openai(judge, items, todo, num_judgments, out, comps, cache, tally, held))
+        if held:  # transient failures: not final; keep what was received and say how to ask again
+            kinds = Counter(v["error"].split(":", 1)[0] for v in held)
+            raise StageIncomplete(
+                f"the judge is incomplete: {len(held)} of {len(items)} verdicts failed for a transient reason "
+                f"({', '.join(f'{k}: {n}' for k, n in kinds.items())}; the first: {held[0]['error']}). The "
+                f"{len(out.done)} received are kept: run the judge stage again to ask for exactly those"
+            )
     except BaseException as e:
         out.close()
         if comps is not None:
@@ -228,6 +235,15 @@ class _Batched:
             self.pending = {}
 
 
+# Failure kinds that say nothing about the sample (the server or the network failed): not final.
+TRANSIENT = ("timeout", "connection_error", "server_error", "rate_limited")
+
+
+def transient(verdict: dict[str, Any]) -> bool:
+    """A failed verdict whose cause was transient: the stage is incomplete, and a re-run asks again."""
+    return verdict["status"] != "ok" and (verdict.get("error") or "").split(":", 1)[0] in TRANSIENT
+
+
 async def _judge_openai(
     judge: OpenAIJudge,
     items: list[tuple[Prompt, Sample]],
@@ -237,8 +253,10 @@ async def _judge_openai(
     comps: ResumableJsonl | None,
     cache: VerdictCache,
     tally: Tally,
+    held: list[dict[str, Any]],
 ) -> None:
-    """Judge the samples still to do, writing verdicts (and comparisons) in batches as they come."""
+    """Judge the samples still to do, writing verdicts (and comparisons) in batches as they come;
+    transient failures go to `held` instead (single mode; a pairwise pair's failed order leaves it out)."""
     from alignkit.judge import pairwise
     from alignkit.judge.openai_judge import judge_samples
 
@@ -255,7 +273,13 @@ async def _judge_openai(
         async with judge.session(cache, tally):
             if comps is None:
                 tally.open_bar(len(todo) * num_judgments, f"judge {judge.rubric.name}")
-                await judge_samples(judge, todo, num_judgments, lambda v: writers[0].add([v]))
+                def keep(v: dict[str, Any]) -> None:  # a transient failure is not final: not written, asked again
+                    if transient(v):
+                        held.append(v)
+                    else:
+                        writers[0].add([v])
+
+                await judge_samples(judge, todo, num_judgments, keep)
             else:
                 groups = _pairwise_groups(items, todo)
                 tally.open_bar(pairwise.num_judgments(groups), f"judge {judge.rubric.name} (pairwise)")
