@@ -64,18 +64,30 @@ def build_messages(rubric: Rubric, prompt: Prompt, image_max_side: int, **untrus
 
 
 def parse_verdict(text: str) -> dict[str, Any]:
-    """The first JSON object in a reply: the whole text, or one inside prose or ```json fences."""
+    """The verdict in a reply: the whole text, or the JSON object inside prose or ```json fences.
+
+    A server that ignores `response_format` may write prose around its verdict, or quote a
+    verdict-like object from the answer under judgement first: the verdict is the last complete
+    object, and a reply holding different objects is no verdict at all (it cannot be told which is
+    the judge's)."""
     decoder = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch == "{":
-            try:
-                obj, _ = decoder.raw_decode(text, i)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    snippet = text.strip().replace("\n", " ")[:120]
-    raise JudgeError(f"no JSON object in the reply {snippet!r}")
+    found: list[dict[str, Any]] = []
+    i = text.find("{")
+    while i != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+        i = text.find("{", end)
+    if not found:
+        snippet = text.strip().replace("\n", " ")[:120]
+        raise JudgeError(f"no JSON object in the reply {snippet!r}")
+    if any(obj != found[-1] for obj in found):
+        raise JudgeError(f"the reply holds {len(found)} different JSON objects: which is the verdict is unclear")
+    return found[-1]
 
 
 @dataclass(frozen=True)

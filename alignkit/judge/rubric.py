@@ -11,9 +11,11 @@ Errors name the file and the key.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,8 @@ class ScoreField:
     """One score in the verdict: its range, its weight, and which end is good.
 
     With `share_of` set, the score is not a verdict field but the share of the items of the array
-    `share_of` whose boolean `field` is true (1.0 for an empty array: nothing is unsupported).
+    `share_of` whose boolean `field` is true (0.0 for an empty array: an answer that claims nothing
+    has nothing supported, so an empty answer never scores highest).
     """
 
     name: str
@@ -78,7 +81,7 @@ class ScoreField:
         if self.share_of is None:
             return (float(verdict[self.name]) - self.low) / (self.high - self.low)
         items = verdict[self.share_of]
-        return sum(bool(item[self.field]) for item in items) / len(items) if items else 1.0
+        return sum(bool(item[self.field]) for item in items) / len(items) if items else 0.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class Rubric:
         if set(untrusted) != expected:
             raise JudgeError(f"{self.path}: a {self.mode} judge renders {sorted(expected)}, got {sorted(untrusted)}")
         values = dict(
-            question=question,
+            question=neutralise(question),  # from the user's data: as untrusted as the answers
             reference_answer=reference_answer,
             objects=objects,
             **{k: neutralise(v) for k, v in untrusted.items()},
@@ -159,8 +162,11 @@ class Rubric:
 
 
 def neutralise(text: str) -> str:
-    """Defuse tag-like sequences ('</answer>' -> '‹/answer>') in untrusted text."""
-    return re.sub(r"<(?=/?[A-Za-z_])", "‹", text)
+    """Defuse tag-like sequences in untrusted text: '</answer>' -> '‹/answer>', and so for chat
+    special tokens ('<|im_end|>') and look-alikes that a model may read as a delimiter: fullwidth
+    or small forms ('＜/answer＞', NFKC folds them) and HTML entities ('&lt;/answer&gt;')."""
+    text = html.unescape(unicodedata.normalize("NFKC", text))
+    return re.sub(r"<(?=[/|!A-Za-z_])", "‹", text)
 
 
 def validate_instance(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
