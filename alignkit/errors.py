@@ -53,3 +53,18 @@ class SpendCapReached(AlignkitError):
 class StageIncomplete(AlignkitError):
     """A stage finished what it could, but some of its work failed for a transient reason (timeouts,
     server errors): it is not marked done, and a re-run does exactly the rest."""
+
+
+class NonFiniteError(AlignkitError):
+    """A loss, reward, margin or score that is NaN or infinite: a failure, never a number to train on."""
+
+
+def finite(value: float, what: str) -> float:
+    """`value` if it is a finite number; otherwise stop with an error naming `what` (before any weight
+    is updated with it, so no NaN weights are written)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteError(
+            f"{what} is {value}: training stops here, before the weights take it (checkpoints so far are "
+            "kept). A lower learning rate, or finite rewards and margins in the inputs, usually fix it"
+        )
+    return value

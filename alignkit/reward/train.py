@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import collate
 from alignkit.reward.config import RewardModelConfig, score_options
@@ -84,6 +85,7 @@ def fit(
         out = rm(**batch)
         r_chosen, r_rejected = out.rewards[: len(idx)], out.rewards[len(idx) :]
         loss, parts = reward_loss(r_chosen, r_rejected, margins[idx], out.critique_logits, out.critique_targets, weights)
+        finite(loss.item(), f"reward model step {step}: the loss")
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from alignkit.errors import finite
 from alignkit.models.checkpoint import resume_point  # noqa: F401 (the DPO stages import it from here)
 from alignkit.records import atomic_output
 
@@ -38,6 +39,8 @@ class MetricsJsonl(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # logged before this step's checkpoint: a NaN loss saves no NaN weights
+            finite(float(logs["loss"]), f"step {state.global_step}: the loss")
         if state.is_world_process_zero and logs and "loss" in logs:  # skip the end-of-run summary
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")

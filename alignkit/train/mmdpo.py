@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from alignkit.data.preference import COLUMNS, load_preference_dataset
+from alignkit.errors import finite
 from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
@@ -152,6 +153,8 @@ def train_mmdpo(
 
     # set-up
     dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
+    for pair_id, m in zip(dataset["pair_id"], dataset[margin_key]):  # a NaN margin would make beta NaN
+        finite(float(m), f"{pairs_path}: pair {pair_id}: {margin_key}")
     dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
     keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     policy, processor = load_policy(model_path, load_in_4bit=finetune == "qlora")

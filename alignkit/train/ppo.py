@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from alignkit.errors import ModelError, RecipeError
+from alignkit.errors import ModelError, RecipeError, finite
 from alignkit.models.inputs import collate, encode, extend
 from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
@@ -454,6 +454,7 @@ def train_ppo(
 
                 entropy_mean = masked_mean(entropy, m)
                 loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy_mean
+                finite(loss.item(), f"ppo step {step + 1}: the loss")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, c.max_grad_norm)

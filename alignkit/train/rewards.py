@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -36,9 +37,10 @@ class RewardFn:
         self.name, self.fn, self.failures = name, fn, 0
 
     def __call__(self, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float]:
-        scores = self.fn(prompts, samples)
+        # A NaN or infinite score is a failure like a missing one: counted, never a number to learn from.
+        scores = [None if s is None or not math.isfinite(float(s)) else float(s) for s in self.fn(prompts, samples)]
         self.failures += sum(s is None for s in scores)
-        return [0.0 if s is None else float(s) for s in scores]
+        return [0.0 if s is None else s for s in scores]
 
 
 def judge_reward(cfg: JudgeConfig, cache_path: Path) -> RewardFn:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
@@ -149,12 +150,14 @@ def train_sft(
                 loss = wrapped(**batch, num_items_in_batch=n_tokens).loss
                 accelerator.backward(loss * world)  # DDP averages over processes; we want their sum
             loss_sum += loss.detach()
+        # the global batch's mean token loss, the same in every process (so all stop together if it is NaN)
+        global_loss = finite(accelerator.reduce(loss_sum, "sum").item(), f"sft step {step + 1}: the loss")
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        running += accelerator.reduce(loss_sum, "sum").item()  # the global batch's mean token loss
+        running += global_loss
         bar.update(1)
         if main and (step % logging_steps == 0 or step == cfg.max_steps):
             n = logging_steps if step % logging_steps == 0 else step % logging_steps
