@@ -103,8 +103,12 @@ def sample_id(prompt_id: str, index: int) -> str:
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) from a jsonl file; a bad line is an error naming file and line."""
     path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -253,19 +257,43 @@ class ResumableJsonl:
 # prompts from user files
 
 
+# Images are decoded only by these PIL plugins (no Ghostscript behind an EPS named .png), and only up
+# to this many pixels (a decompression bomb is an error, not a hang or an out-of-memory kill).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def open_image(source: str | Path | io.BytesIO) -> Image.Image:
+    """Open an image through the allow-list, refusing what is not a regular file and what is too large."""
+    if not isinstance(source, io.BytesIO) and not Path(source).is_file():  # a FIFO or device would hang
+        raise RecordError(f"{source}: not a regular image file")
+    try:
+        img = Image.open(source, formats=IMAGE_FORMATS)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
+        name = "the embedded image" if isinstance(source, io.BytesIO) else str(source)
+        raise RecordError(f"{name}: not an image in an accepted format ({', '.join(IMAGE_FORMATS)}): {e}") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise RecordError(f"{source}: image of {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+    return img
+
+
 def _save_image_bytes(data: bytes, image_dir: Path) -> str:
     """Store image bytes under their content hash (as PNG) and return the path."""
     digest = hashlib.sha256(data).hexdigest()[:24]
     out = image_dir / f"{digest}.png"
     if not out.exists():
-        img = Image.open(io.BytesIO(data))
+        img = open_image(io.BytesIO(data))
         with atomic_output(out) as tmp:
             img.save(tmp, format="PNG")
     return str(out)
 
 
-def _image_ref(value: Any, base_dir: Path, image_dir: Path, where: str) -> str:
-    """Normalise one image reference (path, bytes, base64, datasets dict, PIL) to a file path."""
+def _image_ref(value: Any, base_dir: Path, image_dir: Path, where: str, outside: bool = False) -> str:
+    """Normalise one image reference (path, bytes, base64, datasets dict, PIL) to a file path.
+
+    A path must stay inside `base_dir` (the prompts file's directory) unless `outside` allows it:
+    a dataset cannot make a run read `../../etc/...` or any absolute path by default."""
     if isinstance(value, Image.Image):
         buf = io.BytesIO()
         value.save(buf, format="PNG")
@@ -281,14 +309,19 @@ def _image_ref(value: Any, base_dir: Path, image_dir: Path, where: str) -> str:
         else:
             raise RecordError(f"{where}: image entry has neither 'bytes' nor 'path'")
     if isinstance(value, str):
-        if value.startswith("data:image/"):
-            return _save_image_bytes(base64.b64decode(value.split(",", 1)[1]), image_dir)
-        p = Path(value)
-        return str(p if p.is_absolute() else (base_dir / p).resolve())
+        if value.startswith("data:"):
+            if not value.startswith("data:image/") or "," not in value:
+                raise RecordError(f"{where}: a data URL that is not an image ({value[:40]!r}...)")
+            return _save_image_bytes(base64.b64decode(value.split(",", 1)[1], validate=True), image_dir)
+        p = (base_dir / value).resolve()
+        if not outside and not p.is_relative_to(base_dir.resolve()):
+            raise RecordError(f"{where}: image path {value!r} is outside {base_dir}; set "
+                              "data.allow_outside_paths: true to allow it")  # fmt: skip
+        return str(p)
     raise RecordError(f"{where}: unsupported image value of type {type(value).__name__}")
 
 
-def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where: str) -> Prompt:
+def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where: str, outside: bool) -> Prompt:
     row = dict(row)
     if "image" in row and "images" not in row:
         row["images"] = [row.pop("image")] if row["image"] is not None else []
@@ -297,20 +330,25 @@ def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where
         images = [images]
     pid = row.get("prompt_id", "?")
     try:
-        row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})") for v in images]
-    except (Image.UnidentifiedImageError, binascii.Error) as e:  # embedded bytes or base64 that are not an image
+        row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})", outside) for v in images]
+    except binascii.Error as e:  # base64 that is not base64
         raise RecordError(f"{where} (prompt_id={pid}): cannot decode an embedded image ({e})") from None
+    except RecordError as e:  # an embedded image that is not one: name the record
+        if str(e).startswith(where):
+            raise
+        raise RecordError(f"{where} (prompt_id={pid}): {e}") from None
     if "prompt_id" in row:
         row["prompt_id"] = str(row["prompt_id"])
     return _from_dict(Prompt, row, where)
 
 
-def read_prompts(source: str | Path, image_dir: str | Path) -> list[Prompt]:
+def read_prompts(source: str | Path, image_dir: str | Path, allow_outside_paths: bool = False) -> list[Prompt]:
     """Read prompts from a jsonl file, a parquet file, or a saved `datasets` directory.
 
-    Images may be paths (relative to the file), bytes, base64 data URLs, `datasets` Image dicts
-    or PIL images; embedded images are written to `image_dir` so every record carries paths.
-    Duplicate prompt ids are an error, since every later stage joins on them.
+    Images may be paths (relative to the file, and inside its directory unless
+    `allow_outside_paths`), bytes, base64 data URLs, `datasets` Image dicts or PIL images;
+    embedded images are written to `image_dir` so every record carries paths. Duplicate prompt
+    ids are an error, since every later stage joins on them; so is a source with no prompts.
     """
     source, image_dir = Path(source), Path(image_dir)
     if not source.exists():
@@ -333,17 +371,19 @@ def read_prompts(source: str | Path, image_dir: str | Path) -> list[Prompt]:
     seen: set[str] = set()
     for n, row in rows:
         where = f"{source}:{n}" if fmt == "line" else f"{source} row {n}"
-        p = _prompt_from_row(row, base, image_dir, where)
+        p = _prompt_from_row(row, base, image_dir, where, allow_outside_paths)
         if p.prompt_id in seen:
             raise RecordError(f"{where}: duplicate prompt_id {p.prompt_id!r}")
         seen.add(p.prompt_id)
         prompts.append(p)
+    if not prompts:
+        raise RecordError(f"{source}: no prompts in it")
     return prompts
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image as RGB."""
-    with Image.open(path) as img:
+    """Open an image as RGB (through `open_image`'s allow-list and size limit)."""
+    with open_image(path) as img:
         return img.convert("RGB")
 
 

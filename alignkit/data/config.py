@@ -21,6 +21,9 @@ class DataConfig(Section):
     """Prompts as jsonl, parquet, or a saved `datasets` directory (relative to the recipe file)."""
     synthetic: SyntheticConfig | None = None
     """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
+    allow_outside_paths: bool = False
+    """Let image paths in the prompts file point outside its directory (`../`, absolute paths);
+    off by default, so a dataset cannot make a run read any file on the machine."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -18,7 +18,7 @@ def make_prompts(source: Any, out_dir: Path) -> list[Prompt]:
 
         syn = source.synthetic
         return make_shapes_prompts(out_dir, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks))
-    return read_prompts(source.prompts, out_dir / "images")
+    return read_prompts(source.prompts, out_dir / "images", source.allow_outside_paths)
 
 
 def source_files(source: Any) -> list[Path]:

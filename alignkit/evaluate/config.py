@@ -17,6 +17,9 @@ class EvalConfig(Section):
     """Held-out prompts with gold annotations (jsonl, parquet or a `datasets` directory)."""
     synthetic: SyntheticConfig | None = None
     """Or held-out prompts from the synthetic world (use a seed no training data uses)."""
+    allow_outside_paths: bool = False
+    """Let image paths in the prompts file point outside its directory (`../`, absolute paths);
+    off by default, so a dataset cannot make a run read any file on the machine."""
     backend: Literal["transformers", "vllm"] = "transformers"
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
