@@ -43,7 +43,8 @@ class Recipe(Section):
     sft: SftConfig | None = None
     eval: EvalConfig | None = None
     launch: LaunchConfig = LaunchConfig()
-    """Processes per distributed stage (`alignkit.launch`): `launch.num_processes=2` runs `sft` as 2."""
+    """Processes per distributed stage (`alignkit.launch`): `launch.num_processes=2` runs `sft`, and
+    `train` with DPO or MM-DPO, as 2."""
     rounds: int = Field(1, ge=1)
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 

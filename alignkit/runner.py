@@ -84,8 +84,11 @@ class Runner:
         require(reads, stage.name)
 
         def work(fp: str) -> dict[str, Any]:
-            if getattr(stage, "distributed", False) and launch.num_processes > 1:  # N processes: alignkit.launch
-                return launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))
+            if launch.num_processes > 1 and hasattr(stage, "distributed"):
+                if stage.distributed(self.recipe):  # N processes: alignkit.launch
+                    return launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))
+                self.console.print(f"[yellow]![/] {stage_key(stage.name, round)}: runs in one process "
+                                   f"(launch.num_processes={launch.num_processes} does not apply to it with this recipe)")  # fmt: skip
             return stage.run(ctx, fp)
 
         return self.step(stage_key(stage.name, round), identity(stage, ctx), reads, stage.output(ctx), work)

@@ -14,11 +14,12 @@ in `alignkit.stages`. It declares:
 - `run(ctx, fingerprint)`: does the work and returns a JSON-able summary;
 - optionally `dry_run(ctx)`: what `run` would do and cost, doing nothing (its command gets
   `--dry-run`);
-- optionally `distributed = True`: its `run` works as one of N processes under accelerate, so with
-  `launch.num_processes > 1` the runner starts it as N processes (`alignkit.launch`). Every process
-  calls `run`; only the main one writes (accelerate's `is_main_process`), and its summary is the
-  one recorded. Its config declares `launch.num_processes` when that changes the result (a
-  per-device batch size makes the global batch depend on it).
+- optionally `distributed(recipe) -> bool`: True when its `run`, with this recipe, works as one of N
+  processes under accelerate, so with `launch.num_processes > 1` the runner starts it as N processes
+  (`alignkit.launch`); False: it runs in one process and the runner says so. Every process calls
+  `run`; only the main one writes (accelerate's `is_main_process`), and its summary is the one
+  recorded. Its config declares `launch` when it runs distributed (a per-device batch size makes
+  the global batch depend on `launch.num_processes`).
 
 The fingerprint is derived, never assembled by hand: the stage's name, the dump of its config keys
 minus `exclude`, the digest of every file it reads and its upstream identities.

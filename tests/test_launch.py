@@ -1,5 +1,6 @@
-"""Many processes (`launch.num_processes`): the sft stage as 2 real gloo processes trains like 1 process
-with the same global batch, resumes across process counts, and a failing launch is a clear error.
+"""Many processes (`launch.num_processes`): the sft stage and the train stage (DPO, MM-DPO) as 2 real
+gloo processes train like 1 process with the same global batch; sft resumes across process counts,
+a killed 2-process train run resumes from its checkpoint, and a failing launch is a clear error.
 Device and precision come from accelerate's state."""
 
 from __future__ import annotations
@@ -212,3 +213,136 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_qwen_dir, 
 
 def _losses_of(path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the train stage: DPO and MM-DPO as 2 processes
+
+TRAIN_RECIPE = """\
+output_dir: {out}
+stages: [train]
+policy: {{model: "tiny:qwen2-vl"}}
+data: {{synthetic: {{num_prompts: 2}}}}
+train: {{method: {method}, max_steps: {steps}, batch_size: {batch}, learning_rate: 0.001, save_steps: {save}}}
+"""
+
+
+def _train_run(tmp_path, name: str, method: str, batch: int, steps: int = 4, save: int = 100, pairs: int = 8):
+    """A recipe whose run directory already holds a pairs file (varied margins: MM-DPO's beta varies)."""
+    from tests.test_train_dpo import _write_pairs
+
+    run = tmp_path / name
+    run.mkdir()
+    path = _write_pairs(run, pairs)
+    lines = [json.loads(line) | {"margin": 0.5 * i} for i, line in enumerate(path.read_text().splitlines())]
+    path.write_text("".join(json.dumps(p) + "\n" for p in lines))
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(TRAIN_RECIPE.format(out=run, method=method, steps=steps, batch=batch, save=save))
+    return recipe, run
+
+
+def _train_cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "train", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def _train_losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_adapter_generates(adapter) -> None:
+    from peft import PeftModel
+
+    from alignkit.models import load_policy, load_processor, resolve_model
+
+    base, _ = load_policy(resolve_model("tiny:qwen2-vl"))
+    model = PeftModel.from_pretrained(base, str(adapter))
+    processor = load_processor(adapter)
+    ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
+
+
+def _compare(one: list[float], two: list[float]) -> None:
+    assert len(one) == len(two) == 4
+    diffs = [(abs(a - b), abs(a - b) / abs(a)) for a, b in zip(one, two)]
+    print("per-step |loss diff| (abs, rel):", [(f"{d:.2e}", f"{r:.2e}") for d, r in diffs])
+    assert two == pytest.approx(one, rel=REL_TOL, abs=1e-6)
+    assert len(set(one)) > 1  # the steps trained (learning rate 1e-3): not one loss repeated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "mmdpo"])
+def test_train_as_two_processes_trains_like_one_with_the_same_global_batch(method, tmp_path):
+    one_recipe, one = _train_run(tmp_path, "one", method, batch=2)
+    Runner(load_recipe(one_recipe)).run()
+    two_recipe, two = _train_run(tmp_path, "two", method, batch=1)
+    done = _train_cli(two_recipe, "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    summary = json.loads((two / "stages.json").read_text())["train"]["summary"]
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 2
+    assert json.loads((one / "stages.json").read_text())["train"]["summary"]["num_processes"] == 1
+    _compare(_train_losses(one), _train_losses(two))
+    assert not list((two / "train").glob("adapter.tmp")) and not (two / "train" / "adapter.summary.json").exists()
+    _check_adapter_generates(two / "train" / "adapter")
+    if method == "mmdpo":  # the reference log-probs the main process cached are a 1-process run's
+        from alignkit.train.reference import read_cache
+
+        (c1,), (c2,) = (one / "ref_logps").glob("*.jsonl"), (two / "ref_logps").glob("*.jsonl")
+        r1, r2 = read_cache(c1), read_cache(c2)
+        assert r1.keys() == r2.keys() and len(r1) == 8 and len(c2.read_text().splitlines()) == 8  # written once
+        flat1, flat2 = [v for k in r1 for v in r1[k]], [v for k in r1 for v in r2[k]]
+        print("reference log-probs, max |diff|:", max(abs(a - b) for a, b in zip(flat1, flat2)))
+        assert flat2 == pytest.approx(flat1, rel=REL_TOL)
+        betas = [json.loads(line)["beta/max"] for line in (two / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert len(set(betas)) > 1  # per-pair betas reached the processes' batches
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_train_run_resumes_from_its_checkpoint(tmp_path):
+    import signal
+    import time
+
+    recipe, run = _train_run(tmp_path, "killed", "dpo", batch=1, steps=12, save=2, pairs=24)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "train",
+                             "launch.num_processes=2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    checkpoints = run / "train" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # alignkit, torchrun and both workers
+    proc.wait()
+    assert not (run / "train" / "adapter").exists()  # killed in the middle of training
+    metrics = run / "train" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
+                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+
+    done = _train_cli(recipe, "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed_from = max(l["step"] for l in lines if l.get("before"))
+    assert 2 <= resumed_from < 12 and resumed_from % 2 == 0  # the last complete checkpoint's step
+    assert [(l["step"], l.get("before", False)) for l in lines] == [(s, s <= resumed_from) for s in range(1, 13)]
+    assert json.loads((run / "stages.json").read_text())["train"]["status"] == "done"
+    _check_adapter_generates(run / "train" / "adapter")
+    # the resumed run continues the interrupted one: the losses of an uninterrupted 1 x 2 run
+    ref_recipe, ref = _train_run(tmp_path, "uninterrupted", "dpo", batch=2, steps=12, save=100, pairs=24)
+    Runner(load_recipe(ref_recipe)).run()
+    resumed, whole = [l["loss"] for l in lines], _train_losses(ref)
+    print("resumed vs uninterrupted, max |loss diff|:", max(abs(a - b) for a, b in zip(resumed, whole)))
+    assert resumed == pytest.approx(whole, rel=REL_TOL, abs=1e-6)
+
+
+def test_train_runs_distributed_for_dpo_and_mmdpo_only(tmp_path):
+    from alignkit.train.stage import TrainStage
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TRAIN_RECIPE.format(out=tmp_path / "run", method="dpo", steps=1, batch=1, save=1))
+    for method, distributed in (("dpo", True), ("mmdpo", True), ("ppo", False)):
+        r = load_recipe(recipe, [f"train.method={method}", "launch.num_processes=2"])
+        assert TrainStage().distributed(r) is distributed  # PPO: one process, and the runner says so
+        assert ("launch" in TrainStage().config(r)) is distributed  # the global batch depends on it

@@ -6,6 +6,7 @@ are imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,7 +76,8 @@ def load_policy(
     from transformers import AutoModelForImageTextToText
 
     dtype = dtype or default_dtype()
-    quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": 0}} if load_in_4bit else {}
+    gpu = int(os.environ.get("LOCAL_RANK", "0"))  # under a launch: this process's GPU
+    quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": gpu}} if load_in_4bit else {}
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **quantized)
     return model, load_processor(name_or_path)
 

@@ -10,11 +10,17 @@ The run directory:
 A re-run with the same pairs and settings resumes from the last complete checkpoint (`max_steps`,
 `num_epochs`, `save_steps` and `logging_steps` may change, so a finished run can be extended);
 other pairs or settings start over.
+
+Under a launch (`alignkit.launch`) every process runs the same code; TRL's trainer shards the
+batches. The main process alone decides the resume point (which may clear the directory) and
+moves the final adapter into place; the others wait for it and take its answer.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +28,8 @@ import torch
 from transformers import TrainerCallback
 
 from alignkit.errors import finite
-from alignkit.models.checkpoint import resume_point  # noqa: F401 (the DPO stages import it from here)
-from alignkit.records import atomic_output
+from alignkit.models import checkpoint
+from alignkit.train.device import process_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
@@ -69,6 +75,9 @@ def dpo_config(
         logging_steps=logging_steps,
         seed=seed,
         bf16=policy.dtype == torch.bfloat16,
+        # Without a GPU, say so: transformers then starts accelerate's CPU processes (gloo) under a
+        # launch; otherwise each process would train alone on its own shard.
+        use_cpu=not on_gpu,
         # TRL turns checkpointing on to save GPU memory; on CPU it only made steps ~3x slower.
         gradient_checkpointing=on_gpu,
         dataloader_pin_memory=on_gpu,
@@ -77,8 +86,34 @@ def dpo_config(
     )
 
 
+def resume_point(out_dir: Path, settings: Any) -> str | None:
+    """`alignkit.models.checkpoint.resume_point`, decided by the main process (it may clear `out_dir`'s
+    checkpoints and metrics) and broadcast to the others of a launch."""
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    answer = [checkpoint.resume_point(out_dir, settings) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(answer)  # a collective: the others wait here for the main process
+    return answer[0]
+
+
 def save_final(trainer: Trainer, final: Path) -> Path:
-    """Save the trained adapter (or full model) and the processor to `final`, via a temporary name."""
-    with atomic_output(final) as tmp:
-        trainer.save_model(str(tmp))
+    """Save the trained adapter (or full model) and the processor to `final`, via a temporary name.
+
+    Every process calls `save_model` (transformers writes on the main process only, and some
+    set-ups need all of them there); the main process then renames the result onto `final`.
+    """
+    final = Path(final)
+    tmp, main = final.with_name(final.name + ".tmp"), trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
     return final

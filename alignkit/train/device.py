@@ -24,6 +24,12 @@ def mixed_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def model_dtype() -> torch.dtype:
+    """The dtype a TRL-trained policy is loaded in: bf16 where the compute is bf16, else float32
+    (CPU, fp16 mixed precision, or an accelerate config without mixed precision)."""
+    return torch.bfloat16 if mixed_precision() == "bf16" else torch.float32
+
+
 def process_state() -> PartialState:
     """This process's place among the processes of a stage (one process, rank 0, outside a launch)."""
     from accelerate import PartialState

@@ -83,10 +83,13 @@ class MMDPOTrainer(DPOTrainer):
 
         Uses TRL's `compute_ref_log_probs`, i.e. the very forward TRL runs in-step: the base model
         with the adapter disabled (LoRA/QLoRA), or the frozen initial model (full fine-tuning).
+        Under a launch the main process computes and writes the missing rows while the others wait,
+        then every process reads the whole cache: each process's shard of the batches finds its rows.
         """
+        main = self.accelerator.is_main_process
         cached = read_cache(cache)
         todo = [i for i, key in enumerate(keys) if key not in cached]
-        if todo:
+        if todo and main:
             model = self.ref_model or self.model
             rows = self.train_dataset.select(todo).select_columns(list(COLUMNS))
             loader = DataLoader(rows, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
@@ -94,7 +97,8 @@ class MMDPOTrainer(DPOTrainer):
                 chosen, rejected = self.compute_ref_log_probs(model, self._prepare_inputs(batch))
                 batch_keys = [keys[i] for i in todo[start : start + loader.batch_size]]
                 append_cache(cache, batch_keys, chosen.float().tolist(), rejected.float().tolist())
-            cached = read_cache(cache)
+        self.accelerator.wait_for_everyone()
+        cached = read_cache(cache)
         ds = self.train_dataset
         ds = ds.add_column("ref_chosen_logps", [cached[key][0] for key in keys])
         self.train_dataset = ds.add_column("ref_rejected_logps", [cached[key][1] for key in keys])
@@ -144,10 +148,11 @@ def train_mmdpo(
     keeps it outside `out_dir`, which it clears when a training setting changes.
     """
     from alignkit.models import resolve_model
+    from alignkit.train.device import model_dtype, process_state
 
     finetune, margin_key = cfg.finetune, cfg.margin_key
     if finetune == "qlora":
-        quantization_4bit(torch.float32)  # where QLoRA cannot run, say so before loading data or a model
+        quantization_4bit(model_dtype())  # where QLoRA cannot run, say so before loading data or a model
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)
 
@@ -157,7 +162,7 @@ def train_mmdpo(
         finite(float(m), f"{pairs_path}: pair {pair_id}: {margin_key}")
     dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
     keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
-    policy, processor = load_policy(model_path, load_in_4bit=finetune == "qlora")
+    policy, processor = load_policy(model_path, dtype=model_dtype(), load_in_4bit=finetune == "qlora")
     lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
     args = dpo_config(out_dir, policy, cfg, seed=seed, logging_steps=logging_steps, **nll)
@@ -169,6 +174,7 @@ def train_mmdpo(
         "mmdpo": [cfg.beta, cfg.w, cfg.k, cfg.gamma, margin_key, finetune, cfg.learning_rate, cfg.batch_size,
                   cfg.grad_accum, cfg.max_length, seed],
         "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules],
+        "processes": process_state().num_processes,  # batch_size is per process
     }
     resume_from = resume_point(out_dir, settings)
 

@@ -15,10 +15,12 @@ class SftStage:
 
     name = command = "sft"
     per_round = False
-    distributed = True  # runs as launch.num_processes processes (alignkit.launch)
     # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
     # config file may set the mixed precision (its bytes are in `reads`).
     exclude = frozenset({"sft.save_steps", "sft.logging_steps"})
+
+    def distributed(self, recipe) -> bool:
+        return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
         return ("sft", "policy.model", "sample.template", "seed", "launch")

@@ -32,21 +32,30 @@ class TrainStage:
     """Train the policy: DPO with LoRA on the pairs (train.method=dpo), MM-DPO with a per-pair beta from the
     reward margin (train.method=mmdpo), or PPO on the prompts (train.method=ppo, or `alignkit ppo`),
     rewarded as the recipe's `ppo.rewards` say. Writes a PEFT adapter to train/adapter, or the whole
-    model to train/model with train.finetune=full."""
+    model to train/model with train.finetune=full.
+
+    DPO and MM-DPO run as `launch.num_processes` processes (`alignkit.launch`; batch_size is per
+    process); PPO runs in one process whatever `launch.num_processes` says (the runner prints so)."""
 
     name = command = "train"
     per_round = True
     exclude = frozenset({"train.save_steps", *SampleStage.exclude, *JUDGE_UNCHANGING})
 
+    def distributed(self, recipe) -> bool:
+        return recipe.train.method != "ppo"  # PPO's hand-written loop is single-process (for now)
+
     def config(self, recipe) -> tuple[str, ...]:
         if recipe.train.method != "ppo":
-            return ("train", "seed")
+            # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an
+            # accelerate config file may set the mixed precision (its bytes are in `reads`).
+            return ("train", "seed", "launch")
         # PPO samples as the `sample` section says and scores with the `ppo.rewards` sources.
         return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed")
 
     def reads(self, ctx: Context) -> list[Path]:
         if ctx.config.train.method != "ppo":
-            return [ctx.paths.pairs]
+            launch = ctx.config.launch.config_file
+            return [ctx.paths.pairs, *([Path(launch)] if launch else [])]
         files = [ctx.paths.prompts, *template_files(ctx.config.sample.template)]
         for spec in ctx.config.ppo.rewards:
             if spec.source in ("reference", "judge"):
@@ -64,9 +73,13 @@ class TrainStage:
         return ctx.paths.train
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        """DPO / MM-DPO run in every process of a launch (the main one writes); PPO in one."""
         cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
         if cfg.method == "ppo":
             return _train_ppo(ctx, model)
+        from alignkit.train.device import process_state
+
+        processes = process_state().num_processes
         if cfg.method == "mmdpo":
             from alignkit.train.mmdpo import train_mmdpo
 
@@ -76,7 +89,8 @@ class TrainStage:
             from alignkit.train.dpo import train_dpo
 
             out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed)
-        return {Path(out).name: str(out)}  # "adapter", or "model" (full fine-tuning)
+        return {Path(out).name: str(out),  # "adapter", or "model" (full fine-tuning)
+                "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
 
 
 def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
