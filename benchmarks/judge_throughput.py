@@ -2,7 +2,9 @@
 
     python benchmarks/judge_throughput.py [--latency 1] [--concurrency 16] [--requests 160]
 
-The ideal request rate is C/L; the goal is at least 90% of it. The server is the test fixture
+The ideal request rate is C/L. The baseline is a plain asyncio openai client at the same
+concurrency on the same kind of requests: alignkit's rate as a share of it is its own overhead
+(goal: at least 95%). The server is the test fixture
 (alignkit.testing.chat_server) in its own process, so it does not share our GIL. In the same run
 it measures a plain sequential openai client (rate ~ 1/L) and alignkit at concurrency 1 on the
 same requests: their difference per request is alignkit's own overhead (message building with
@@ -86,6 +88,32 @@ def sequential_seconds(prompts: list[Prompt], samples: list[Sample], url: str) -
     return time.perf_counter() - start
 
 
+def concurrent_plain_seconds(prompts: list[Prompt], samples: list[Sample], url: str, concurrency: int) -> float:
+    """Wall time of a plain asyncio openai client sending the same requests, `concurrency` at a time:
+    the baseline alignkit's own overhead is measured against (no cache, no files, no validation)."""
+    import asyncio
+
+    rubric = load_rubric("overall")
+    messages = [build_messages(rubric, p, 256, answer=s.answer, response=s.text) for p, s in zip(prompts, samples)]
+    fmt = {"type": "json_schema", "json_schema": {"name": "overall", "schema": rubric.schema, "strict": True}}
+
+    async def run() -> float:
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)
+        slot = asyncio.Semaphore(concurrency)
+
+        async def one(m: list) -> None:
+            async with slot:
+                await client.chat.completions.create(model="bench", messages=m, response_format=fmt, **rubric.sampling)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(m) for m in messages))
+        seconds = time.perf_counter() - start
+        await client.close()
+        return seconds
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency", type=float, default=1.0, help="server delay L per request, seconds")
@@ -100,12 +128,13 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            folders = [root / name for name in ("concurrent", "alignkit1", "plain")]
+            folders = [root / name for name in ("concurrent", "alignkit1", "plain", "plain_async")]
             for f in folders:
                 f.mkdir()
             concurrent, judging_rate = alignkit_seconds(*make_world(folders[0], n, "c"), url, folders[0], C)
             one_by_one, _ = alignkit_seconds(*make_world(folders[1], k, "a"), url, folders[1], 1)
             plain = sequential_seconds(*make_world(folders[2], k, "s"), url)
+            plain_async = concurrent_plain_seconds(*make_world(folders[3], n, "p"), url, C)
     finally:
         proc.kill()
         proc.wait()
@@ -115,6 +144,9 @@ def main() -> None:
     print(f"\nserver latency L = {L:g} s, concurrency C = {C}, {n} requests")
     print(f"alignkit judge:      {rate:8.1f} req/s = {rate / bound:6.1%} of the C/L bound {bound:.1f} req/s (goal >= 90%)")
     print(f"  while judging:     {judging_rate:8.1f} req/s = {judging_rate / bound:6.1%} (the progress bar's rate: no set-up, no report)")
+    async_rate = n / plain_async
+    print(f"plain async client:  {async_rate:8.1f} req/s (asyncio openai client, concurrency {C}, same {n} requests)")
+    print(f"alignkit's share:    {rate / async_rate:8.1%} of the plain async client (goal >= 95%)")
     print(f"sequential client:   {seq_rate:8.1f} req/s (plain openai client, {k} requests one at a time)")
     print(f"ratio:               {rate / seq_rate:8.1f}x the sequential client")
     print(f"alignkit overhead:   {overhead_ms:8.2f} ms per request (alignkit at concurrency 1 vs the plain client)")
