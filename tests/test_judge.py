@@ -24,7 +24,7 @@ from alignkit.judge.reference import answers_match, judge_reference
 from alignkit.judge.rubric import load_rubric
 from alignkit.records import Prompt, Sample, Verdict, read_records, write_jsonl
 from alignkit.resources import builtin_dir
-from alignkit.testing.chat_server import ENVELOPE_FAULTS, ChatServer
+from alignkit.testing.chat_server import ENVELOPE_FAULTS, FAULTS, ChatServer
 
 SECRET = "sk-test-SECRET-4f2a9c"
 KEY_ENV = "ALIGNKIT_TEST_JUDGE_KEY"
@@ -498,15 +498,29 @@ def test_pairwise_failed_order_leaves_the_pair_out(world, tmp_path):
     assert decide(None, "x") is None
     prompts, samples = world
     with ChatServer(_winner_by_marker({"marker-p0-0": 1})) as srv:
-        # both attempts of one order of the (s0, s1) pair fail: that pair has no outcome
-        srv.inject("server_error", "server_error", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
+        # both attempts of one order of the (s0, s1) pair give no valid verdict: that pair has no outcome
+        srv.inject("schema_violation", "schema_violation", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
         judge(srv, tmp_path, prompts[:1], samples[:3], rubric="pairwise")
     out = verdicts(tmp_path / "verdicts.jsonl")
     assert out["p0#s0"]["score"] == 1.0 and "1 comparison(s) failed" in out["p0#s0"]["rationale"]
     assert out["p0#s1"]["score"] == 0.5  # only its tie with s2 counts
     comps = {c["comparison_id"]: c for c in map(json.loads, (tmp_path / "comparisons.jsonl").read_text().splitlines())}
     bad = comps["p0#s0|p0#s1"]
-    assert bad["winner"] is None and bad["consistent"] is None and bad["orders"][0]["error"].startswith("server_error")
+    assert bad["winner"] is None and bad["consistent"] is None and bad["orders"][0]["error"].startswith("invalid_verdict")
+
+
+def test_pairwise_transient_failure_leaves_the_prompt_for_the_rerun(world, tmp_path):
+    from alignkit.errors import StageIncomplete
+
+    prompts, samples = world
+    with ChatServer(_winner_by_marker({"marker-p0-0": 1})) as srv:
+        srv.inject("server_error", "server_error", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
+        with pytest.raises(StageIncomplete, match=r"3 of 6 verdicts failed .*server_error: 3"):
+            judge(srv, tmp_path, prompts, samples, rubric="pairwise")
+        first = len(srv.chat_requests)
+        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise")  # the server is fine again
+        assert summary["ok"] == 6 and summary["resumed"] == 3
+        assert len(srv.chat_requests) - first == 1  # the failed order only: the rest come from the cache
 
 
 def test_pairwise_single_sample_prompt_fails_with_reason(world, tmp_path, server):
@@ -817,3 +831,20 @@ def test_dry_run_counts_requests_tokens_and_cost_and_sends_nothing(server, world
     run_judge(prompts, samples[:4], run / "verdicts.jsonl", cfg, fingerprint="f", cache_path=run / "judge_cache.sqlite")
     again = plan_judge(prompts, samples, cfg, run / "judge_cache.sqlite")
     assert (again["requests"], again["cached"]) == (2, 4)  # cached verdicts cost nothing
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_key_leaks_under_no_fault(server, world, tmp_path, capsys, fault):
+    """Under each fixture fault the API key reaches no file, no output and no error message."""
+    import traceback
+
+    prompts, samples = world
+    server.inject(fault, fault, when="marker-p0-1:")
+    shown = ""
+    try:
+        judge(server, tmp_path, prompts, samples)
+    except AlignkitError as e:
+        shown = "".join(traceback.format_exception(e))
+    out = capsys.readouterr()
+    assert SECRET not in shown + out.out + out.err
+    assert not any(SECRET.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())

@@ -17,7 +17,7 @@ from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import Generation, SampleConfig, make_backend, run_sample, sample_prompts
 from alignkit.sample.base import derive_seed
-from alignkit.testing.chat_server import ENVELOPE_FAULTS, ChatServer, heuristic_reply
+from alignkit.testing.chat_server import ENVELOPE_FAULTS, FAULTS, ChatServer, heuristic_reply
 
 K = 3
 KEY_ENV = "ALIGNKIT_TEST_SAMPLER_KEY"
@@ -243,3 +243,23 @@ def test_a_failing_prompt_costs_no_other_prompt_its_paid_answers(prompts, tmp_pa
     with ChatServer() as server:  # the file equals an uninterrupted run's
         sample(server, prompts[:2], tmp_path / "straight.jsonl")
     assert (tmp_path / "s.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_key_leaks_under_no_fault(prompts, tmp_path, capsys, monkeypatch, fault):
+    """Under each fixture fault the sampler's API key reaches no file, no output and no error message."""
+    import traceback
+
+    from alignkit.errors import AlignkitError
+
+    monkeypatch.setenv(KEY_ENV, "sk-canary-0c9d2e")
+    shown = ""
+    with ChatServer(hang_s=0.2, trickle_s=0.01) as server:
+        server.inject(fault, fault, fault, when=f"[{prompts[0].prompt_id}]")
+        try:
+            sample(server, prompts[:2], tmp_path / "s.jsonl")
+        except AlignkitError as e:
+            shown = "".join(traceback.format_exception(e))
+    out = capsys.readouterr()
+    assert "sk-canary-0c9d2e" not in shown + out.out + out.err
+    assert not any(b"sk-canary-0c9d2e" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())

@@ -115,3 +115,19 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)
     assert not (tmp_path / "resumed" / "checkpoints").exists()
+
+
+def test_sft_image_paths_outside_the_data_directory_are_refused_unless_allowed(tmp_path):
+    from PIL import Image
+
+    from alignkit.records import RecordError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (tmp_path / "data").mkdir()
+    f = tmp_path / "data" / "sft.jsonl"
+    row = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}],
+           "images": ["../outside.png"]}  # fmt: skip
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(RecordError, match=r"sft.jsonl:1: image path .* is outside .*sft.allow_outside_paths"):
+        read_sft_file(f)
+    assert read_sft_file(f, allow_outside_paths=True)[0]["images"] == [str((tmp_path / "outside.png").resolve())]

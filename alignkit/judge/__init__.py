@@ -256,7 +256,7 @@ async def _judge_openai(
     held: list[dict[str, Any]],
 ) -> None:
     """Judge the samples still to do, writing verdicts (and comparisons) in batches as they come;
-    transient failures go to `held` instead (single mode; a pairwise pair's failed order leaves it out)."""
+    transient failures go to `held` instead (pairwise: every verdict of a prompt with such an order)."""
     from alignkit.judge import pairwise
     from alignkit.judge.openai_judge import judge_samples
 
@@ -283,7 +283,16 @@ async def _judge_openai(
             else:
                 groups = _pairwise_groups(items, todo)
                 tally.open_bar(pairwise.num_judgments(groups), f"judge {judge.rubric.name} (pairwise)")
-                await pairwise.judge_pairwise(judge, groups, lambda c, v: (writers[1].add(c), writers[0].add(v)))
+                def keep_prompt(comparisons: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> None:
+                    # an order that failed for a transient reason: the prompt is not final, asked again
+                    errors = [o.get("error") or "" for c in comparisons for o in c["orders"]]
+                    if failed := [e for e in errors if e.split(":", 1)[0] in TRANSIENT]:
+                        held.extend({**v, "status": "failed", "error": failed[0]} for v in verdicts)
+                    else:
+                        writers[1].add(comparisons)
+                        writers[0].add(verdicts)
+
+                await pairwise.judge_pairwise(judge, groups, keep_prompt)
     finally:
         flusher.cancel()
         for w in writers:

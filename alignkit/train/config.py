@@ -132,6 +132,8 @@ class SftConfig(Section):
     """SFT examples as jsonl: TRL prompt-completion conversations plus `images` (relative paths)."""
     synthetic: SftSyntheticConfig | None = None
     """Or SFT data from the synthetic shapes world, answers in the sampling template's format."""
+    allow_outside_paths: bool = False
+    """Let image paths in `data` point outside its directory (`../`, absolute paths)."""
     finetune: Literal["full", "lora"] = "full"
     learning_rate: float = Field(1e-3, gt=0)
     """1e-3 trains the tiny model from scratch; use ~1e-4 with LoRA on a pretrained VLM."""

@@ -44,16 +44,21 @@ from alignkit.train.config import SftConfig
 from alignkit.train.device import make_accelerator
 
 
-def read_sft_file(path: Path) -> list[dict[str, Any]]:
+def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[str, Any]]:
     """Read SFT examples: `prompt` and `completion` conversations (TRL's prompt-completion format)
-    plus `images` (paths, relative to the file). Errors name the file and line."""
+    plus `images` (paths, relative to the file and inside its directory unless
+    `allow_outside_paths`). Errors name the file and line."""
     rows = []
+    base = Path(path).parent.resolve()
     for lineno, obj in iter_jsonl(path):
         missing = {"prompt", "completion"} - obj.keys()
         if missing:
             raise RecordError(f"{path}:{lineno}: missing key(s) {sorted(missing)} for an SFT example")
-        images = [str((Path(path).parent / p).resolve()) for p in obj.get("images", [])]
+        images = [str((base / p).resolve()) for p in obj.get("images", [])]
         for p in images:
+            if not allow_outside_paths and not Path(p).is_relative_to(base):
+                raise RecordError(f"{path}:{lineno}: image path {p} is outside {base}; set "
+                                  "sft.allow_outside_paths: true to allow it")  # fmt: skip
             if not Path(p).is_file():
                 raise RecordError(f"{path}:{lineno}: image not found: {p}")
         rows.append({"prompt": obj["prompt"], "completion": obj["completion"], "images": images})
@@ -97,7 +102,7 @@ def train_sft(
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
 
     # encode (every process encodes all examples: the loss is normalised by the global batch's tokens)
-    rows = read_sft_file(data_path)
+    rows = read_sft_file(data_path, cfg.allow_outside_paths)
     # float32 weights; accelerate runs the compute in its mixed precision and places the model
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32)
     examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
