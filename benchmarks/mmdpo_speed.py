@@ -76,15 +76,15 @@ def run_variant(variant: str, model: str, pairs: Path, out: Path, steps: int, wa
     from alignkit.data.preference import COLUMNS, load_preference_dataset
     from alignkit.models import load_policy, lora_config
     from alignkit.train.common import dpo_config
+    from alignkit.train.config import TrainConfig
     from alignkit.train.mmdpo import MMDPOTrainer, dynamic_beta
     from alignkit.train.reference import pair_key
 
     dataset = load_preference_dataset(pairs, keep={"pair_id": str, "margin": float})
     policy, processor = load_policy(model)
-    args = dpo_config(
-        out, policy, beta=0.1, learning_rate=1e-4, num_epochs=1, max_steps=warmup + steps, batch_size=batch_size,
-        grad_accum=1, max_length=512, save_steps=10_000, seed=0, logging_steps=10_000,
-    )  # fmt: skip
+    cfg = TrainConfig(method="mmdpo", beta=0.1, learning_rate=1e-4, max_steps=warmup + steps, batch_size=batch_size,
+                      max_length=512, save_steps=10_000)  # fmt: skip
+    args = dpo_config(out, cfg, seed=0, logging_steps=10_000)
     timer = StepTimer(warmup)
     common = dict(model=policy, args=args, processing_class=processor, peft_config=lora_config(), callbacks=[timer])
     precompute = 0.0

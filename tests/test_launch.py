@@ -147,16 +147,18 @@ def test_the_launch_command():
 
 
 def test_precision_comes_from_the_hardware_and_accelerate(monkeypatch):
+    auto = device.ComputeSettings()
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device.mixed_precision() == "no"  # fp32 on a CPU
+    assert auto.precision() == "no"  # fp32 on a CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert device.mixed_precision() == "bf16"
+    assert auto.precision() == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert device.mixed_precision() == "no"
+    assert auto.precision() == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --config_file` passes on
-    assert device.mixed_precision() == "fp16"
+    assert auto.precision() == "fp16"
+    assert device.ComputeSettings("bf16").precision() == "bf16"  # the recipe's explicit choice wins
 
 
 @pytest.mark.slow
@@ -170,8 +172,8 @@ def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, mon
                        sft_examples(make_shapes_prompts(tmp_path, 4, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
     seen = {}
 
-    def spy():
-        acc = device.make_accelerator()
+    def spy(settings):
+        acc = device.make_accelerator(settings)
         prepare = acc.prepare
 
         def prepared(*objs):
@@ -188,7 +190,7 @@ def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, mon
                          model=str(tiny_qwen_dir))  # fmt: skip
     acc = seen["accelerator"]
     assert seen["model_device"] == acc.device  # placed by accelerate.prepare, not by the loop
-    assert acc.mixed_precision == device.mixed_precision()  # "no" here: no GPU
+    assert acc.mixed_precision == device.ComputeSettings().precision()  # "no" here: no GPU
     source = (sft_module.__file__ and open(sft_module.__file__).read())
     assert '"cuda"' not in source and '"cpu"' not in source and ".cuda(" not in source
 

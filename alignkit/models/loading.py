@@ -11,11 +11,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignkit.errors import SetupError
+from alignkit.errors import ModelError, SetupError
 from alignkit.records import atomic_output
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
     from peft import LoraConfig, PeftModel
     from torch import nn
     from transformers import PreTrainedModel, ProcessorMixin
@@ -43,6 +44,21 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def process_state() -> PartialState:
+    """This process's place among the processes of a stage, as accelerate sees it (one process, rank 0,
+    on cuda:0 or the CPU outside a launch; its own GPU under one)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def place(model: nn.Module) -> nn.Module:
+    """An inference model on this process's device (`process_state().device`); training loops get
+    theirs from `accelerator.prepare`."""
+    return model.to(process_state().device)
+
+
 def quantization_4bit(compute_dtype: torch.dtype):
     """QLoRA's 4-bit NF4 base-model quantization; a clear error where bitsandbytes cannot run."""
     import torch
@@ -67,18 +83,31 @@ def quantization_4bit(compute_dtype: torch.dtype):
 
 
 def load_policy(
-    name_or_path: str, dtype: torch.dtype | str | None = None, load_in_4bit: bool = False
+    name_or_path: str,
+    dtype: torch.dtype | str | None = None,
+    load_in_4bit: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load a vision-language model and its processor; `load_in_4bit` quantizes it for QLoRA (GPU only).
 
     `dtype` defaults to `default_dtype()`; "auto" keeps the dtype the weights were saved in.
+    `attn_implementation` (train.attn_implementation) picks the attention kernel; one that cannot
+    run here is a clear error.
     """
     from transformers import AutoModelForImageTextToText
 
     dtype = dtype or default_dtype()
     gpu = int(os.environ.get("LOCAL_RANK", "0"))  # under a launch: this process's GPU
-    quantized = {"quantization_config": quantization_4bit(dtype), "device_map": {"": gpu}} if load_in_4bit else {}
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **quantized)
+    options = {"quantization_config": quantization_4bit(dtype), "device_map": {"": gpu}} if load_in_4bit else {}
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **options)
+    except (ImportError, ValueError) as e:
+        if not attn_implementation or attn_implementation not in str(e).replace("FlashAttention2", "flash_attention_2"):
+            raise
+        raise ModelError(f"train.attn_implementation: {attn_implementation!r} cannot load {name_or_path} here: "
+                         f"{str(e).splitlines()[0]}") from None  # fmt: skip
     return model, load_processor(name_or_path)
 
 

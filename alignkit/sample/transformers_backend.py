@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from alignkit.models import load_adapter, load_policy
+from alignkit.models import load_adapter, load_policy, place
 from alignkit.sample.base import Generation, Request, policy_name
 
 
@@ -30,7 +30,7 @@ class TransformersBackend:
         dtype: str = "auto",
     ):
         hf_model, processor = load_policy(model, dtype=dtype)
-        hf_model.to("cuda" if torch.cuda.is_available() else "cpu")  # one GPU where there is one
+        place(hf_model)  # this process's GPU (or the CPU), as accelerate sees it
         if adapter:
             hf_model = load_adapter(hf_model, adapter)
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)

@@ -29,10 +29,10 @@ from transformers import TrainerCallback
 
 from alignkit.errors import finite
 from alignkit.models import checkpoint
-from alignkit.train.device import process_state
+from alignkit.train.device import ComputeSettings, process_state
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, Trainer
+    from transformers import Trainer
     from trl import DPOConfig
 
     from alignkit.train.config import TrainConfig
@@ -53,13 +53,14 @@ class MetricsJsonl(TrainerCallback):
 
 
 def dpo_config(
-    out_dir: Path, policy: PreTrainedModel, cfg: TrainConfig, *, seed: int, logging_steps: int, **extra: Any
+    out_dir: Path, cfg: TrainConfig, *, seed: int, logging_steps: int, **extra: Any
 ) -> DPOConfig:
-    """TRL's `DPOConfig` for a run in `out_dir` from the `train` section; `extra` passes further
-    `DPOConfig` fields (loss types)."""
+    """TRL's `DPOConfig` for a run in `out_dir` from the `train` section (precision and memory keys as
+    `alignkit.train.device` resolves them); `extra` passes further `DPOConfig` fields (loss types)."""
     from trl import DPOConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu, compute = torch.cuda.is_available(), ComputeSettings.of(cfg)
+    precision = compute.precision()
     return DPOConfig(
         output_dir=str(out_dir / "checkpoints"),
         beta=cfg.beta,
@@ -74,12 +75,12 @@ def dpo_config(
         save_total_limit=2,
         logging_steps=logging_steps,
         seed=seed,
-        bf16=policy.dtype == torch.bfloat16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         # Without a GPU, say so: transformers then starts accelerate's CPU processes (gloo) under a
         # launch; otherwise each process would train alone on its own shard.
         use_cpu=not on_gpu,
-        # TRL turns checkpointing on to save GPU memory; on CPU it only made steps ~3x slower.
-        gradient_checkpointing=on_gpu,
+        gradient_checkpointing=compute.checkpointing(),
         dataloader_pin_memory=on_gpu,
         report_to="none",
         **extra,

@@ -34,16 +34,16 @@ def train_dpo(
     from trl import DPOTrainer
 
     from alignkit.models import resolve_model
-    from alignkit.train.device import model_dtype, process_state
+    from alignkit.train.device import ComputeSettings, process_state
 
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
-    model_path = resolve_model(model)
+    model_path, compute = resolve_model(model), ComputeSettings.of(cfg)
 
     # set-up
     dataset = load_preference_dataset(pairs_path)
-    policy, processor = load_policy(model_path, dtype=model_dtype())
+    policy, processor = load_policy(model_path, dtype=compute.dtype(), **compute.load_options())
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
-    args = dpo_config(out_dir, policy, cfg, seed=seed, logging_steps=logging_steps)
+    args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps)
 
     # resume point: anything that changes what is learned invalidates old checkpoints
     settings = {
@@ -52,6 +52,7 @@ def train_dpo(
         "dpo": [cfg.beta, cfg.learning_rate, cfg.batch_size, cfg.grad_accum, cfg.max_length, seed],
         "processes": process_state().num_processes,  # batch_size is per process
         "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules],
+        "compute": [compute.precision(), compute.attn_implementation],
     }
     resume_from = resume_point(out_dir, settings)
 

@@ -148,11 +148,11 @@ def train_mmdpo(
     keeps it outside `out_dir`, which it clears when a training setting changes.
     """
     from alignkit.models import resolve_model
-    from alignkit.train.device import model_dtype, process_state
+    from alignkit.train.device import ComputeSettings, process_state
 
-    finetune, margin_key = cfg.finetune, cfg.margin_key
+    finetune, margin_key, compute = cfg.finetune, cfg.margin_key, ComputeSettings.of(cfg)
     if finetune == "qlora":
-        quantization_4bit(model_dtype())  # where QLoRA cannot run, say so before loading data or a model
+        quantization_4bit(compute.dtype())  # where QLoRA cannot run, say so before loading data or a model
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path = resolve_model(model)
 
@@ -162,10 +162,11 @@ def train_mmdpo(
         finite(float(m), f"{pairs_path}: pair {pair_id}: {margin_key}")
     dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
     keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
-    policy, processor = load_policy(model_path, dtype=model_dtype(), load_in_4bit=finetune == "qlora")
+    policy, processor = load_policy(model_path, dtype=compute.dtype(), load_in_4bit=finetune == "qlora",
+                                    **compute.load_options())
     lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
-    args = dpo_config(out_dir, policy, cfg, seed=seed, logging_steps=logging_steps, **nll)
+    args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps, **nll)
 
     # resume point: anything that changes what is learned invalidates old checkpoints
     settings = {
@@ -175,6 +176,7 @@ def train_mmdpo(
                   cfg.grad_accum, cfg.max_length, seed],
         "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules],
         "processes": process_state().num_processes,  # batch_size is per process
+        "compute": [compute.precision(), compute.attn_implementation],
     }
     resume_from = resume_point(out_dir, settings)
 

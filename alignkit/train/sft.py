@@ -41,7 +41,7 @@ from alignkit.models.checkpoint import load_checkpoint, resume_point, save_check
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
 from alignkit.train.config import SftConfig
-from alignkit.train.device import make_accelerator
+from alignkit.train.device import ComputeSettings, make_accelerator
 
 
 def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[str, Any]]:
@@ -82,12 +82,14 @@ def train_sft(
     model: str,
     seed: int = 0,
     logging_steps: int = 25,
+    compute: ComputeSettings = ComputeSettings(),
 ) -> Path:
     """Fine-tune `model` on an SFT file; returns `out_dir/model` (full weights or a LoRA adapter).
 
     The settings are the `sft` section's (`cfg.data` / `cfg.synthetic` are the caller's business:
     `data_path` is the file to train on). Its defaults suit training a tiny model from scratch
-    (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4. Run it in
+    (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4. `compute`
+    holds the `train` section's precision, attention and gradient-checkpointing keys. Run it in
     every process of a launch (see the module docstring); it returns when all are done.
     """
     from accelerate.utils import broadcast_object_list
@@ -96,7 +98,7 @@ def train_sft(
 
     data_path, out_dir = Path(data_path), Path(out_dir)
     final, ckpt = out_dir / "model", out_dir / "checkpoints"
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(compute)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     global_batch = cfg.batch_size * cfg.grad_accum * world
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
@@ -104,7 +106,7 @@ def train_sft(
     # encode (every process encodes all examples: the loss is normalised by the global batch's tokens)
     rows = read_sft_file(data_path, cfg.allow_outside_paths)
     # float32 weights; accelerate runs the compute in its mixed precision and places the model
-    policy, processor = load_policy(resolve_model(model), dtype=torch.float32)
+    policy, processor = load_policy(resolve_model(model), dtype=torch.float32, **compute.load_options())
     examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
                 for r in tqdm(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
     targets = [int((e["labels"][1:] != IGNORE).sum()) for e in examples]  # tokens the loss counts
@@ -115,13 +117,15 @@ def train_sft(
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(cfg.lora_r, cfg.lora_alpha))
+    compute.for_training(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_at(s, cfg.max_steps, cfg.warmup_steps))
     # The scheduler is not prepared: accelerate would step it once per process on every step.
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
     settings = [file_digest(data_path), model, cfg.finetune, cfg.learning_rate, cfg.max_steps, global_batch,
-                cfg.warmup_steps, cfg.weight_decay, cfg.lora_r, cfg.lora_alpha, seed]  # fmt: skip
+                cfg.warmup_steps, cfg.weight_decay, cfg.lora_r, cfg.lora_alpha, seed, compute.precision(),
+                compute.attn_implementation]  # fmt: skip
 
     # resume: the last complete checkpoint of a run with these settings (the main process decides)
     step, order = 0, []

@@ -7,6 +7,7 @@ from typing import Any
 
 from alignkit.records import write_jsonl
 from alignkit.stage import Context, model_identity, template_files
+from alignkit.train.config import COMPUTE_KEYS
 
 
 class SftStage:
@@ -17,13 +18,13 @@ class SftStage:
     per_round = False
     # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
     # config file may set the mixed precision (its bytes are in `reads`).
-    exclude = frozenset({"sft.save_steps", "sft.logging_steps"})
+    exclude = frozenset({"sft.save_steps", "sft.logging_steps", "train.gradient_checkpointing"})
 
     def distributed(self, recipe) -> bool:
         return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
-        return ("sft", "policy.model", "sample.template", "seed", "launch")
+        return ("sft", "policy.model", "sample.template", "seed", "launch", *COMPUTE_KEYS)
 
     def reads(self, ctx: Context) -> list[Path]:
         cfg = ctx.config.sft
@@ -43,7 +44,7 @@ class SftStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         """Runs in every process of a launch: the main one writes the data, all of them train."""
-        from alignkit.train.device import process_state
+        from alignkit.train.device import ComputeSettings, process_state
         from alignkit.train.sft import train_sft
 
         cfg, sft_dir, state = ctx.config.sft, ctx.paths.sft, process_state()
@@ -61,6 +62,6 @@ class SftStage:
                 summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
             state.wait_for_everyone()
         model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed,
-                              logging_steps=cfg.logging_steps)
+                              logging_steps=cfg.logging_steps, compute=ComputeSettings.of(ctx.config.train))
         return summary | {"model": str(model_dir), "num_processes": state.num_processes,
                           "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes}  # fmt: skip

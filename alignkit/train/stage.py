@@ -39,7 +39,7 @@ class TrainStage:
 
     name = command = "train"
     per_round = True
-    exclude = frozenset({"train.save_steps", *SampleStage.exclude, *JUDGE_UNCHANGING})
+    exclude = frozenset({"train.save_steps", "train.gradient_checkpointing", *SampleStage.exclude, *JUDGE_UNCHANGING})
 
     def distributed(self, recipe) -> bool:
         return recipe.train.method != "ppo"  # PPO's hand-written loop is single-process (for now)
