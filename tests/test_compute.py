@@ -32,8 +32,8 @@ def _train(sft_data, out, compute: device.ComputeSettings, monkeypatch, steps: i
     seen = {}
     make, load = sft_module.make_accelerator, __import__("alignkit.models", fromlist=["load_policy"]).load_policy
 
-    def spy_accelerator(settings):
-        seen["accelerator"] = acc = make(settings)
+    def spy_accelerator(settings, loop):
+        seen["accelerator"] = acc = make(settings, loop)
         return acc
 
     def spy_load(*args, **kwargs):
@@ -98,3 +98,28 @@ def test_an_attention_kernel_that_cannot_run_is_a_clear_error(tiny_qwen_dir):
 
     with pytest.raises(ModelError, match="train.attn_implementation: 'flash_attention_2' cannot load"):
         load_policy(str(tiny_qwen_dir), attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize(("name", "kind"), [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
+                                            ("zero3", "DEEPSPEED")])  # fmt: skip
+def test_the_shipped_accelerate_configs_load_as_what_they_say(name, kind):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"]
+    if name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_hand_written_loops_refuse_sharded_set_ups():
+    from accelerate.utils import DistributedType
+
+    for ok in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        device.require_replicated(ok.value, "sft")
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(SetupError, match=f"the sft loop runs with DDP .* asks for {sharded.value}"):
+            device.require_replicated(sharded.value, "sft")

@@ -172,8 +172,8 @@ def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, mon
                        sft_examples(make_shapes_prompts(tmp_path, 4, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
     seen = {}
 
-    def spy(settings):
-        acc = device.make_accelerator(settings)
+    def spy(settings, loop):
+        acc = device.make_accelerator(settings, loop)
         prepare = acc.prepare
 
         def prepared(*objs):

@@ -80,8 +80,21 @@ class ComputeSettings:
         return model
 
 
-def make_accelerator(settings: ComputeSettings = ComputeSettings(), **kwargs) -> Accelerator:
-    """The accelerator of a training loop: gloo processes on CPUs, NCCL on GPUs, precision as `settings` say."""
+def require_replicated(distributed_type: str, loop: str) -> None:
+    """Stop a hand-written loop under FSDP or DeepSpeed: it saves and checkpoints the main process's
+    whole model, which those shard. TRL's trainers (DPO, MM-DPO) handle sharded states themselves."""
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        raise SetupError(
+            f"the {loop} loop runs with DDP (a whole model per process), and the accelerate config "
+            f"(launch.config_file) asks for {distributed_type}, which shards it; use "
+            "recipes/accelerate/ddp.yaml (with LoRA for large models) for this stage. DPO and MM-DPO "
+            "(train.method) run under FSDP and DeepSpeed ZeRO."
+        )
+
+
+def make_accelerator(settings: ComputeSettings = ComputeSettings(), loop: str = "training", **kwargs) -> Accelerator:
+    """The accelerator of a hand-written loop (named `loop` in errors): gloo processes on CPUs, NCCL on
+    GPUs, DDP only (`require_replicated`), precision as `settings` say."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -91,4 +104,6 @@ def make_accelerator(settings: ComputeSettings = ComputeSettings(), **kwargs) ->
     # process group.
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, **kwargs)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, **kwargs)
+    require_replicated(accelerator.distributed_type.value, loop)
+    return accelerator

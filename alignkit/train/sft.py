@@ -98,7 +98,7 @@ def train_sft(
 
     data_path, out_dir = Path(data_path), Path(out_dir)
     final, ckpt = out_dir / "model", out_dir / "checkpoints"
-    accelerator = make_accelerator(compute)
+    accelerator = make_accelerator(compute, loop="sft")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     global_batch = cfg.batch_size * cfg.grad_accum * world
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
