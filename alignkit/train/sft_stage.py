@@ -61,7 +61,9 @@ class SftStage:
                 write_jsonl(data_file, rows)
                 summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
             state.wait_for_everyone()
+        compute = ComputeSettings.of(ctx.config.train)
         model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed,
-                              logging_steps=cfg.logging_steps, compute=ComputeSettings.of(ctx.config.train))
+                              logging_steps=cfg.logging_steps, compute=compute)
         return summary | {"model": str(model_dir), "num_processes": state.num_processes,
+                          "mixed_precision": compute.precision(),
                           "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes}  # fmt: skip

@@ -77,7 +77,7 @@ class TrainStage:
         cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
         if cfg.method == "ppo":
             return _train_ppo(ctx, model)
-        from alignkit.train.device import process_state
+        from alignkit.train.device import ComputeSettings, process_state
 
         processes = process_state().num_processes
         if cfg.method == "mmdpo":
@@ -90,7 +90,7 @@ class TrainStage:
 
             out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed)
         return {Path(out).name: str(out),  # "adapter", or "model" (full fine-tuning)
-                "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
+                "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
 
 
 def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
