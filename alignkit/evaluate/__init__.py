@@ -361,7 +361,18 @@ def format_table(results: dict) -> str:
 def _rows_by_task(results: dict) -> dict[str, dict[str, list[int]]]:
     """Per-answer rows by task from a results' `outcomes`, with "qa" = count + color."""
     outcomes = results.get("outcomes") or {}
+    if not isinstance(outcomes, dict):
+        raise RecordError("outcomes: expected a mapping of task -> {prompt_id: counts}")
     by_task = {t: rows for t, rows in outcomes.items() if t in TASK_KIND}
+    for task, rows in by_task.items():
+        columns = COLUMNS[TASK_KIND[task]]
+        if not isinstance(rows, dict):
+            raise RecordError(f"outcomes.{task}: expected a mapping of prompt_id -> counts")
+        for pid, row in rows.items():
+            if not (isinstance(row, list) and len(row) == len(columns) and all(isinstance(x, int) for x in row)):
+                raise RecordError(
+                    f"outcomes.{task}.{pid}: expected {len(columns)} counts ({', '.join(columns)}), got {row!r}"
+                )
     qa = {pid: row for t in QA_TASKS for pid, row in outcomes.get(t, {}).items()}
     return by_task | ({"qa": qa} if qa else {})
 
@@ -376,7 +387,7 @@ def paired_tests(before: dict, after: dict) -> dict[str, dict]:
     """
     a_rows, b_rows = _rows_by_task(before), _rows_by_task(after)
     out: dict[str, dict] = {}
-    for task in a_rows.keys() & b_rows.keys():
+    for task in sorted(a_rows.keys() & b_rows.keys()):
         a, b = a_rows[task], b_rows[task]
         if a.keys() != b.keys():
             only = sorted(a.keys() ^ b.keys())
@@ -384,6 +395,8 @@ def paired_tests(before: dict, after: dict) -> dict[str, dict]:
                               f"{', '.join(only[:5])}{' ...' if len(only) > 5 else ''} in one only); "
                               "paired tests need the same questions")  # fmt: skip
         ids = sorted(a)
+        if not ids:
+            continue
         kind = TASK_KIND[task]
         ra, rb = np.asarray([a[i] for i in ids], dtype=float), np.asarray([b[i] for i in ids], dtype=float)
         for name, rate in RATES[kind].items():
@@ -410,7 +423,8 @@ def compare(before: dict, after: dict) -> str:
         row = [key, _fmt(old), _fmt(new), _fmt_ci(delta, tests.get(key, {}).get("ci"), signed=True)]
         if tests:
             test = tests.get(key)
-            row += [f"p={test['p']:.3f}", "" if test["significant"] else "n.s."] if test else ["", ""]
+            p = "p<0.001" if test and test["p"] < 0.001 else f"p={test['p']:.3f}" if test else ""
+            row += [p, "" if not test or test["significant"] else "n.s."]
         rows.append(row)
     header = ["metric", "before", "after", "delta"] + (["p", "sig"] if tests else [])
     return _table(header, rows)
