@@ -23,7 +23,7 @@ from alignkit import stats
 from alignkit.errors import RecordError
 from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.reference import answers_match
-from alignkit.objects import SHAPES_WORLD, Vocabulary, find_mentions, is_present, load_vocabulary
+from alignkit.objects import SHAPES_WORLD, Vocabulary, load_vocabulary
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.sample.config import VllmConfig
 
@@ -119,8 +119,8 @@ def rates(kind: str, rows: list[list[int]]) -> dict:
 
 def chair_row(answer: str, objects: list[str], vocab: Vocabulary) -> list[int]:
     """One answer's CHAIR counts, as `COLUMNS["chair"]`."""
-    mentions = find_mentions(answer, vocab)
-    bad = [not is_present(m, objects, vocab) for m in mentions]
+    mentions = vocab.find(answer)
+    bad = [not vocab.present(m, objects) for m in mentions]
     unique = dict(zip(mentions, bad))
     return [1, len(mentions), sum(bad), len(unique), sum(unique.values()), int(any(bad))]
 
