@@ -170,18 +170,25 @@ def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 def compare(
-    before: Annotated[Path, typer.Argument(help="results.json of the first evaluation (e.g. eval/base/results.json).")],
-    after: Annotated[Path, typer.Argument(help="results.json of the second evaluation.")],
+    before: Annotated[Path, typer.Argument(help="the first results.json, or its folder (RUN/eval/base).")],
+    after: Annotated[Path, typer.Argument(help="the second results.json, or its folder.")],
 ) -> None:
-    """Print two evaluations side by side, with the change in every metric."""
+    """Print two evaluations side by side with the change in every metric and, on the same questions,
+    paired tests: McNemar's exact test for per-question rates, a paired bootstrap for CHAIR_i and F1;
+    "n.s." marks a change not significant at 0.05."""
     from alignkit.evaluate import compare as compare_results
 
-    console.print(compare_results(_read_results(before), _read_results(after)))
+    first, second = _read_results(before), _read_results(after)
+    try:
+        console.print(compare_results(first, second))
+    except RecordError as e:
+        raise RecordError(f"{before} vs {after}: {e}") from None
 
 
 def _read_results(path: Path) -> dict:
     import json
 
+    path = path / "results.json" if path.is_dir() else path
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

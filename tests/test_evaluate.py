@@ -12,10 +12,15 @@ from alignkit.records import Prompt
 # CHAIR
 
 
+def _counts(out: dict) -> dict:
+    """A CHAIR result without its intervals (checked in tests/test_stats.py)."""
+    return {k: v for k, v in out.items() if not k.endswith("_ci")}
+
+
 def test_chair_hand_count_with_plurals_synonyms_repeats_and_empty():
     answers = [
         "There are two red squares and a blue disc.",  # red square (plural), blue circle (synonym): 2, 0
-        "A red square, a green triangle and another red square.",  # red square once, green triangle: 2, 1
+        "A red square, a green triangle and another red square.",  # 3 mentions (red square twice), 1 bad
         "",  # no mentions
         "A violet box and some circles.",  # purple square (synonyms), bare circle (absent): 2, 1
     ]
@@ -25,33 +30,47 @@ def test_chair_hand_count_with_plurals_synonyms_repeats_and_empty():
         ["red square"],
         ["purple square", "green triangle"],
     ]
-    # mentions 2+2+0+2 = 6, hallucinated 0+1+0+1 = 2 -> CHAIR_i 2/6; answers 2 and 4 bad -> CHAIR_s 2/4
-    assert chair(answers, gold) == {
-        "chair_i": pytest.approx(2 / 6),
+    # every mention: 2+3+0+2 = 7, hallucinated 0+1+0+1 = 2 -> CHAIR_i 2/7
+    # unique per answer: 2+2+0+2 = 6, hallucinated 2 -> 2/6; answers 2 and 4 bad -> CHAIR_s 2/4
+    assert _counts(chair(answers, gold)) == {
+        "chair_i": pytest.approx(2 / 7),
+        "chair_i_unique": pytest.approx(2 / 6),
         "chair_s": 0.5,
-        "mentions": 6,
+        "mentions": 7,
         "hallucinated_mentions": 2,
+        "unique_mentions": 6,
+        "unique_hallucinated_mentions": 2,
         "answers": 4,
         "hallucinated_answers": 2,
     }
 
 
-def test_chair_repeated_mention_counts_once_per_answer():
-    # three surface forms of one object in one answer -> 1 mention (Rohrbach et al. count unique objects)
+def test_chair_counts_every_mention_and_unique_objects_per_answer():
+    # three surface forms of one object in one answer: 3 mentions as chair.py counts, 1 unique object
     one = chair(["a green triangle, a green triangle and two green triangles"], [["red square"]])
-    assert (one["mentions"], one["hallucinated_mentions"], one["chair_i"]) == (1, 1, 1.0)
-    # the same object in two answers is two mentions
+    assert (one["mentions"], one["hallucinated_mentions"], one["chair_i"]) == (3, 3, 1.0)
+    assert (one["unique_mentions"], one["unique_hallucinated_mentions"], one["chair_i_unique"]) == (1, 1, 1.0)
+    # a hallucinated object named twice weighs twice against one correct mention: 2/3 against 1/2
+    mixed = chair(["a red square, a green triangle and a green triangle"], [["red square"]])
+    assert (mixed["chair_i"], mixed["chair_i_unique"]) == (pytest.approx(2 / 3), 0.5)
+    # the same object in two answers is two mentions either way
     two = chair(["green triangle", "green triangle"], [["red square"], ["red square"]])
-    assert (two["mentions"], two["hallucinated_mentions"], two["hallucinated_answers"]) == (2, 2, 2)
+    assert (two["mentions"], two["unique_mentions"], two["hallucinated_answers"]) == (2, 2, 2)
 
 
 def test_chair_with_no_mentions_reports_zero_and_the_zero_count():
     out = chair(["", "There is nothing in the image."], [["red square"], []])
     assert out == {
         "chair_i": 0.0,
+        "chair_i_ci": [0.0, 1.0],  # nothing measured: the interval says so
+        "chair_i_unique": 0.0,
+        "chair_i_unique_ci": [0.0, 1.0],
         "chair_s": 0.0,
+        "chair_s_ci": [0.0, pytest.approx(0.6576, abs=1e-4)],  # Wilson 0 of 2: z^2 / (2 + z^2)
         "mentions": 0,
         "hallucinated_mentions": 0,
+        "unique_mentions": 0,
+        "unique_hallucinated_mentions": 0,
         "answers": 2,
         "hallucinated_answers": 0,
     }
@@ -122,24 +141,24 @@ def test_pope_zero_denominators_and_bad_labels():
 def test_qa_accuracy_count_with_digit_words():
     # "Two." == 2 ok; "2" == "two" ok; three != 2; "The answer is 4" -> 4 ok -> 3/4
     out = qa_accuracy(["Two.", "2", "three", "The answer is 4"], ["2", "two", "2", "4"], task="count")
-    assert out == {"accuracy": 0.75, "correct": 3, "total": 4}
+    assert _counts(out) == {"accuracy": 0.75, "correct": 3, "total": 4}
 
 
 def test_qa_accuracy_color_with_case_punctuation_and_synonym():
     # "Red!" ok; "It is BLUE." ok; violet == purple ok; green != red -> 3/4
     preds, refs = ["Red!", "It is BLUE.", "violet", "green"], ["red", "blue", "purple", "red"]
     out = qa_accuracy(preds, refs, task="color")
-    assert out == {"accuracy": 0.75, "correct": 3, "total": 4}
+    assert _counts(out) == {"accuracy": 0.75, "correct": 3, "total": 4}
 
 
 def test_qa_accuracy_ignores_articles():
     # "circle" vs "a circle" ok; "The Circle." vs "circle" ok; "square" vs "a circle" wrong -> 2/3
     out = qa_accuracy(["circle", "The Circle.", "square"], ["a circle", "circle", "a circle"])
-    assert out == {"accuracy": pytest.approx(2 / 3), "correct": 2, "total": 3}
+    assert _counts(out) == {"accuracy": pytest.approx(2 / 3), "correct": 2, "total": 3}
 
 
 def test_qa_accuracy_empty_is_zero_over_zero():
-    assert qa_accuracy([], []) == {"accuracy": 0.0, "correct": 0, "total": 0}
+    assert qa_accuracy([], []) == {"accuracy": 0.0, "accuracy_ci": [0.0, 1.0], "correct": 0, "total": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,10 +190,17 @@ def test_evaluate_answers_routes_by_task():
     describe = out["describe"]
     assert (describe["chair_i"], describe["chair_s"], describe["mentions"]) == (0.5, 1.0, 2)
     assert (out["exists"]["tp"], out["exists"]["fp"], out["exists"]["accuracy"]) == (1, 1, 0.5)
-    assert out["count"] == {"accuracy": 1.0, "correct": 1, "total": 1}
-    assert out["color"] == {"accuracy": 0.0, "correct": 0, "total": 1}
-    assert out["qa"] == {"accuracy": 0.5, "correct": 1, "total": 2}  # 1 of 2 count+color
+    assert _counts(out["count"]) == {"accuracy": 1.0, "correct": 1, "total": 1}
+    assert _counts(out["color"]) == {"accuracy": 0.0, "correct": 0, "total": 1}
+    assert _counts(out["qa"]) == {"accuracy": 0.5, "correct": 1, "total": 2}  # 1 of 2 count+color
     assert out["unscored"] == {"open": 1}
+    # per-answer rows for paired tests, by prompt_id (COLUMNS: answers, then the task's counts)
+    assert out["outcomes"] == {
+        "describe": {"d1": [1, 2, 1, 2, 1, 1]},
+        "exists": {"e1": [1, 1, 0, 0, 0], "e2": [1, 0, 1, 0, 0]},
+        "count": {"c1": [1, 1]},
+        "color": {"k1": [1, 0]},
+    }
     assert json.loads(json.dumps(out)) == out
 
 

@@ -25,6 +25,9 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0)
     """0 is greedy decoding (the default, as in CHAIR and POPE); above 0 samples."""
     batch_size: int = Field(16, ge=1)
+    vocabulary: str = "shapes"
+    """The object vocabulary CHAIR reads answers and gold objects with: `shapes` (the synthetic
+    world), `coco` (COCO's 80 categories with CHAIR's synonyms) or a YAML vocabulary file."""
     judge: bool = True
     """Also report the mean score of the recipe's judge on the answers."""
 

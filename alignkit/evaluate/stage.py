@@ -14,8 +14,8 @@ from alignkit.stage import Context, stage_key, template_files
 
 class EvalStage:
     """Evaluate on held-out prompts (the recipe's `eval` section): CHAIR_i/CHAIR_s hallucination, POPE
-    existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy, and the judge's mean
-    score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and
+    existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy (each with its 95%
+    interval; CHAIR under `eval.vocabulary`), and the judge's mean score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and
     policy.adapter) and, once trained, the aligned one, and prints the side-by-side comparison."""
 
     name = command = "eval"
@@ -30,12 +30,18 @@ class EvalStage:
         from alignkit.data.stage import source_files
         from alignkit.errors import StageInputError
         from alignkit.judge.stage import rubric_file
+        from alignkit.objects import BUILTIN_VOCABULARIES
 
         cfg = ctx.config.eval
         if cfg is None:
             raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
         judge = [rubric_file(ctx.config.judge.rubric)] if cfg.judge else []
-        return [*source_files(cfg), *template_files(ctx.config.sample.template), *judge]
+        vocab = (
+            [Path(cfg.vocabulary)]
+            if cfg.vocabulary not in BUILTIN_VOCABULARIES and Path(cfg.vocabulary).is_file()
+            else []
+        )
+        return [*source_files(cfg), *template_files(ctx.config.sample.template), *judge, *vocab]
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         return {"start": ctx.lineage.policy_identity(1),

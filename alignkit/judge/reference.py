@@ -10,6 +10,9 @@ correctness = for `describe` prompts, the share of gold objects the answer names
 otherwise a normalised match of the final answer with the reference answer (case, punctuation,
 digit words, yes/no synonyms; for count/exists/color the first number/yes-no/colour decides).
 
+Objects are read with a vocabulary (`alignkit.objects`: the shapes world by default, COCO's
+categories with CHAIR's synonyms, or a user's YAML file), passed as `vocab`.
+
 The combined score uses the judge file's weights (judges/overall.yaml by default), so the
 reference and LLM judges agree on how the two scores trade off.
 """
@@ -20,7 +23,7 @@ import re
 
 from alignkit.errors import RecordError
 from alignkit.judge.rubric import JudgeError, Rubric, load_rubric
-from alignkit.objects import COLOR_WORDS, find_mentions, is_present, parse_object
+from alignkit.objects import COLOR_WORDS, SHAPES_WORLD, Vocabulary
 from alignkit.records import Prompt, Sample, Verdict
 
 FIELDS = ("hallucination", "correctness")
@@ -47,14 +50,17 @@ def check_rubric(rubric: Rubric) -> None:
             )
 
 
-def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample) -> Verdict:
-    """One verdict; scores in [0, 1] (hallucination: higher is worse), combined with the rubric's weights."""
+def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample, vocab: Vocabulary = SHAPES_WORLD) -> Verdict:
+    """One verdict; scores in [0, 1] (hallucination: higher is worse), combined with the rubric's weights.
+
+    Objects are read with `vocab` (the shapes world by default; `alignkit.objects.load_vocabulary`).
+    """
     judge = f"reference/{rubric.name}"
     scores: dict[str, float] = {}
     notes: list[str] = []
     try:
         for s in rubric.scores:
-            value, note = (hallucination if s.name == "hallucination" else correctness)(prompt, sample)
+            value, note = (hallucination if s.name == "hallucination" else correctness)(prompt, sample, vocab)
             scores[s.name] = value
             notes.append(note)
     except NoReference as e:
@@ -66,32 +72,34 @@ def judge_reference(rubric: Rubric, prompt: Prompt, sample: Sample) -> Verdict:
     )
 
 
-def reference_verdicts(rubric: Rubric, items: list[tuple[Prompt, Sample]]) -> list[Verdict]:
+def reference_verdicts(
+    rubric: Rubric, items: list[tuple[Prompt, Sample]], vocab: Vocabulary = SHAPES_WORLD
+) -> list[Verdict]:
     """Reference verdicts to compare an LLM judge with, under its weights when the reference can
     compute its scores, else under `overall`'s; prompts without gold annotations yield none."""
     try:
         check_rubric(rubric)
     except JudgeError:
         rubric = load_rubric("overall")
-    verdicts = (judge_reference(rubric, p, s) for p, s in items if p.objects is not None or p.reference_answer)
+    verdicts = (judge_reference(rubric, p, s, vocab) for p, s in items if p.objects is not None or p.reference_answer)
     return [v for v in verdicts if v.status == "ok"]
 
 
-def hallucination(prompt: Prompt, sample: Sample) -> tuple[float, str]:
+def hallucination(prompt: Prompt, sample: Sample, vocab: Vocabulary = SHAPES_WORLD) -> tuple[float, str]:
     """(share of unsupported object mentions, explanation)."""
     if prompt.objects is None:
         raise NoReference(f"prompt {prompt.prompt_id} has no gold objects, needed for hallucination")
-    asked = find_mentions(prompt.question)
+    asked = vocab.find(prompt.question)
     asked_names = {m.name for m in asked}
-    asked_shapes = {m.shape for m in asked}
+    asked_objects = {m.object for m in asked}
     counted = [
         m
-        for m in find_mentions(sample.text)
-        if m.name not in asked_names and not (m.color is None and m.shape in asked_shapes)
+        for m in vocab.find(sample.text)
+        if m.name not in asked_names and not (m.attribute is None and m.object in asked_objects)
     ]
     if not counted:
         return 0.0, "Hallucination: no object mentions to check."
-    unsupported = [m for m in counted if not is_present(m, prompt.objects)]
+    unsupported = [m for m in counted if not vocab.present(m, prompt.objects)]
     if not unsupported:
         return 0.0, f"Hallucination: all {len(counted)} object mentions are in the image."
     names = list(dict.fromkeys(m.name for m in unsupported))
@@ -104,13 +112,14 @@ def hallucination(prompt: Prompt, sample: Sample) -> tuple[float, str]:
     )
 
 
-def correctness(prompt: Prompt, sample: Sample) -> tuple[float, str]:
-    """(correctness in [0, 1], explanation)."""
+def correctness(prompt: Prompt, sample: Sample, vocab: Vocabulary = SHAPES_WORLD) -> tuple[float, str]:
+    """(correctness in [0, 1], explanation); a gold object counts as named when the answer names it
+    in full (a bare "square" does not name a "red square")."""
     if prompt.task == "describe" and prompt.objects is not None:
-        gold = list(dict.fromkeys(parse_object(g).name for g in prompt.objects))
+        gold = list(dict.fromkeys(vocab.parse(g).name for g in prompt.objects))
         if not gold:
             return 1.0, "Correctness: the image has no objects to name."
-        named = {m.name for m in find_mentions(sample.answer) if m.color}
+        named = {m.name for m in vocab.find(sample.answer)}
         missed = [g for g in gold if g not in named]
         note = f"Correctness: names {len(gold) - len(missed)} of {len(gold)} objects"
         return 1.0 - len(missed) / len(gold), note + (f"; misses {', '.join(missed)}." if missed else ".")
