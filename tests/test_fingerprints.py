@@ -91,7 +91,7 @@ ALTERNATIVES = {
     "reward_model.model": "tiny:llava", "reward_model.target_modules": ["q_proj"], "ppo.rewards": [{"source": "reference"}],
     "ppo.target_kl": 6.0, "data.synthetic.tasks": ["describe"], "eval.synthetic.tasks": ["count"],
     "sample.vllm.kv_cache_memory": 1.0, "judge.max_requests": 100, "judge.max_cost": 5.0,
-    "eval.vocabulary": "coco",
+    "eval.vocabulary": "coco", "train.gradient_checkpointing": True, "train.attn_implementation": "eager",
 }  # fmt: skip
 
 
