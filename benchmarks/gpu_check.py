@@ -16,33 +16,16 @@ The table is printed and written to `OUT/table.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import ROOT, alignkit_run, case_dir, error_line, make_base, summaries
+
 CONFIGS = ROOT / "recipes" / "accelerate"
 SHARDED = ("fsdp", "zero2", "zero3")
-
-RECIPE = """\
-output_dir: {out}
-seed: 0
-policy: {{model: "tiny:qwen2-vl"}}
-data: {{synthetic: {{num_prompts: 8, seed: 0}}}}
-sft: {{synthetic: {{num_examples: 64}}, max_steps: 8, batch_size: 4, warmup_steps: 1, logging_steps: 1}}
-sample: {{backend: vllm, num_samples: 4, max_new_tokens: 24, template: plain, vllm: {{kv_cache_memory: 0.25}}}}
-judge: {{backend: reference, rubric: overall}}
-pairs: {{strategy: threshold}}
-train: {{method: dpo, batch_size: 2, max_steps: 4, save_steps: 2}}
-reward_model: {{finetune: lora, max_steps: 4, batch_size: 2, save_steps: 2, max_critique_tokens: 16}}
-ppo: {{steps: 2, prompts_per_step: 2, ppo_epochs: 1, num_minibatches: 1}}
-eval: {{synthetic: {{num_prompts: 8, seed: 9}}, max_new_tokens: 24}}
-"""
 
 
 @dataclass
@@ -88,21 +71,6 @@ def cases(gpus: int) -> list[Case]:
     return one + many + sharded
 
 
-def alignkit_run(recipe: Path, stages: str, overrides: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
-    """`alignkit run RECIPE --stages STAGES OVERRIDES`; its output goes to `log`. Returns (exit code, seconds)."""
-    start = time.monotonic()
-    with log.open("w") as f:
-        code = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", stages, *overrides],
-                              stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode  # fmt: skip
-    return code, time.monotonic() - start
-
-
-def error_line(log: Path) -> str:
-    lines = log.read_text(errors="replace").splitlines()
-    found = next((ln for ln in reversed(lines) if ln.startswith("error:") or "Error" in ln), lines[-1] if lines else "")
-    return found.strip()[:160]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on a machine without a GPU (fp32, gloo processes)")
@@ -120,13 +88,9 @@ def main() -> None:
     args.out.mkdir(parents=True)
 
     # the base run: a policy from sft and this round's samples, verdicts and pairs, made once
-    base = args.out / "base"
-    recipe = args.out / "recipe.yaml"
-    recipe.write_text(RECIPE.format(out=base))
-    rows: list[tuple[str, ...]] = []
-    code, seconds = alignkit_run(recipe, "sft,prompts,sample,judge,pairs", [], args.out / "base.log", env)
-    rows.append(("base: sft, prompts, sample, judge, pairs", "1", "-", f"{seconds:.0f}",
-                 "ok" if code == 0 else f"FAIL: {error_line(args.out / 'base.log')}"))  # fmt: skip
+    base, code, seconds = make_base(args.out, env)
+    rows: list[tuple[str, ...]] = [("base: sft, prompts, sample, judge, pairs", "1", "-", f"{seconds:.0f}",
+                                    "ok" if code == 0 else f"FAIL: {error_line(args.out / 'base.log')}")]  # fmt: skip
     if code != 0:
         return report(rows, args.out, gpus, args.cpu)
 
@@ -137,10 +101,7 @@ def main() -> None:
         if args.cpu and case.config in SHARDED:
             rows.append((case.name, where, "-", "-", "skipped: FSDP and DeepSpeed need GPUs"))
             continue
-        run_dir = args.out / f"case-{i:02d}"
-        shutil.copytree(base, run_dir)
-        case_recipe = args.out / f"case-{i:02d}.yaml"
-        case_recipe.write_text(RECIPE.format(out=run_dir))
+        run_dir, case_recipe = case_dir(base, args.out, f"case-{i:02d}")
         overrides = list(case.overrides)
         if case.processes > 1:
             overrides.append(f"launch.num_processes={case.processes}")
@@ -148,9 +109,8 @@ def main() -> None:
                 overrides.append(f"launch.config_file={CONFIGS / (case.config + '.yaml')}")
         log = args.out / f"case-{i:02d}.log"
         code, seconds = alignkit_run(case_recipe, case.stages, overrides, log, env)
-        stages = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {}
-        summaries = [v.get("summary", {}) for k, v in stages.items() if k.split("@")[0] in case.stages.split(",")]
-        precision = ",".join(sorted({str(s["mixed_precision"]) for s in summaries if "mixed_precision" in s})) or "-"
+        done = summaries(run_dir, case.stages)
+        precision = ",".join(sorted({str(s["mixed_precision"]) for s in done if "mixed_precision" in s})) or "-"
         if code == 0:
             result = "ok"
         elif args.cpu and case.cpu_error and case.cpu_error in log.read_text(errors="replace"):
