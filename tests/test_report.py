@@ -81,7 +81,7 @@ def fake_run(root: Path, pairs_per_round: int = 1500, num_images: int = 40) -> d
     for label, chair in (("base", 0.4), ("round-2", 0.2)):
         (root / "eval" / label).mkdir(parents=True)
         (root / "eval" / label / "results.json").write_text(json.dumps(
-            {"describe": {"chair_i": chair, "chair_i_ci": [chair - 0.05, chair + 0.05], "chair_s": chair * 2},
+            {"describe": {"chair_i": chair, "chair_i_ci": [chair - 0.05, chair + 0.05], "chair_s": chair * 2, "answers": 40},
              "policy": label, "failed_prompts": []}))
     state = {"prompts": {"status": "done", "summary": {"seconds": 0.1}}}
     for r in (1, 2):
@@ -145,6 +145,7 @@ def test_report_figures_match_hand_counts(fake):
     assert chair["values"] == {"base": 0.4, "round-2": 0.2}
     assert chair["ci"]["base"] == pytest.approx([0.35, 0.45])
     assert not any(m["name"].endswith("_ci") for m in ev["metrics"])
+    assert not chair["count"] and next(m for m in ev["metrics"] if m["name"] == "describe.answers")["count"]
     assert [c["requests"] for c in data["cost"]] == [100, 200]
     assert next(s for s in data["stages"] if s["key"] == "train@round-2")["seconds"] == 60.0
 

@@ -193,7 +193,8 @@ def _eval(root: Path) -> dict[str, Any] | None:
         cis[label] = _intervals(results)
     names = dict.fromkeys(k for label in labels for k in values[label])
     metrics = [{"name": n, "values": {lab: values[lab].get(n) for lab in labels},
-                "ci": {lab: cis[lab][n] for lab in labels if n in cis[lab]}} for n in names]  # fmt: skip
+                "ci": {lab: cis[lab][n] for lab in labels if n in cis[lab]},
+                "count": all(isinstance(values[lab].get(n, 0), int) for lab in labels)} for n in names]  # fmt: skip
     return {"labels": labels, "metrics": metrics}
 
 

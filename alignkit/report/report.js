@@ -32,7 +32,8 @@
   function tick(v, lo, hi) {
     // enough digits that the ticks of a narrow range differ
     const span = Math.abs(hi - lo), digits = span > 0 ? Math.max(0, Math.ceil(-Math.log10(span)) + 1) : 2;
-    if (Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3 && digits > 4)) return v.toPrecision(3);
+    if (Math.abs(v) >= 1e4) return v.toPrecision(3);
+    if (v !== 0 && Math.abs(v) < 1e-3 && digits > 4) return v.toExponential(2);
     return v.toFixed(Math.min(digits, 6));
   }
   function empty(text) { return el("p", { class: "empty", text: text }); }
@@ -239,14 +240,15 @@
     const labels = ev.labels, first = labels[0], last = labels[labels.length - 1];
     const head = el("tr", {}, [el("th", { text: "metric" }), ...labels.map(l => el("th", { text: l })),
       labels.length > 1 ? el("th", { text: `${last} − ${first}` }) : null]);
-    const rows = ev.metrics.map(m => el("tr", {}, [el("td", { text: m.name }), ...labels.map(l => {
+    const rows = ev.metrics.map(m => el("tr", m.count ? { class: "count" } : {}, [el("td", { text: m.name }), ...labels.map(l => {
       const ci = m.ci[l];
       return el("td", { text: fmt(m.values[l]) + (ci ? ` [${fmt(ci[0])}, ${fmt(ci[1])}]` : "") });
     }), labels.length > 1 ? el("td", { text: (typeof m.values[first] === "number" && typeof m.values[last] === "number")
       ? (m.values[last] - m.values[first] >= 0 ? "+" : "") + fmt(m.values[last] - m.values[first]) : "–" }) : null]));
     host.appendChild(el("table", { class: "data" }, [head, ...rows]));
     if (!ev.metrics.some(m => Object.keys(m.ci).length)) host.appendChild(empty("results.json has no intervals (no *_ci keys)."));
-    host.appendChild(el("div", { class: "grid" }, ev.metrics.map(m => card(m.name, intervalChart(m, labels)))));
+    // counts (answers, tp, total, ...) are in the table; the charts show the rates
+    host.appendChild(el("div", { class: "grid" }, ev.metrics.filter(m => !m.count).map(m => card(m.name, intervalChart(m, labels)))));
   }
 
   function cost() {
