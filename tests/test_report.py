@@ -209,14 +209,14 @@ def test_run_writes_the_report_and_a_failing_report_fails_nothing(tmp_path, monk
     assert (tmp_path / "run" / "report.html").is_file()
 
     def broken(root, out=None):
-        raise OSError("disk full")
+        raise OSError("[Errno 28] disk full")
 
     monkeypatch.setattr("alignkit.report.write_report", broken)
     capsys.readouterr()
     results = Runner(load_recipe(recipe, ["data.synthetic.num_prompts=3"])).run()
     assert results["prompts"]["num_prompts"] == 3  # the stage's work stands
     out = capsys.readouterr().out
-    assert "the run report could not be written (OSError: disk full)" in out and "alignkit report" in out
+    assert "the run report could not be written (OSError: [Errno 28] disk full)" in out and "alignkit report" in out
 
 
 # ---------------------------------------------------------------------------------------------
