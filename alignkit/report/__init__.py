@@ -167,20 +167,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _intervals(results: dict[str, Any], prefix: str = "") -> dict[str, list[float]]:
-    """`name_ci: [lo, hi]` entries as {"<prefix>name": [lo, hi]}, the keys `_flatten` gives values."""
-    out: dict[str, list[float]] = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            out |= _intervals(value, f"{prefix}{key}.")
-        elif key.endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_finite, value)):
-            out[f"{prefix}{key[:-3]}"] = list(value)
-    return out
-
-
 def _eval(root: Path) -> dict[str, Any] | None:
     """Every evaluation (base first, then by round) side by side, with intervals where present."""
-    from alignkit.evaluate import _flatten
+    from alignkit.evaluate import _flatten, _intervals
 
     found = {p.parent.name: p for p in (root / "eval").glob("*/results.json")}
     labels = sorted(found, key=lambda n: (n != "base", int(n.split("-")[1]) if n.startswith("round-") else 0, n))
@@ -190,7 +179,7 @@ def _eval(root: Path) -> dict[str, Any] | None:
     for label in labels:
         results = _json(found[label])
         values[label] = {k: v for k, v in _flatten(results).items() if _finite(v)}
-        cis[label] = _intervals(results)
+        cis[label] = {k: ci for k, ci in _intervals(results).items() if all(map(_finite, ci))}
     names = dict.fromkeys(k for label in labels for k in values[label])
     metrics = [{"name": n, "values": {lab: values[lab].get(n) for lab in labels},
                 "ci": {lab: cis[lab][n] for lab in labels if n in cis[lab]},

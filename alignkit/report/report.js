@@ -238,17 +238,22 @@
     const host = document.getElementById("eval-body"), ev = DATA.eval;
     if (!ev) { host.appendChild(empty("No evaluation in this run (add an `eval` section and the `eval` stage).")); return; }
     const labels = ev.labels, first = labels[0], last = labels[labels.length - 1];
-    const head = el("tr", {}, [el("th", { text: "metric" }), ...labels.map(l => el("th", { text: l })),
-      labels.length > 1 ? el("th", { text: `${last} − ${first}` }) : null]);
-    const rows = ev.metrics.map(m => el("tr", m.count ? { class: "count" } : {}, [el("td", { text: m.name }), ...labels.map(l => {
-      const ci = m.ci[l];
-      return el("td", { text: fmt(m.values[l]) + (ci ? ` [${fmt(ci[0])}, ${fmt(ci[1])}]` : "") });
-    }), labels.length > 1 ? el("td", { text: (typeof m.values[first] === "number" && typeof m.values[last] === "number")
-      ? (m.values[last] - m.values[first] >= 0 ? "+" : "") + fmt(m.values[last] - m.values[first]) : "–" }) : null]));
-    host.appendChild(el("table", { class: "data" }, [head, ...rows]));
+    function table(metrics) {
+      const head = el("tr", {}, [el("th", { text: "metric" }), ...labels.map(l => el("th", { text: l })),
+        labels.length > 1 ? el("th", { text: `${last} − ${first}` }) : null]);
+      const rows = metrics.map(m => el("tr", {}, [el("td", { text: m.name }), ...labels.map(l => {
+        const ci = m.ci[l];
+        return el("td", { text: fmt(m.values[l]) + (ci ? ` [${fmt(ci[0])}, ${fmt(ci[1])}]` : "") });
+      }), labels.length > 1 ? el("td", { text: (typeof m.values[first] === "number" && typeof m.values[last] === "number")
+        ? (m.values[last] - m.values[first] >= 0 ? "+" : "") + fmt(m.values[last] - m.values[first]) : "–" }) : null]));
+      return el("table", { class: "data" }, [head, ...rows]);
+    }
+    // the rates (with their intervals) in view; the counts they come from (answers, tp, total, ...) folded
+    const rates = ev.metrics.filter(m => !m.count), counts = ev.metrics.filter(m => m.count);
+    host.appendChild(rates.length ? table(rates) : empty("No rates in results.json."));
     if (!ev.metrics.some(m => Object.keys(m.ci).length)) host.appendChild(empty("results.json has no intervals (no *_ci keys)."));
-    // counts (answers, tp, total, ...) are in the table; the charts show the rates
-    host.appendChild(el("div", { class: "grid" }, ev.metrics.filter(m => !m.count).map(m => card(m.name, intervalChart(m, labels)))));
+    if (counts.length) host.appendChild(el("details", {}, [el("summary", { text: `counts (${counts.length})` }), table(counts)]));
+    host.appendChild(el("div", { class: "grid" }, rates.map(m => card(m.name, intervalChart(m, labels)))));
   }
 
   function cost() {
