@@ -204,6 +204,19 @@ def _read_results(path: Path) -> dict:
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (a recipe's output_dir).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write it (default RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the run's report: one self-contained HTML file (no network needed to view it) with the judge's
+    score distributions, failure reasons and consistency, margins and length bias, training curves,
+    before/after evaluation, cost and run time per stage, and a viewer of every pair."""
+    from alignkit.report import write_report
+
+    console.print(f"wrote {write_report(run_dir, out)}")
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes (usable by name: `alignkit run quickstart`)."""
     from alignkit.resources import builtin_dir

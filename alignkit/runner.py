@@ -119,7 +119,21 @@ class Runner:
                     self._merge(r - 1)
                 for s in per_round:
                     results[stage_key(s.name, r)] = self.run_stage(s, r)
+            self._write_report()
         return results
+
+    def _write_report(self) -> None:
+        """Refresh RUN_DIR/report.html (`alignkit.report`). The stages' work is done and recorded by now,
+        so a report that cannot be written is a warning, never a failed run."""
+        from rich.markup import escape
+
+        from alignkit.report import write_report
+
+        try:
+            self.console.print(f"[green]✓[/] report: {escape(str(write_report(self.root)))}")
+        except Exception as e:  # any failure here must leave the finished run alone
+            self.console.print(f"[yellow]![/] the run report could not be written ({type(e).__name__}: "
+                               f"{escape(str(e))}); try `alignkit report {escape(str(self.root))}`")  # fmt: skip
 
     def _merge(self, round: int) -> None:
         """Merge round `round`'s adapter into its base: the next round's starting policy."""
