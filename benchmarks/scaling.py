@@ -4,7 +4,7 @@
     uv run python benchmarks/scaling.py --trainers sft,dpo --processes 4
 
 Each trainer runs as a real `alignkit run` (a fresh process, on a copy of one base run directory)
-with `--short` and `--long` steps; steps per second is (long − short) / (t_long − t_short) of the
+with a short and a long number of steps; steps per second is (long − short) / (t_long − t_short) of the
 stage's own seconds in stages.json, so model loading, process start-up and saving cancel out and
 what remains is the cost of a training step. The same global batch means 1 process × batch B
 against N processes × batch B / N. On a CPU every set-up gets all the cores (OMP_NUM_THREADS =
@@ -33,15 +33,16 @@ class Trainer:
     steps_key: str  # the recipe key of its number of steps
     batch_key: str  # the recipe key of its per-process batch
     global_batch: int  # examples (PPO: prompts) per step, whatever the split
+    steps: tuple[int, int]  # the short and the long run: enough steps that their difference outweighs start-up noise
     overrides: tuple[str, ...] = ()
 
 
 TRAINERS = [
-    Trainer("sft", "sft", "sft.max_steps", "sft.batch_size", 8),
-    Trainer("dpo", "train", "train.max_steps", "train.batch_size", 4),
-    Trainer("mmdpo", "train", "train.max_steps", "train.batch_size", 4, ("train.method=mmdpo",)),
-    Trainer("reward_model", "reward_model", "reward_model.max_steps", "reward_model.batch_size", 4),
-    Trainer("ppo", "train", "ppo.steps", "ppo.prompts_per_step", 4, ("train.method=ppo",)),
+    Trainer("sft", "sft", "sft.max_steps", "sft.batch_size", 8, (10, 70)),
+    Trainer("dpo", "train", "train.max_steps", "train.batch_size", 4, (5, 35)),
+    Trainer("mmdpo", "train", "train.max_steps", "train.batch_size", 4, (5, 35), ("train.method=mmdpo",)),
+    Trainer("reward_model", "reward_model", "reward_model.max_steps", "reward_model.batch_size", 4, (5, 35)),
+    Trainer("ppo", "train", "ppo.steps", "ppo.prompts_per_step", 4, (2, 8), ("train.method=ppo",)),
 ]
 
 
@@ -65,8 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trainers", default=",".join(t.name for t in TRAINERS))
     parser.add_argument("--processes", type=int, default=None, help="N (default: the visible GPUs, or 2 on a CPU)")
-    parser.add_argument("--short", type=int, default=2)
-    parser.add_argument("--long", type=int, default=6)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every trainer's step counts")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scaling")
     args = parser.parse_args()
 
@@ -81,16 +81,19 @@ def main() -> None:
         sys.exit(f"the base run failed: {error_line(args.out / 'base.log')}")
 
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU, {cores} cores"
-    rows = [f"Scaling on {device}: steps {args.short} and {args.long}, the same global batch at 1 and {n} processes", "",
+    rows = [f"Scaling on {device}: the same global batch at 1 and {n} processes", "",
             f"| trainer | global batch | 1 process steps/s | {n} processes steps/s | ratio | efficiency | overhead per step |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     wanted = args.trainers.split(",")
     for trainer in (t for t in TRAINERS if t.name in wanted):
         rate = {}
+        few, many = (max(1, round(s * args.scale)) for s in trainer.steps)
         for p in (1, n):
-            short = measure(trainer, p, args.short, base, args.out, cores)
-            long = measure(trainer, p, args.long, base, args.out, cores)
-            rate[p] = (args.long - args.short) / max(long - short, 1e-9)
+            short = measure(trainer, p, few, base, args.out, cores)
+            long = measure(trainer, p, many, base, args.out, cores)
+            if long <= short:
+                sys.exit(f"{trainer.name}: {many} steps took no longer than {few}: too few steps to measure (raise --scale)")
+            rate[p] = (many - few) / (long - short)
         ratio = rate[n] / rate[1]
         overhead = 1 / rate[n] - 1 / (rate[1] * n)
         rows.append(f"| {trainer.name} | {trainer.global_batch} | {rate[1]:.2f} | {rate[n]:.2f} | {ratio:.2f}x | "
