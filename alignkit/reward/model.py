@@ -57,7 +57,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **vision) -> RewardOutput:
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, **vision).last_hidden_state
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        rewards = self.head(last.float()).squeeze(-1)
+        rewards = self.head(last.float()).squeeze(-1).float()  # fp32 for the loss, also under autocast
         if labels is None:
             labels = torch.full_like(input_ids, -100)
         # Position t predicts token t+1; the LM head runs on critique positions only.
@@ -92,11 +92,13 @@ def build_reward_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     target_modules: list[str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> RewardModel:
-    """A fresh reward model on a VLM (hub id, local path or `tiny:...`), LoRA or fully trainable."""
+    """A fresh reward model on a VLM (hub id, local path or `tiny:...`), LoRA or fully trainable;
+    `dtype` as `load_policy`'s (training passes float32: accelerate runs the compute in mixed precision)."""
     from alignkit.models import load_policy, lora_config, resolve_model
 
-    lm, processor = load_policy(resolve_model(model))
+    lm, processor = load_policy(resolve_model(model), dtype)
     if finetune == "lora":
         from peft import get_peft_model
 

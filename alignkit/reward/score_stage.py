@@ -7,7 +7,7 @@ from typing import Any
 
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.reward.config import score_options
-from alignkit.reward.stage import SCORE_KEYS
+from alignkit.reward.stage import SCORE_KEYS, launch_files
 from alignkit.stage import Context, settings_of, stage_key, template_files
 
 
@@ -17,10 +17,15 @@ class ScoreStage:
 
     name = command = "score"
     per_round = True
-    exclude: frozenset[str] = frozenset()
+    # The scores do not depend on the number of processes (`alignkit.reward.score.score_shared`); an
+    # accelerate config file may set the mixed precision (its bytes are in `reads`).
+    exclude = frozenset({"launch.num_processes"})
+
+    def distributed(self, recipe) -> bool:
+        return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
-        return (*SCORE_KEYS, "reward_model.checkpoint", "sample.template", "seed")
+        return (*SCORE_KEYS, "reward_model.checkpoint", "sample.template", "seed", "launch")
 
     def _rm_dir(self, ctx: Context) -> Path:
         checkpoint = ctx.config.reward_model.checkpoint
@@ -28,7 +33,7 @@ class ScoreStage:
 
     def reads(self, ctx: Context) -> list[Path]:
         return [ctx.paths.prompts, ctx.paths.samples, self._rm_dir(ctx) / "head.safetensors",
-                *template_files(ctx.config.sample.template)]  # fmt: skip
+                *template_files(ctx.config.sample.template), *launch_files(ctx)]  # fmt: skip
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         from alignkit.reward.score import rm_pairs_digest
@@ -40,8 +45,10 @@ class ScoreStage:
         return ctx.paths.rm_scores
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        """Runs in every process of a launch: all of them score, the main one writes."""
         from alignkit.reward.score import annotate_pairs_file, score_samples
         from alignkit.sample.templates import load_template
+        from alignkit.train.device import process_state
 
         def score(fp: str) -> dict[str, Any]:
             prompts = read_records(ctx.paths.prompts, Prompt)
@@ -55,7 +62,7 @@ class ScoreStage:
         # Scoring is cached apart from the pairs, so re-made pairs are annotated without re-scoring.
         settings = {"config": settings_of(self, ctx.recipe)}
         summary = ctx.step(stage_key("score:samples", ctx.round), settings, self.reads(ctx), ctx.paths.rm_scores, score)
-        if ctx.paths.pairs.exists():
+        if ctx.paths.pairs.exists() and process_state().is_main_process:
             ev = annotate_pairs_file(ctx.paths.pairs, ctx.paths.rm_scores)
             ctx.console.print(
                 f"reward model vs judge on {ev['num_pairs']} pairs: ACC {ev['acc']:.3f}  ACC+ {ev['acc_plus']:.3f}"
