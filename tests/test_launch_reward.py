@@ -1,0 +1,206 @@
+"""Many processes (`launch.num_processes`) for the critique reward model: the `reward_model` stage as 2
+real gloo processes trains like 1 process with the same global batch, a killed 2-process run resumes
+from its checkpoint, the `score` stage as 2 processes gives the scores of 1, and the training loop
+asks accelerate where to put its model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from alignkit.recipe import load_recipe
+from alignkit.records import Prompt, Sample, read_records
+from alignkit.runner import Runner
+from tests.test_reward import shapes_pairs
+
+# Same global batch, other split: each process pads its own half of the batch and the gradients are
+# all-reduced in fp32 over gloo, so the losses agree to float rounding, not bit for bit (measured:
+# relative differences of about 1e-7).
+REL_TOL = 1e-5
+
+RECIPE = """\
+output_dir: {out}
+data: {{synthetic: {{num_prompts: 8}}}}
+sample: {{template: plain}}
+reward_model: {{model: "tiny:qwen2-vl", max_steps: 8, batch_size: {batch}, learning_rate: 0.001, eval_fraction: 0.25,
+                max_critique_tokens: 4, num_critiques: 2, score_batch_size: 4, save_steps: {save}}}
+"""
+
+
+def _run(tmp_path, name: str, batch: int, save: int = 100):
+    """A recipe whose run directory holds prompts, samples and pairs with the reference judge's rationales."""
+    run = tmp_path / name
+    shapes_pairs(run, 8, seed=4)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(out=run, batch=batch, save=save))
+    return recipe, run
+
+
+def _cli(recipe, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", *args],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "reward_model" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run) -> list[float]:
+    return [m["loss"] for m in _metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: 1 process, batch 4 (in this process, through the runner)."""
+    tmp = tmp_path_factory.mktemp("rm-one")
+    recipe, run = _run(tmp, "one", batch=4)
+    Runner(load_recipe(recipe)).run(["reward_model"])
+    return run
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_score_like_one(one_process, tmp_path):
+    recipe, run = _run(tmp_path, "two", batch=2)
+    done = _cli(recipe, "reward_model,score", "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = json.loads((run / "stages.json").read_text())
+    summary = state["reward_model"]["summary"]
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 4
+    assert state["score"]["summary"]["num_processes"] == 2
+    assert "score:samples" in state  # the scoring step the main process recorded survived the runner's write
+    one_summary = json.loads((one_process / "stages.json").read_text())["reward_model"]["summary"]
+    assert one_summary["num_processes"] == 1 and one_summary["global_batch_size"] == 4
+
+    # training: the same steps, every loss part (critique CE over the global batch's tokens included)
+    one, two = _metrics(one_process), _metrics(run)
+    assert [m["step"] for m in two] == list(range(1, 9))
+    print("per-step |loss diff| (rel):", [f"{abs(a['loss'] - b['loss']) / abs(a['loss']):.1e}" for a, b in zip(one, two)])
+    for part in ("loss", "bradley_terry", "center", "critique_ce", "accuracy"):
+        assert [m[part] for m in two] == pytest.approx([m[part] for m in one], rel=REL_TOL, abs=1e-7), part
+    assert len({m["loss"] for m in one}) > 1 and one[0]["critique_ce"] > 0  # it trained, on critiques
+    # the held-out evaluation ran on both processes' shares: all 2 held-out prompts, as with one process
+    assert summary["held_out"]["num_prompts"] == one_summary["held_out"]["num_prompts"] == 2
+    assert summary["held_out"]["acc"] == one_summary["held_out"]["acc"]
+
+    # scoring: the 2-process rm_scores are those of 1 process scoring the same model, sampled critiques included
+    from alignkit.reward.config import RewardModelConfig, score_options
+    from alignkit.reward.score import score_samples
+    from alignkit.sample.templates import load_template
+
+    prompts, samples = read_records(run / "prompts.jsonl", Prompt), read_records(run / "samples.jsonl", Sample)
+    template = load_template("plain")
+    cfg = RewardModelConfig(max_critique_tokens=4, num_critiques=2, score_batch_size=4)
+    single = score_samples(run / "reward_model" / "model", prompts, samples,  # load_reward_model, one process
+                           {p.prompt_id: template.render(p.question) for p in prompts}, tmp_path / "single.jsonl",
+                           seed=0, **score_options(cfg))  # fmt: skip
+    assert single["num_processes"] == 1 and single["num_scored"] == 16
+    a = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (run / "rm_scores.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in b] == [s.sample_id for s in samples]  # gathered in the original order
+    assert [r["rm_critiques"] for r in b] == [r["rm_critiques"] for r in a]
+    assert all(len(r["rm_critiques"]) == 2 for r in b)
+    assert any(len(set(r["rm_critiques"])) == 2 for r in b)  # sampled: the seeds reached the processes' halves
+    assert [r["rm_score"] for r in b] == pytest.approx([r["rm_score"] for r in a], rel=1e-6, abs=1e-6)
+    assert len({r["rm_score"] for r in b}) > 1
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert all("rm_margin" in p for p in pairs)  # annotated once, by the main process
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_from_its_checkpoint(one_process, tmp_path):
+    recipe, run = _run(tmp_path, "killed", batch=2, save=2)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "reward_model",
+                             "launch.num_processes=2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    checkpoints = run / "reward_model" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.1)
+    # alignkit, torchrun and both workers (torchrun starts each worker in a session of its own)
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "reward_model" / "model").exists()  # killed in the middle of training
+    metrics = run / "reward_model" / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
+                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+
+    done = _cli(recipe, "reward_model", "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = _metrics(run)
+    resumed_from = max(m["step"] for m in lines if m.get("before"))
+    assert 2 <= resumed_from < 8 and resumed_from % 2 == 0  # the last complete checkpoint's step
+    assert [(m["step"], m.get("before", False)) for m in lines] == [(s, s <= resumed_from) for s in range(1, 9)]
+    assert json.loads((run / "stages.json").read_text())["reward_model"]["status"] == "done"
+    assert not checkpoints.exists()
+    # the resumed run continues the interrupted one: the losses of the uninterrupted 1 x 4 run
+    assert [m["loss"] for m in lines] == pytest.approx(_losses(one_process), rel=REL_TOL)
+
+    from alignkit.reward.data import read_rm_pairs
+    from alignkit.reward.model import load_reward_model
+    from alignkit.reward.score import pair_answers, score_answers
+
+    rm = load_reward_model(run / "reward_model" / "model")
+    scores = score_answers(rm, pair_answers(read_rm_pairs(run / "pairs.jsonl")[:2]), max_new_tokens=4)
+    assert len(scores) == 4 and all(s.critiques for s in scores)
+
+
+@pytest.mark.slow
+def test_the_loop_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, monkeypatch):
+    from alignkit.reward import score as rm_score
+    from alignkit.reward import train as rm_train
+    from alignkit.reward.config import RewardModelConfig
+    from alignkit.train import device
+
+    pairs = shapes_pairs(tmp_path / "data", 4, seed=5)
+    seen = {}
+
+    def spy():
+        acc = device.make_accelerator()
+        prepare = acc.prepare
+
+        def prepared(*objs):
+            out = prepare(*objs)
+            seen["model_device"] = next(out[0].parameters()).device
+            seen["head_device"] = out[0].head.weight.device
+            return out
+
+        acc.prepare = prepared
+        seen["accelerator"] = acc
+        return acc
+
+    monkeypatch.setattr(rm_train, "make_accelerator", spy)
+    cfg = RewardModelConfig(max_steps=1, batch_size=2, eval_fraction=0)
+    rm_train.train_reward_model(pairs, tmp_path / "rm", cfg, model=str(tiny_qwen_dir))
+    acc = seen["accelerator"]
+    assert seen["model_device"] == seen["head_device"] == acc.device  # placed by accelerate.prepare
+    assert acc.mixed_precision == device.mixed_precision()  # "no" here: no GPU
+    for module in (rm_train, rm_score):
+        source = open(module.__file__).read()
+        assert '"cuda"' not in source and '"cpu"' not in source and ".cuda(" not in source
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_qwen_dir, tmp_path):
+    """batch 2 × grad_accum 2 = batch 4: every mean of the loss is over the global batch."""
+    from alignkit.reward.config import RewardModelConfig
+    from alignkit.reward.train import train_reward_model
+
+    pairs = shapes_pairs(tmp_path / "data", 8, seed=6)
+    losses = {}
+    for name, batch, accum in (("whole", 4, 1), ("accumulated", 2, 2)):
+        cfg = RewardModelConfig(max_steps=3, batch_size=batch, grad_accum=accum, learning_rate=1e-3, eval_fraction=0)
+        summary = train_reward_model(pairs, tmp_path / name, cfg, model=str(tiny_qwen_dir))
+        assert summary["global_batch_size"] == 4
+        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses["accumulated"] == pytest.approx(losses["whole"], rel=REL_TOL)
