@@ -157,10 +157,10 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint(one_process, tmp_p
 
 @pytest.mark.slow
 def test_the_loop_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, monkeypatch):
+    from alignkit.models import device
     from alignkit.reward import score as rm_score
     from alignkit.reward import train as rm_train
     from alignkit.reward.config import RewardModelConfig
-    from alignkit.train import device
 
     pairs = shapes_pairs(tmp_path / "data", 4, seed=5)
     seen = {}

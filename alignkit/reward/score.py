@@ -136,7 +136,7 @@ def score_shared(rm: RewardModel, answers: Sequence[Answer], *, batch_size: int 
     """
     from accelerate.utils import gather_object
 
-    from alignkit.train.device import process_state
+    from alignkit.models.device import process_state
 
     batches = list(_batches(range(len(answers)), batch_size))
     with process_state().split_between_processes(batches) as mine:
@@ -207,7 +207,7 @@ def score_samples(
 
     Call it in every process of a launch: they share the answers (`score_shared`), the main one writes.
     """
-    from alignkit.train.device import process_state
+    from alignkit.models.device import process_state
 
     state = process_state()
     rm = load_reward_model(rm_dir).to(state.device)  # where accelerate puts this process's work

@@ -46,9 +46,9 @@ class ScoreStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         """Runs in every process of a launch: all of them score, the main one writes."""
+        from alignkit.models.device import process_state
         from alignkit.reward.score import annotate_pairs_file, score_samples
         from alignkit.sample.templates import load_template
-        from alignkit.train.device import process_state
 
         def score(fp: str) -> dict[str, Any]:
             prompts = read_records(ctx.paths.prompts, Prompt)

@@ -52,8 +52,8 @@ class RewardModelStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         """Runs in every process of a launch: all of them train, the main one writes."""
+        from alignkit.models.device import process_state
         from alignkit.reward.train import train_reward_model
-        from alignkit.train.device import process_state
 
         cfg = ctx.config.reward_model
         model = cfg.model or ctx.lineage.policy(ctx.round)

@@ -2,7 +2,7 @@
 
 Reads top to bottom: set-up (pairs, held-out split, model), loop, save, held-out evaluation.
 
-Devices and processes come from accelerate (`alignkit.train.device`), as in `alignkit.train.sft`:
+Devices and processes come from accelerate (`alignkit.models.device`), as in `alignkit.train.sft`:
 the same loop runs as one process or as N (`alignkit.launch`). `batch_size` is per process; a step
 takes a global batch of batch_size × grad_accum × num_processes pairs from one shuffled order, and
 process r trains on its own slices of it. Every mean of the loss (critique tokens, untied, tied and
@@ -33,13 +33,13 @@ import torch
 
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from alignkit.models.device import make_accelerator, process_state
 from alignkit.models.inputs import IGNORE, collate
 from alignkit.reward.config import RewardModelConfig, score_options
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossCounts, LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
-from alignkit.train.device import make_accelerator, process_state
 
 
 def split_by_prompt(pairs: Sequence[RMPair], eval_fraction: float, seed: int) -> tuple[list[RMPair], list[RMPair]]:
