@@ -1,7 +1,7 @@
 """Many processes (`launch.num_processes`) for the critique reward model: the `reward_model` stage as 2
-real gloo processes trains like 1 process with the same global batch, a killed 2-process run resumes
-from its checkpoint, the `score` stage as 2 processes gives the scores of 1, and the training loop
-asks accelerate where to put its model."""
+real gloo processes, killed after a checkpoint and run again, resumes and trains like 1 process with
+the same global batch; the `score` stage as 2 processes gives the scores of 1; the training loop
+asks accelerate where to put its model, and gradient accumulation takes the whole batch's step."""
 
 from __future__ import annotations
 
@@ -66,57 +66,13 @@ def one_process(tmp_path_factory):
     return run
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_score_like_one(one_process, tmp_path):
-    recipe, run = _run(tmp_path, "two", batch=2)
-    done = _cli(recipe, "reward_model,score", "launch.num_processes=2")
-    assert done.returncode == 0, done.stdout + done.stderr
-    state = json.loads((run / "stages.json").read_text())
-    summary = state["reward_model"]["summary"]
-    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 4
-    assert state["score"]["summary"]["num_processes"] == 2
-    assert "score:samples" in state  # the scoring step the main process recorded survived the runner's write
-    one_summary = json.loads((one_process / "stages.json").read_text())["reward_model"]["summary"]
-    assert one_summary["num_processes"] == 1 and one_summary["global_batch_size"] == 4
-
-    # training: the same steps, every loss part (critique CE over the global batch's tokens included)
-    one, two = _metrics(one_process), _metrics(run)
-    assert [m["step"] for m in two] == list(range(1, 9))
-    print("per-step |loss diff| (rel):", [f"{abs(a['loss'] - b['loss']) / abs(a['loss']):.1e}" for a, b in zip(one, two)])
-    for part in ("loss", "bradley_terry", "center", "critique_ce", "accuracy"):
-        assert [m[part] for m in two] == pytest.approx([m[part] for m in one], rel=REL_TOL, abs=1e-7), part
-    assert len({m["loss"] for m in one}) > 1 and one[0]["critique_ce"] > 0  # it trained, on critiques
-    # the held-out evaluation ran on both processes' shares: all 2 held-out prompts, as with one process
-    assert summary["held_out"]["num_prompts"] == one_summary["held_out"]["num_prompts"] == 2
-    assert summary["held_out"]["acc"] == one_summary["held_out"]["acc"]
-
-    # scoring: the 2-process rm_scores are those of 1 process scoring the same model, sampled critiques included
-    from alignkit.reward.config import RewardModelConfig, score_options
-    from alignkit.reward.score import score_samples
-    from alignkit.sample.templates import load_template
-
-    prompts, samples = read_records(run / "prompts.jsonl", Prompt), read_records(run / "samples.jsonl", Sample)
-    template = load_template("plain")
-    cfg = RewardModelConfig(max_critique_tokens=4, num_critiques=2, score_batch_size=4)
-    single = score_samples(run / "reward_model" / "model", prompts, samples,  # load_reward_model, one process
-                           {p.prompt_id: template.render(p.question) for p in prompts}, tmp_path / "single.jsonl",
-                           seed=0, **score_options(cfg))  # fmt: skip
-    assert single["num_processes"] == 1 and single["num_scored"] == 16
-    a = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (run / "rm_scores.jsonl").read_text().splitlines()]
-    assert [r["sample_id"] for r in b] == [s.sample_id for s in samples]  # gathered in the original order
-    assert [r["rm_critiques"] for r in b] == [r["rm_critiques"] for r in a]
-    assert all(len(r["rm_critiques"]) == 2 for r in b)
-    assert any(len(set(r["rm_critiques"])) == 2 for r in b)  # sampled: the seeds reached the processes' halves
-    assert [r["rm_score"] for r in b] == pytest.approx([r["rm_score"] for r in a], rel=1e-6, abs=1e-6)
-    assert len({r["rm_score"] for r in b}) > 1
-    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
-    assert all("rm_margin" in p for p in pairs)  # annotated once, by the main process
-
-
-@pytest.mark.slow
-def test_a_killed_two_process_run_resumes_from_its_checkpoint(one_process, tmp_path):
-    recipe, run = _run(tmp_path, "killed", batch=2, save=2)
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """2 processes, batch 2 (the same global batch), through the CLI: killed (all its processes) after
+    its first checkpoint, then run again with the `score` stage. The metric lines written before the
+    kill are marked `before`: a resumed run keeps them, a fresh start would rewrite them."""
+    tmp = tmp_path_factory.mktemp("rm-two")
+    recipe, run = _run(tmp, "two", batch=2, save=2)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "reward_model",
                              "launch.num_processes=2"], env=env, stdout=subprocess.DEVNULL,
@@ -135,24 +91,70 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint(one_process, tmp_p
     metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
                                for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
 
-    done = _cli(recipe, "reward_model", "launch.num_processes=2")
+    done = _cli(recipe, "reward_model,score", "launch.num_processes=2")
     assert done.returncode == 0, done.stdout + done.stderr
+    return run
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_after_a_kill(one_process, two_processes):
+    run = two_processes
+    state = json.loads((run / "stages.json").read_text())
+    summary = state["reward_model"]["summary"]
+    assert state["reward_model"]["status"] == "done"
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 4
+    one_summary = json.loads((one_process / "stages.json").read_text())["reward_model"]["summary"]
+    assert one_summary["num_processes"] == 1 and one_summary["global_batch_size"] == 4
+
+    # resumed from the last complete checkpoint: the lines before it kept, the rest written once
     lines = _metrics(run)
     resumed_from = max(m["step"] for m in lines if m.get("before"))
-    assert 2 <= resumed_from < 8 and resumed_from % 2 == 0  # the last complete checkpoint's step
+    assert 2 <= resumed_from < 8 and resumed_from % 2 == 0
     assert [(m["step"], m.get("before", False)) for m in lines] == [(s, s <= resumed_from) for s in range(1, 9)]
-    assert json.loads((run / "stages.json").read_text())["reward_model"]["status"] == "done"
-    assert not checkpoints.exists()
-    # the resumed run continues the interrupted one: the losses of the uninterrupted 1 x 4 run
-    assert [m["loss"] for m in lines] == pytest.approx(_losses(one_process), rel=REL_TOL)
+    assert not (run / "reward_model" / "checkpoints").exists()
 
-    from alignkit.reward.data import read_rm_pairs
-    from alignkit.reward.model import load_reward_model
-    from alignkit.reward.score import pair_answers, score_answers
+    # every step, before and after the kill, takes 1 x 4's step: each loss part (the critique CE
+    # over the global batch's tokens included) and the accuracy
+    one = _metrics(one_process)
+    print("per-step |loss diff| (rel):", [f"{abs(a['loss'] - b['loss']) / abs(a['loss']):.1e}" for a, b in zip(one, lines)])
+    for part in ("loss", "bradley_terry", "center", "critique_ce", "accuracy"):
+        assert [m[part] for m in lines] == pytest.approx([m[part] for m in one], rel=REL_TOL, abs=1e-7), part
+    assert len({m["loss"] for m in one}) > 1 and one[0]["critique_ce"] > 0  # it trained, on critiques
+    # the held-out evaluation, shared between the processes, saw all held-out prompts
+    assert summary["held_out"]["num_prompts"] == one_summary["held_out"]["num_prompts"] == 2
+    assert summary["held_out"]["acc"] == one_summary["held_out"]["acc"]
 
-    rm = load_reward_model(run / "reward_model" / "model")
-    scores = score_answers(rm, pair_answers(read_rm_pairs(run / "pairs.jsonl")[:2]), max_new_tokens=4)
-    assert len(scores) == 4 and all(s.critiques for s in scores)
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(two_processes, tmp_path):
+    """The 2-process rm_scores are those of 1 process scoring the same model, sampled critiques included."""
+    from alignkit.reward.config import RewardModelConfig, score_options
+    from alignkit.reward.score import score_samples
+    from alignkit.sample.templates import load_template
+
+    run = two_processes
+    state = json.loads((run / "stages.json").read_text())
+    assert state["score"]["summary"]["num_processes"] == 2
+    assert "score:samples" in state  # the step the main worker recorded survived the runner's own write
+
+    prompts, samples = read_records(run / "prompts.jsonl", Prompt), read_records(run / "samples.jsonl", Sample)
+    template = load_template("plain")
+    cfg = RewardModelConfig(max_critique_tokens=4, num_critiques=2, score_batch_size=4)
+    single = score_samples(run / "reward_model" / "model", prompts, samples,  # load_reward_model, one process
+                           {p.prompt_id: template.render(p.question) for p in prompts}, tmp_path / "single.jsonl",
+                           seed=0, **score_options(cfg))  # fmt: skip
+    assert single["num_processes"] == 1 and single["num_scored"] == 16
+    a = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (run / "rm_scores.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in b] == [s.sample_id for s in samples]  # gathered in the original order
+    assert [r["rm_critiques"] for r in b] == [r["rm_critiques"] for r in a]
+    assert all(len(r["rm_critiques"]) == 2 for r in b)
+    assert any(len(set(r["rm_critiques"])) == 2 for r in b)  # sampled: the seeds reached the processes' halves
+    # each answer is scored in the same batch as in one process: equal up to float printing
+    assert [r["rm_score"] for r in b] == pytest.approx([r["rm_score"] for r in a], rel=1e-6, abs=1e-6)
+    assert len({r["rm_score"] for r in b}) > 1
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert all(p["rm_margin"] == pytest.approx(p["rm_chosen_score"] - p["rm_rejected_score"]) for p in pairs)
 
 
 @pytest.mark.slow
