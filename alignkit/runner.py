@@ -14,6 +14,7 @@ The runner knows no stage in particular (they are in `alignkit.stages`). It keep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ class Runner:
 
     def _record(self, key: str, entry: dict[str, Any]) -> None:
         self.state[key] = entry
-        write_atomic(RunPaths(self.root).state, json.dumps(self.state, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # in a launch (alignkit.worker) only the main process writes
+            write_atomic(RunPaths(self.root).state, json.dumps(self.state, indent=2))
 
     def context(self, stage: Stage | None, round: int = 1) -> Context:
         return Context(self.recipe, RunPaths(self.root, round), stage, self, self.console, self.step)
@@ -86,7 +88,10 @@ class Runner:
         def work(fp: str) -> dict[str, Any]:
             if launch.num_processes > 1 and hasattr(stage, "distributed"):
                 if stage.distributed(self.recipe):  # N processes: alignkit.launch
-                    return launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))
+                    summary = launch_stage(launch, self.root, stage.name, round, fp, stage.output(ctx))
+                    # the main process recorded the stage's own steps (`ctx.step`) in stages.json
+                    self.state = json.loads(RunPaths(self.root).state.read_text())
+                    return summary
                 self.console.print(f"[yellow]![/] {stage_key(stage.name, round)}: runs in one process "
                                    f"(launch.num_processes={launch.num_processes} does not apply to it with this recipe)")  # fmt: skip
             return stage.run(ctx, fp)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.errors import ModelError, SetupError
-from alignkit.train import device
+from alignkit.models import device
 from alignkit.train import sft as sft_module
 from alignkit.train.config import SftConfig, TrainConfig
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from alignkit.launch import LaunchConfig, command
+from alignkit.models import device
 from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
-from alignkit.train import device
 from alignkit.train import sft as sft_module
 
 # Same global batch, other split: the gradients are all-reduced in fp32 over gloo and the padding

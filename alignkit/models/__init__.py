@@ -1,7 +1,8 @@
 """The bottom layer for models: resolve a name, load a VLM with its processor, LoRA, merge, unwrap.
 
 `loading` is what sample, train, reward and evaluate use; `tiny` builds the tiny offline models
-that "tiny:..." names resolve to. Importing this package does not import torch.
+that "tiny:..." names resolve to; `device` gives the loops their device, precision and processes
+(accelerate). Importing this package does not import torch.
 """
 
 from alignkit.models.loading import (
@@ -14,7 +15,6 @@ from alignkit.models.loading import (
     lora_config,
     merge_adapter,
     place,
-    process_state,
     quantization_4bit,
     resolve_model,
     unwrap,
@@ -35,7 +35,6 @@ __all__ = [
     "lora_config",
     "merge_adapter",
     "place",
-    "process_state",
     "quantization_4bit",
     "resolve_model",
     "tiny_model",

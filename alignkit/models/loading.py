@@ -16,7 +16,6 @@ from alignkit.records import atomic_output
 
 if TYPE_CHECKING:
     import torch
-    from accelerate import PartialState
     from peft import LoraConfig, PeftModel
     from torch import nn
     from transformers import PreTrainedModel, ProcessorMixin
@@ -44,18 +43,11 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def process_state() -> PartialState:
-    """This process's place among the processes of a stage, as accelerate sees it (one process, rank 0,
-    on cuda:0 or the CPU outside a launch; its own GPU under one)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def place(model: nn.Module) -> nn.Module:
     """An inference model on this process's device (`process_state().device`); training loops get
     theirs from `accelerator.prepare`."""
+    from alignkit.models.device import process_state
+
     return model.to(process_state().device)
 
 

@@ -18,7 +18,10 @@ class RewardModelConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     max_steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
-    """Pairs per step (each pair is two sequences)."""
+    """Pairs per process and micro-batch (each pair is two sequences); a step takes batch_size ×
+    grad_accum × launch.num_processes pairs, and any split of the same global batch takes the same step."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per step (gradient accumulation)."""
     critique_weight: float = Field(1.0, ge=0)
     """Weight of the critique token cross-entropy."""
     margin_weight: float = Field(0.0, ge=0)

@@ -7,6 +7,10 @@
 
 The centering term is TRL's `center_rewards_coefficient` term; it keeps scores near zero so they
 can be compared across prompts and used as margins. A mean over an empty set is 0.
+
+Every mean is a sum divided by a count (`LossCounts`). A part of a batch (one process's slice, one
+micro-batch) divides its sums by the counts of the whole batch, so the parts' losses add up to the
+whole batch's loss, and their gradients to its gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ class LossWeights:
     center: float = 0.01
 
 
+@dataclass(frozen=True)
+class LossCounts:
+    """The denominators of the loss's means: pairs, untied and tied pairs, critique tokens."""
+
+    pairs: int
+    untied: int
+    tied: int
+    critique_tokens: int
+
+    @classmethod
+    def of(cls, margins: torch.Tensor | list[float], critique_tokens: int) -> LossCounts:
+        """The counts of a batch of pairs with these judge margins and this many critique tokens."""
+        tied = sum(float(m) == 0 for m in margins)
+        return cls(len(margins), len(margins) - tied, tied, critique_tokens)
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     """Per pair: -log sigmoid(r_chosen - r_rejected - margin)."""
     return -F.logsigmoid(r_chosen - r_rejected - margin)
@@ -40,19 +60,20 @@ def tie_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
 
 
 def centering_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """mean((r_chosen + r_rejected)^2), as TRL's RewardTrainer computes it."""
-    return torch.mean((r_chosen + r_rejected) ** 2)
+    """Per pair: (r_chosen + r_rejected)^2; its mean is TRL's RewardTrainer centering term."""
+    return (r_chosen + r_rejected) ** 2
 
 
 def critique_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over all critique tokens of the batch (0 when there are none)."""
+    """Cross-entropy summed over the critique tokens (0, still in the graph, when there are none)."""
     if targets.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def _mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return x[mask].mean() if mask.any() else x.sum() * 0.0
+def _mean(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The sum of x over mask divided by count: a mean over the batch that counted `count` (0: 0)."""
+    return x[mask].sum() / max(count, 1)
 
 
 def reward_loss(
@@ -62,13 +83,16 @@ def reward_loss(
     critique_logits: torch.Tensor,
     critique_targets: torch.Tensor,
     weights: LossWeights = LossWeights(),
+    counts: LossCounts | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss and its parts (see the module docstring)."""
+    """The total loss and its parts (see the module docstring), its means taken over `counts`
+    (default: this batch's own counts; a part of a bigger batch passes the bigger batch's)."""
     tied = margins == 0
-    bt = _mean(bradley_terry_loss(r_chosen, r_rejected, weights.margin * margins), ~tied)
-    tie = _mean(tie_loss(r_chosen, r_rejected), tied)
-    center = centering_loss(r_chosen, r_rejected)
-    ce = critique_loss(critique_logits, critique_targets)
+    counts = counts or LossCounts.of(margins.tolist(), critique_targets.numel())
+    bt = _mean(bradley_terry_loss(r_chosen, r_rejected, weights.margin * margins), ~tied, counts.untied)
+    tie = _mean(tie_loss(r_chosen, r_rejected), tied, counts.tied)
+    center = _mean(centering_loss(r_chosen, r_rejected), torch.ones_like(tied), counts.pairs)
+    ce = critique_loss(critique_logits, critique_targets) / max(counts.critique_tokens, 1)
     total = weights.critique * ce + bt + weights.tie * tie + weights.center * center
     parts = {"loss": total, "bradley_terry": bt, "tie": tie, "center": center, "critique_ce": ce}
     return total, {k: v.item() for k, v in parts.items()}

@@ -57,7 +57,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **vision) -> RewardOutput:
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, **vision).last_hidden_state
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        rewards = self.head(last.float()).squeeze(-1)
+        rewards = self.head(last.float()).squeeze(-1).float()  # fp32 for the loss, also under autocast
         if labels is None:
             labels = torch.full_like(input_ids, -100)
         # Position t predicts token t+1; the LM head runs on critique positions only.
@@ -92,11 +92,15 @@ def build_reward_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     target_modules: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> RewardModel:
-    """A fresh reward model on a VLM (hub id, local path or `tiny:...`), LoRA or fully trainable."""
+    """A fresh reward model on a VLM (hub id, local path or `tiny:...`), LoRA or fully trainable;
+    `dtype` and `attn_implementation` as `load_policy`'s (training passes float32: accelerate runs the
+    compute in mixed precision)."""
     from alignkit.models import load_policy, lora_config, resolve_model
 
-    lm, processor = load_policy(resolve_model(model))
+    lm, processor = load_policy(resolve_model(model), dtype, attn_implementation=attn_implementation)
     if finetune == "lora":
         from peft import get_peft_model
 
@@ -106,8 +110,11 @@ def build_reward_model(
     return RewardModel(lm, processor, model, finetune)
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> RewardModel:
-    """Load a reward model directory written by `RewardModel.save`, in eval mode."""
+def load_reward_model(
+    path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> RewardModel:
+    """Load a reward model directory written by `RewardModel.save`, in eval mode (`dtype` and
+    `attn_implementation` as `load_policy`'s)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -123,10 +130,11 @@ def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> Rew
     if meta["finetune"] == "lora":
         from peft import PeftModel
 
-        base, _ = load_policy(resolve_model(meta["base_model"]), dtype)
+        base, _ = load_policy(resolve_model(meta["base_model"]), dtype, attn_implementation=attn_implementation)
         backbone = PeftModel.from_pretrained(base, str(path / "adapter"))
     else:
-        backbone = AutoModelForImageTextToText.from_pretrained(str(path / "backbone"), dtype=dtype or default_dtype())
+        attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        backbone = AutoModelForImageTextToText.from_pretrained(str(path / "backbone"), dtype=dtype or default_dtype(), **attn)
     head_state = load_file(str(path / "head.safetensors"))
     head = nn.Linear(head_state["weight"].shape[1], 1)
     head.load_state_dict(head_state)

@@ -4,6 +4,11 @@ Inference as in MM-RLHF: generate a critique of the answer, append it, and read 
 forward pass; with several critiques (sampled) the score is their mean. `num_critiques=0` scores
 the answer alone. ACC is the share of pairs ranked right; ACC+ (MM-RLHF-RewardBench) the share of
 prompts whose pairs are all ranked right.
+
+Many processes (a launch, see `alignkit.launch`): `score_shared` splits the answers between them
+by whole batches and gathers the scores back in order. An answer is scored in the batch it has in
+one process, and its sampled critiques are seeded by (seed, its index) alone, so the scores do not
+depend on the number of processes. The model sits where accelerate says (`process_state().device`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from alignkit.models.device import ComputeSettings, process_state
 from alignkit.models.inputs import collate, encode
 from alignkit.pairs import _conversation
 from alignkit.records import Prompt, RecordError, Sample, iter_jsonl, load_image, write_jsonl
@@ -47,20 +53,33 @@ def _batches(items: Sequence[Any], size: int):
         yield items[i : i + size]
 
 
+def _collate(rm: RewardModel, features: list[dict]) -> dict[str, torch.Tensor]:
+    """A left-padded batch on the reward model's device."""
+    device = rm.head.weight.device
+    return {k: v.to(device) for k, v in collate(features, rm.processor.tokenizer.pad_token_id, side="left").items()}
+
+
 def _forward_scores(rm: RewardModel, features: list[dict]) -> list[float]:
-    pad_id = rm.processor.tokenizer.pad_token_id
-    return rm(**collate(features, pad_id, side="left")).rewards.tolist()
+    return rm(**_collate(rm, features)).rewards.tolist()
 
 
-def _critiques(rm: RewardModel, batch: Sequence[Answer], max_new_tokens: int, temperature: float | None) -> list[str]:
-    """One critique per answer: greedy when `temperature` is None, else sampled."""
+def _critiques(rm: RewardModel, batch: Sequence[Answer], max_new_tokens: int, num: int = 1,
+               temperature: float | None = None) -> list[list[str]]:  # fmt: skip
+    """`num` critiques per answer: greedy when `temperature` is None, else sampled."""
     tok = rm.processor.tokenizer
     prefixes = [encode(rm.processor, render(rm.processor, a.prompt, a.answer, True), a.images) for a in batch]
-    inputs = collate(prefixes, tok.pad_token_id, side="left")
+    inputs = _collate(rm, prefixes)
     inputs.pop("labels")
     sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
-    out = rm.lm.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-    return [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    out = rm.lm.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         num_return_sequences=num, **sampling)  # fmt: skip
+    texts = [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    return [texts[i * num : (i + 1) * num] for i in range(len(batch))]  # an input's sequences are consecutive
+
+
+def answer_seed(seed: int, index: int) -> int:
+    """The seed of answer `index`'s sampled critiques: a function of (seed, index) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little")
 
 
 @torch.inference_mode()
@@ -73,27 +92,56 @@ def score_answers(
     temperature: float = 1.0,
     batch_size: int = 8,
     seed: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> list[Scored]:
-    """Score answers; one critique is greedy, several are sampled at `temperature` and averaged."""
+    """Score answers in batches of `batch_size`; one critique is greedy, several are sampled at
+    `temperature` and averaged.
+
+    Answer i's sampled critiques are drawn one answer at a time after seeding with
+    `answer_seed(seed, indices[i])` (default index: i), so they do not depend on the other answers
+    of its batch, nor on which process scores it.
+    """
     was_training = rm.training
     rm.eval()
-    torch.manual_seed(seed)
+    indices = range(len(answers)) if indices is None else indices
     results: list[Scored] = []
-    for batch in _batches(answers, batch_size):
+    for batch, keys in zip(_batches(answers, batch_size), _batches(indices, batch_size)):
         if num_critiques == 0:
             feats = [encode_answer(rm.processor, a.prompt, a.answer, a.images, None) for a in batch]
             results += [Scored(s) for s in _forward_scores(rm, feats)]
             continue
+        if num_critiques == 1:
+            crits = _critiques(rm, batch, max_new_tokens)
+        else:
+            crits = []
+            for a, key in zip(batch, keys):
+                torch.manual_seed(answer_seed(seed, key))
+                crits += _critiques(rm, [a], max_new_tokens, num_critiques, temperature)
         scored = [Scored(0.0) for _ in batch]
-        for _ in range(num_critiques):
-            crits = _critiques(rm, batch, max_new_tokens, None if num_critiques == 1 else temperature)
-            feats = [encode_answer(rm.processor, a.prompt, a.answer, a.images, c) for a, c in zip(batch, crits)]
+        for k in range(num_critiques):
+            feats = [encode_answer(rm.processor, a.prompt, a.answer, a.images, c[k]) for a, c in zip(batch, crits)]
             for s, c, value in zip(scored, crits, _forward_scores(rm, feats)):
                 s.score += value / num_critiques
-                s.critiques.append(c)
+                s.critiques.append(c[k])
         results += scored
     rm.train(was_training)
     return results
+
+
+def score_shared(rm: RewardModel, answers: Sequence[Answer], *, batch_size: int = 8, **options: Any) -> list[Scored]:
+    """`score_answers` split between the processes of a launch; every process gets all the scores, in order.
+
+    Call it in every process. The unit of the split is a batch of `batch_size` answers (contiguous
+    runs of batches per process, accelerate's `split_between_processes`), so each answer is scored
+    in the same batch as in one process; `gather_object` concatenates the parts in process order.
+    """
+    from accelerate.utils import gather_object
+
+    batches = list(_batches(range(len(answers)), batch_size))
+    with process_state().split_between_processes(batches) as mine:
+        local = [i for b in mine for i in b]
+    scored = score_answers(rm, [answers[i] for i in local], batch_size=batch_size, indices=local, **options)
+    return gather_object(scored)
 
 
 def pair_answers(pairs: Sequence[RMPair]) -> list[Answer]:
@@ -122,9 +170,10 @@ def pairwise_accuracy(prompt_ids: Sequence[str], r_chosen: Sequence[float], r_re
 
 
 def evaluate_pairs(rm: RewardModel, pairs: Sequence[RMPair], **score_options) -> dict[str, float]:
-    """ACC and ACC+ of the reward model on pairs (tied pairs left out), scoring as `score_answers`."""
+    """ACC and ACC+ of the reward model on pairs (tied pairs left out), scoring as `score_answers`;
+    call it in every process of a launch (`score_shared`)."""
     pairs = [p for p in pairs if p.margin != 0]
-    scores = [s.score for s in score_answers(rm, pair_answers(pairs), **score_options)]
+    scores = [s.score for s in score_shared(rm, pair_answers(pairs), **score_options)]
     return pairwise_accuracy([p.prompt_id for p in pairs], scores[0::2], scores[1::2])
 
 
@@ -151,10 +200,18 @@ def score_samples(
     output: Path,
     *,
     seed: int = 0,
+    compute: ComputeSettings = ComputeSettings(),
     **score_options: Any,
 ) -> dict[str, Any]:
-    """Score every sample's full text, as the pairs present it; writes `output` (jsonl) and returns a summary."""
-    rm = load_reward_model(rm_dir)
+    """Score every sample's full text, as the pairs present it; writes `output` (jsonl) and returns a summary.
+
+    `compute` gives the dtype (bf16 where the compute is bf16) and attention kernel the model loads
+    with. Call it in every process of a launch: they share the answers (`score_shared`), the main one writes.
+    """
+    from alignkit.models import place
+
+    state = process_state()
+    rm = place(load_reward_model(rm_dir, compute.dtype(), compute.attn_implementation))  # this process's device
     by_id = {p.prompt_id: p for p in prompts}
     images = {p.prompt_id: [load_image(path) for path in p.images] for p in prompts}
     answers = []
@@ -164,13 +221,16 @@ def score_samples(
         p = by_id[s.prompt_id]
         prompt = _conversation("user", user_text[p.prompt_id], len(p.images))
         answers.append(Answer(prompt, _conversation("assistant", s.text), images[p.prompt_id]))
-    scored = score_answers(rm, answers, seed=seed, **score_options)
-    write_jsonl(output, [
-        {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "rm_score": r.score, "rm_critiques": r.critiques}
-        for s, r in zip(samples, scored)
-    ])  # fmt: skip
+    scored = score_shared(rm, answers, seed=seed, **score_options)
+    if state.is_main_process:
+        write_jsonl(output, [
+            {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "rm_score": r.score, "rm_critiques": r.critiques}
+            for s, r in zip(samples, scored)
+        ])  # fmt: skip
+    state.wait_for_everyone()
     values = [r.score for r in scored]
-    return {"num_scored": len(values), "mean_rm_score": sum(values) / len(values) if values else None}
+    return {"num_scored": len(values), "mean_rm_score": sum(values) / len(values) if values else None,
+            "num_processes": state.num_processes}  # fmt: skip
 
 
 def annotate_pairs_file(pairs_path: Path, scores_path: Path) -> dict[str, float]:

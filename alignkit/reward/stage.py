@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignkit.models.device import COMPUTE_KEYS
 from alignkit.stage import Context, model_identity, require
 
 # The `reward_model` keys that say how the model scores (critiques per answer, their length, ...).
 SCORE_KEYS = tuple(f"reward_model.{k}" for k in ("num_critiques", "max_critique_tokens", "critique_temperature",
                                                   "score_batch_size"))  # fmt: skip
+
+
+def launch_files(ctx: Context) -> list[Path]:
+    """The accelerate config file of a launch, when set (it may set the mixed precision)."""
+    launch = ctx.config.launch.config_file
+    return [Path(launch)] if launch else []
 
 
 class RewardModelStage:
@@ -19,13 +26,19 @@ class RewardModelStage:
     name = "reward_model"
     command = "train-rm"
     per_round = True
-    exclude = frozenset({"reward_model.checkpoint", "reward_model.save_steps"})
+    exclude = frozenset({"reward_model.checkpoint", "reward_model.save_steps", "train.gradient_checkpointing"})
+
+    def distributed(self, recipe) -> bool:
+        return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
-        return ("reward_model", "seed")
+        # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
+        # config file may set the mixed precision (its bytes are in `reads`).
+        return ("reward_model", "seed", "launch", *COMPUTE_KEYS)
 
     def reads(self, ctx: Context) -> list[Path]:
-        return []  # the pairs count through `upstream`, without the columns the score stage adds
+        # the pairs count through `upstream`, without the columns the score stage adds
+        return launch_files(ctx)
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         from alignkit.reward.score import rm_pairs_digest
@@ -39,12 +52,16 @@ class RewardModelStage:
         return ctx.paths.reward_model
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
+        """Runs in every process of a launch: all of them train, the main one writes."""
+        from alignkit.models.device import ComputeSettings, process_state
         from alignkit.reward.train import train_reward_model
 
-        cfg = ctx.config.reward_model
+        cfg, compute = ctx.config.reward_model, ComputeSettings.of(ctx.config.train)
         model = cfg.model or ctx.lineage.policy(ctx.round)
-        summary = train_reward_model(ctx.paths.pairs, ctx.paths.reward_model, cfg, model=model, seed=ctx.config.seed)
-        if "held_out" in summary:
+        summary = train_reward_model(ctx.paths.pairs, ctx.paths.reward_model, cfg, model=model, seed=ctx.config.seed,
+                                     compute=compute)  # fmt: skip
+        summary["mixed_precision"] = compute.precision()
+        if "held_out" in summary and process_state().is_main_process:
             ev = summary["held_out"]
             ctx.console.print(
                 f"reward model on held-out pairs: ACC {ev['acc']:.3f}  ACC+ {ev['acc_plus']:.3f} "

@@ -1,7 +1,17 @@
 """Training the critique reward model on preference pairs (critique CE + Bradley-Terry, see losses.py).
 
-Reads top to bottom: set-up (pairs, held-out split, model), loop, save, held-out evaluation. The
-output directory:
+Reads top to bottom: set-up (pairs, held-out split, model), loop, save, held-out evaluation.
+
+Devices and processes come from accelerate (`alignkit.models.device`), as in `alignkit.train.sft`:
+the same loop runs as one process or as N (`alignkit.launch`). `batch_size` is per process; a step
+takes a global batch of batch_size × grad_accum × num_processes pairs from one shuffled order, and
+process r trains on its own slices of it. Every mean of the loss (critique tokens, untied, tied and
+all pairs) is a sum over this process's slice divided by the global batch's count (scaled by
+num_processes, which DDP's gradient mean divides back out), so every split of the same global batch
+takes the same step: 2 processes × batch 2 equal 1 process × batch 4. The run key holds the global
+batch, not the split: a run resumes with another process count when the global batch is unchanged.
+Only the main process writes metrics, checkpoints and the model; the held-out evaluation is shared
+between the processes (`alignkit.reward.score.score_shared`). The output directory:
 
     out_dir/metrics.jsonl  one line per step: loss, bradley_terry, tie, center, critique_ce, accuracy
     out_dir/checkpoints/   every `reward_model.save_steps` steps (`alignkit.models.checkpoint`); a re-run with the same
@@ -11,6 +21,7 @@ output directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -22,14 +33,13 @@ import torch
 
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
-from alignkit.models.inputs import collate
+from alignkit.models.device import ComputeSettings, make_accelerator, process_state
+from alignkit.models.inputs import IGNORE, collate
 from alignkit.reward.config import RewardModelConfig, score_options
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
-from alignkit.reward.losses import LossWeights, reward_loss
+from alignkit.reward.losses import LossCounts, LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
-
-"""Checkpoint interval of `train_reward_model` (the loop's state is small next to a step's work)."""
 
 
 def split_by_prompt(pairs: Sequence[RMPair], eval_fraction: float, seed: int) -> tuple[list[RMPair], list[RMPair]]:
@@ -41,12 +51,17 @@ def split_by_prompt(pairs: Sequence[RMPair], eval_fraction: float, seed: int) ->
     return [p for p in pairs if p.prompt_id not in held], [p for p in pairs if p.prompt_id in held]
 
 
+PARTS = ("loss", "bradley_terry", "tie", "center", "critique_ce")
+"""The loss parts `fit` logs per step (with `step` and `accuracy`)."""
+
+
 def fit(
     rm: RewardModel,
     pairs: Sequence[RMPair],
     *,
     steps: int,
     batch_size: int = 4,
+    grad_accum: int = 1,
     learning_rate: float = 1e-4,
     weights: LossWeights = LossWeights(),
     use_critiques: bool = True,
@@ -55,49 +70,75 @@ def fit(
     checkpoint_dir: Path | None = None,
     save_steps: int = 50,
     resume_from: str | Path | None = None,
+    compute: ComputeSettings = ComputeSettings(),
 ) -> list[dict[str, float]]:
-    """Train `rm` in place for `steps` AdamW steps of `batch_size` pairs; returns the metrics of the steps it ran.
+    """Train `rm` in place for `steps` AdamW steps; returns the metrics of the steps it ran (in every process).
 
-    With `checkpoint_dir` the loop state is saved every `save_steps`; `resume_from` (a checkpoint of
-    the same pairs and settings) continues from there.
+    A step takes a global batch of batch_size × grad_accum × num_processes pairs (see the module
+    docstring). With `checkpoint_dir` the main process saves the loop state every `save_steps`;
+    `resume_from` (a checkpoint of the same pairs and settings) continues from there. `compute` holds
+    the `train` section's precision and memory keys.
     """
+    accelerator = make_accelerator(compute, loop="reward model")
+    compute.for_training(rm.lm)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    global_batch = batch_size * grad_accum * world
     torch.manual_seed(seed)
+    # every process encodes every pair: the loss is normalised by the global batch's counts
     features = [pair_features(rm.processor, p, use_critiques) for p in pairs]
-    margins = torch.tensor([p.margin for p in pairs])
+    tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in pair) for pair in features]  # critique tokens
     pad_id = rm.processor.tokenizer.pad_token_id
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    wrapped, optimizer = accelerator.prepare(rm, optimizer)  # the reward head is part of `rm`: it trains too
+    margins = torch.tensor([p.margin for p in pairs], device=accelerator.device)
     shuffler = torch.Generator().manual_seed(seed)
     order: list[int] = []
     history = []
-    start = 0
+    step = 0
     if resume_from is not None:
-        start, extra = load_checkpoint(resume_from, modules={"rm": rm}, optimizer=optimizer)
+        step, extra = load_checkpoint(resume_from, modules={"rm": rm}, optimizer=optimizer)
         order = extra["order"]
         shuffler.set_state(extra["shuffler"])
-    rm.train()
-    for step in range(start + 1, steps + 1):
-        while len(order) < batch_size:  # epochs of shuffled pairs
+    wrapped.train()
+    while step < steps:
+        while len(order) < global_batch:  # epochs of shuffled pairs
             order += torch.randperm(len(pairs), generator=shuffler).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        # chosen answers first, then rejected, in one forward pass
-        batch = collate([features[i][0] for i in idx] + [features[i][1] for i in idx], pad_id, side="left")
-        out = rm(**batch)
-        r_chosen, r_rejected = out.rewards[: len(idx)], out.rewards[len(idx) :]
-        loss, parts = reward_loss(r_chosen, r_rejected, margins[idx], out.critique_logits, out.critique_targets, weights)
-        finite(loss.item(), f"reward model step {step}: the loss")
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        idx, order = order[:global_batch], order[global_batch:]
+        counts = LossCounts.of([pairs[i].margin for i in idx], sum(tokens[i] for i in idx))
+        sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=accelerator.device)  # parts, right pairs
+        for m in range(grad_accum):
+            # micro-batch m of process r: slice m * world + r of the global batch
+            part = idx[(m * world + rank) * batch_size :][:batch_size]
+            # chosen answers first, then rejected, in one forward pass
+            batch = collate([features[i][0] for i in part] + [features[i][1] for i in part], pad_id, side="left")
+            sync = m == grad_accum - 1  # all-reduce the gradients once, after the last micro-batch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
+                out = wrapped(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                r_chosen, r_rejected = out.rewards[: len(part)], out.rewards[len(part) :]
+                loss, parts = reward_loss(r_chosen, r_rejected, margins[part], out.critique_logits,
+                                          out.critique_targets, weights, counts)  # fmt: skip
+                accelerator.backward(loss * world)  # DDP averages over processes; we want their sum
+            right = (r_chosen > r_rejected).sum().item()
+            sums += torch.tensor([parts[k] for k in PARTS] + [right], dtype=torch.float64, device=accelerator.device)
+        # the global batch's loss parts, the same in every process (so all stop together if it is NaN)
+        *values, right = accelerator.reduce(sums, "sum").tolist()
+        record = dict(zip(PARTS, values))
+        finite(record["loss"], f"reward model step {step + 1}: the loss")
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        parts.update(step=step, accuracy=(r_chosen > r_rejected).float().mean().item())
-        history.append(parts)
-        if metrics_path is not None:
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record.update(step=step, accuracy=right / counts.pairs)
+        history.append(record)
+        if main and metrics_path is not None:
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(parts) + "\n")
+                f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None and step % save_steps == 0 and step < steps:
-            save_checkpoint(checkpoint_dir, step, modules={"rm": rm}, optimizer=optimizer,
-                            extra={"order": order, "shuffler": shuffler.get_state()}, keep=1)  # fmt: skip
+            if main:
+                save_checkpoint(checkpoint_dir, step, modules={"rm": rm}, optimizer=optimizer,
+                                extra={"order": order, "shuffler": shuffler.get_state()}, keep=1)  # fmt: skip
+            accelerator.wait_for_everyone()
     return history
 
 
@@ -108,38 +149,56 @@ def train_reward_model(
     *,
     model: str,
     seed: int = 0,
+    compute: ComputeSettings = ComputeSettings(),
 ) -> dict[str, Any]:
     """Train a reward model on a pairs file into `out_dir/model`; returns a summary with held-out ACC/ACC+.
 
-    The settings are the `reward_model` section's. Pair rationales are the critiques
+    The settings are the `reward_model` section's, and `compute` the `train` section's precision and
+    memory keys. Pair rationales are the critiques
     (`cfg.use_critiques`); pairs without one train the score only. The held-out evaluation scores as
-    `score_options(cfg)` says.
+    `score_options(cfg)` says. Run it in every process of a launch; it returns when all are done.
     """
+    from accelerate.utils import broadcast_object_list
+
     weights = LossWeights(cfg.critique_weight, cfg.margin_weight, cfg.tie_weight, cfg.center_weight)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics, checkpoints = out_dir / "metrics.jsonl", out_dir / "checkpoints"
+    state = process_state()
+    global_batch = cfg.batch_size * cfg.grad_accum * state.num_processes
 
-    # set-up
+    # set-up (the same pairs, split and initialisation in every process)
     train_pairs, held_out = split_by_prompt(read_rm_pairs(pairs_path), cfg.eval_fraction, seed)
     torch.manual_seed(seed)
+    # float32 weights; accelerate places the model and runs the compute in its mixed precision
     rm = build_reward_model(model, cfg.finetune, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                            lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules)  # fmt: skip
+                            lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules, dtype=torch.float32,
+                            attn_implementation=compute.attn_implementation)  # fmt: skip
 
-    # resume: the last complete checkpoint of a run with these pairs and settings (more steps extend a run)
-    settings = {"pairs": rm_pairs_digest(pairs_path), "model": model, "seed": seed,
-                "config": cfg.model_dump(mode="json", exclude={"max_steps", "save_steps", "checkpoint"})}  # fmt: skip
-    last = resume_point(out_dir, settings, checkpoints, metrics)
+    # resume: the last complete checkpoint of a run with these pairs and settings (more steps extend a
+    # run; the global batch counts, not its split). The main process decides.
+    settings = {"pairs": rm_pairs_digest(pairs_path), "model": model, "seed": seed, "global_batch": global_batch,
+                "compute": [compute.precision(), compute.attn_implementation],
+                "config": cfg.model_dump(mode="json", exclude={"max_steps", "save_steps", "checkpoint", "batch_size",
+                                                               "grad_accum"})}  # fmt: skip
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    box = [resume_point(out_dir, settings, checkpoints, metrics) if state.is_main_process else None]
+    broadcast_object_list(box)
 
     # train
-    history = fit(rm, train_pairs, steps=cfg.max_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                  weights=weights, use_critiques=cfg.use_critiques, seed=seed, metrics_path=metrics,
-                  checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=last)  # fmt: skip
+    history = fit(rm, train_pairs, steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                  learning_rate=cfg.learning_rate, weights=weights, use_critiques=cfg.use_critiques, seed=seed,
+                  metrics_path=metrics, checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=box[0],
+                  compute=compute)  # fmt: skip
 
     # save, then evaluate on held-out prompts
-    path = rm.save(out_dir / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    summary: dict[str, Any] = {"model": str(path), "train_pairs": len(train_pairs), "final": history[-1] if history else {}}
+    if state.is_main_process:
+        rm.save(out_dir / "model")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    state.wait_for_everyone()
+    summary: dict[str, Any] = {"model": str(out_dir / "model"), "train_pairs": len(train_pairs),
+                               "final": history[-1] if history else {}, "num_processes": state.num_processes,
+                               "global_batch_size": global_batch}  # fmt: skip
     if held_out:
         summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **score_options(cfg))
     return summary

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from alignkit.errors import finite
 from alignkit.models import checkpoint
-from alignkit.train.device import ComputeSettings, process_state
+from alignkit.models.device import ComputeSettings, process_state
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -56,7 +56,7 @@ def dpo_config(
     out_dir: Path, cfg: TrainConfig, *, seed: int, logging_steps: int, **extra: Any
 ) -> DPOConfig:
     """TRL's `DPOConfig` for a run in `out_dir` from the `train` section (precision and memory keys as
-    `alignkit.train.device` resolves them); `extra` passes further `DPOConfig` fields (loss types)."""
+    `alignkit.models.device` resolves them); `extra` passes further `DPOConfig` fields (loss types)."""
     from trl import DPOConfig
 
     on_gpu, compute = torch.cuda.is_available(), ComputeSettings.of(cfg)

@@ -41,17 +41,13 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """Compute precision of every stage that trains or scores a model (sft, train, reward_model,
     score): `auto` is the accelerate config file's choice (`launch.config_file`), else bf16 on a GPU
-    that has it, else fp32 (`no`). fp16 needs a GPU. See `alignkit.train.device`."""
+    that has it, else fp32 (`no`). fp16 needs a GPU. See `alignkit.models.device`."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass to save memory (every training stage); null: on
     with a GPU, off on a CPU. It does not change what is learned."""
     attn_implementation: str | None = None
     """The attention kernel every stage loads its models with (`sdpa`, `eager`, `flash_attention_2`
     (needs the flash-attn package and a GPU), ...); null: transformers' default (sdpa where supported)."""
-
-
-# The `train` keys every stage that trains or scores a model declares (`alignkit.train.device`).
-COMPUTE_KEYS = ("train.mixed_precision", "train.gradient_checkpointing", "train.attn_implementation")
 
 
 class RewardSpec(Section):

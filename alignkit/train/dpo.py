@@ -34,7 +34,7 @@ def train_dpo(
     from trl import DPOTrainer
 
     from alignkit.models import resolve_model
-    from alignkit.train.device import ComputeSettings, process_state
+    from alignkit.models.device import ComputeSettings, process_state
 
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
     model_path, compute = resolve_model(model), ComputeSettings.of(cfg)

@@ -148,7 +148,7 @@ def train_mmdpo(
     keeps it outside `out_dir`, which it clears when a training setting changes.
     """
     from alignkit.models import resolve_model
-    from alignkit.train.device import ComputeSettings, process_state
+    from alignkit.models.device import ComputeSettings, process_state
 
     finetune, margin_key, compute = cfg.finetune, cfg.margin_key, ComputeSettings.of(cfg)
     if finetune == "qlora":

@@ -11,7 +11,7 @@ every `save_steps` (`alignkit.models.checkpoint`; the last one is kept); a re-ru
 and settings resumes from there. The final model (or LoRA adapter) is written to a temporary
 directory and renamed to `out_dir/model`.
 
-Devices and processes come from accelerate (`alignkit.train.device`): the same loop runs as one
+Devices and processes come from accelerate (`alignkit.models.device`): the same loop runs as one
 process or as N (torchrun / accelerate launch, see `alignkit.launch`). `batch_size` is per process;
 a step takes a global batch of batch_size × grad_accum × num_processes examples from one shuffled
 order, and process r trains on its own slices of it. The loss is the sum over this process's
@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from alignkit.models.device import ComputeSettings, make_accelerator
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
 from alignkit.train.config import SftConfig
-from alignkit.train.device import ComputeSettings, make_accelerator
 
 
 def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[str, Any]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignkit.models.device import COMPUTE_KEYS
 from alignkit.records import write_jsonl
 from alignkit.stage import Context, model_identity, template_files
-from alignkit.train.config import COMPUTE_KEYS
 
 
 class SftStage:
@@ -44,7 +44,7 @@ class SftStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         """Runs in every process of a launch: the main one writes the data, all of them train."""
-        from alignkit.train.device import ComputeSettings, process_state
+        from alignkit.models.device import ComputeSettings, process_state
         from alignkit.train.sft import train_sft
 
         cfg, sft_dir, state = ctx.config.sft, ctx.paths.sft, process_state()

@@ -77,7 +77,7 @@ class TrainStage:
         cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
         if cfg.method == "ppo":
             return _train_ppo(ctx, model)
-        from alignkit.train.device import ComputeSettings, process_state
+        from alignkit.models.device import ComputeSettings, process_state
 
         processes = process_state().num_processes
         if cfg.method == "mmdpo":

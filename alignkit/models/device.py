@@ -21,15 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alignkit.errors import SetupError
-from alignkit.models.loading import process_state
-
-__all__ = ["ComputeSettings", "make_accelerator", "process_state"]
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from torch import nn
 
-    from alignkit.train.config import TrainConfig
+
+# The `train` keys every stage that trains or scores a model declares.
+COMPUTE_KEYS = ("train.mixed_precision", "train.gradient_checkpointing", "train.attn_implementation")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,8 @@ class ComputeSettings:
     """Passed to `from_pretrained` (sdpa, eager, flash_attention_2, ...); None: transformers' default."""
 
     @classmethod
-    def of(cls, train: TrainConfig) -> ComputeSettings:
+    def of(cls, train: Any) -> ComputeSettings:
+        """From the `train` section (`alignkit.train.config.TrainConfig`), whose keys these are."""
         return cls(train.mixed_precision, train.gradient_checkpointing, train.attn_implementation)
 
     def precision(self) -> str:
@@ -78,6 +78,14 @@ class ComputeSettings:
         if self.checkpointing():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+
+def process_state() -> PartialState:
+    """This process's place among the processes of a stage, as accelerate sees it (one process, rank 0,
+    on cuda:0 or the CPU outside a launch; its own GPU under one)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def require_replicated(distributed_type: str, loop: str) -> None:
