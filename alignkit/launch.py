@@ -39,6 +39,21 @@ class LaunchConfig(Section):
     --config_file F --num_processes N`; unset: with torchrun on this machine."""
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies, so that a killed launch (the
+    launcher SIGKILLed, say by the OOM killer or `kill -9` on the process group) leaves no worker
+    running to race the re-run for the run directory. Called in the launcher before it starts
+    (`preexec_fn`) and first thing in every worker."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def command(launch: LaunchConfig, worker_args: list[str]) -> list[str]:
     """The command line that starts `python -m alignkit.worker ARGS` as `launch.num_processes` processes."""
     n = str(launch.num_processes)
@@ -64,7 +79,7 @@ def launch_stage(launch: LaunchConfig, root: Path, name: str, round: int, finger
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N processes share the cores
     with log.open("w", encoding="utf-8") as f:
         proc = subprocess.Popen(command(launch, args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")  # fmt: skip
+                                text=True, errors="replace", preexec_fn=die_with_parent)  # fmt: skip
         for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)

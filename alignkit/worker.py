@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from alignkit.errors import LaunchError
+from alignkit.launch import die_with_parent
 from alignkit.recipe import load_recipe
 from alignkit.records import write_atomic
 from alignkit.runner import Runner
@@ -21,6 +22,7 @@ from alignkit.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()  # torchrun's agent or accelerate's launcher; killed with it
     parser = argparse.ArgumentParser(prog="python -m alignkit.worker")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=[s.name for s in STAGES])

@@ -316,9 +316,19 @@ def test_a_killed_two_process_train_run_resumes_from_its_checkpoint(tmp_path):
     while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # alignkit, torchrun and both workers
+    import psutil
+
+    # torchrun killed alone (as the OOM killer would): it cannot stop its workers, the kernel does
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "torch.distributed.run" in p.cmdline())
+    workers = launcher.children(recursive=True)
+    assert len(workers) >= 2
+    launcher.kill()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == [], f"workers still running after their launcher was killed: {alive}"
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (run / "train" / "adapter").exists()  # killed in the middle of training
+    # killed in the middle of training: orphaned workers would have trained on to the end
+    assert not (run / "train" / "adapter").exists(), "the workers went on training after their launcher died"
     metrics = run / "train" / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
                                for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
