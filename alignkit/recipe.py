@@ -24,6 +24,7 @@ from alignkit.pairs.config import PairsConfig
 from alignkit.reward.config import RewardModelConfig
 from alignkit.sample.config import SampleConfig
 from alignkit.stages import DEFAULT_STAGES, STAGE_NAMES
+from alignkit.tracking import TrackingConfig
 from alignkit.train.config import PpoConfig, SftConfig, TrainConfig
 
 
@@ -42,6 +43,8 @@ class Recipe(Section):
     ppo: PpoConfig = PpoConfig()
     sft: SftConfig | None = None
     eval: EvalConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
+    """Training curves and eval results to TensorBoard, wandb or Trackio (`alignkit.tracking`)."""
     launch: LaunchConfig = LaunchConfig()
     """Processes per distributed stage (`alignkit.launch`): `launch.num_processes=2` runs `sft`, and
     `train` with DPO or MM-DPO, as 2."""

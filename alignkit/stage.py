@@ -41,6 +41,8 @@ from alignkit.records import file_digest
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from alignkit.tracking import Tracking
+
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,12 @@ class Context:
              work: Callable[[str], dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
         """Run `work(fingerprint)` unless `output` exists under the same fingerprint (see `Runner`)."""
         return self._step(name, settings, reads, output, work)
+
+    def tracking(self, name: str) -> Tracking:
+        """Stage `name`'s tracker run in this round (`alignkit.tracking`; the stage declares `tracking`)."""
+        from alignkit.tracking import Tracking
+
+        return Tracking.for_stage(self.config.tracking, self.paths.root, stage_key(name, self.round))
 
 
 class Lineage(Protocol):

@@ -10,6 +10,7 @@ from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.records import Prompt, Sample, read_records, write_atomic, write_jsonl
 from alignkit.sample.stage import VLLM_UNCHANGING
 from alignkit.stage import Context, stage_key, template_files
+from alignkit.tracking import TRACKING_KEYS, Tracking, log_results
 
 
 class EvalStage:
@@ -20,11 +21,11 @@ class EvalStage:
 
     name = command = "eval"
     per_round = True
-    exclude = frozenset({*VLLM_UNCHANGING, *JUDGE_UNCHANGING})
+    exclude = frozenset({*VLLM_UNCHANGING, *JUDGE_UNCHANGING, *TRACKING_KEYS})
 
     def config(self, recipe) -> tuple[str, ...]:
         judge = ("judge",) if recipe.eval is not None and recipe.eval.judge else ()
-        return ("eval", "sample.template", "sample.vllm", "policy.adapter", *judge, "seed")
+        return ("eval", "sample.template", "sample.vllm", "policy.adapter", *judge, "seed", "tracking")
 
     def reads(self, ctx: Context) -> list[Path]:
         from alignkit.data.stage import source_files
@@ -57,12 +58,15 @@ class EvalStage:
         base = self._evaluate(ctx, "base", ctx.lineage.policy(1), ctx.config.policy.adapter,
                               {"start": ctx.lineage.policy_identity(1)})  # fmt: skip
         trained = ctx.lineage.trained(ctx.round)
+        tracking = Tracking.for_stage(ctx.config.tracking, ctx.paths.root, self.name)  # one run: base, round 1, ...
+        log_results(tracking, base, step=0)
         if trained is None:
             ctx.console.print(format_table(base))
             return {"base": str(ctx.paths.eval / "base" / "results.json")}
         identity = {"policy": ctx.lineage.policy_identity(ctx.round),
                     "train": ctx.lineage.fingerprint(stage_key("train", ctx.round))}  # fmt: skip
         after = self._evaluate(ctx, f"round-{ctx.round}", *trained, identity)
+        log_results(tracking, after, step=ctx.round)
         table = compare(base, after)
         write_atomic(ctx.paths.eval / "comparison.txt", table + "\n")
         ctx.console.print(table)

@@ -7,6 +7,7 @@ from typing import Any
 
 from alignkit.models.device import COMPUTE_KEYS
 from alignkit.stage import Context, model_identity, require
+from alignkit.tracking import TRACKING_KEYS
 
 # The `reward_model` keys that say how the model scores (critiques per answer, their length, ...).
 SCORE_KEYS = tuple(f"reward_model.{k}" for k in ("num_critiques", "max_critique_tokens", "critique_temperature",
@@ -26,7 +27,8 @@ class RewardModelStage:
     name = "reward_model"
     command = "train-rm"
     per_round = True
-    exclude = frozenset({"reward_model.checkpoint", "reward_model.save_steps", "train.gradient_checkpointing"})
+    exclude = frozenset({"reward_model.checkpoint", "reward_model.save_steps", "train.gradient_checkpointing",
+                         *TRACKING_KEYS})  # fmt: skip
 
     def distributed(self, recipe) -> bool:
         return True  # runs as launch.num_processes processes (alignkit.launch)
@@ -34,7 +36,7 @@ class RewardModelStage:
     def config(self, recipe) -> tuple[str, ...]:
         # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
         # config file may set the mixed precision (its bytes are in `reads`).
-        return ("reward_model", "seed", "launch", *COMPUTE_KEYS)
+        return ("reward_model", "seed", "launch", "tracking", *COMPUTE_KEYS)
 
     def reads(self, ctx: Context) -> list[Path]:
         # the pairs count through `upstream`, without the columns the score stage adds
@@ -59,7 +61,7 @@ class RewardModelStage:
         cfg, compute = ctx.config.reward_model, ComputeSettings.of(ctx.config.train)
         model = cfg.model or ctx.lineage.policy(ctx.round)
         summary = train_reward_model(ctx.paths.pairs, ctx.paths.reward_model, cfg, model=model, seed=ctx.config.seed,
-                                     compute=compute)  # fmt: skip
+                                     compute=compute, tracking=ctx.tracking(self.name))  # fmt: skip
         summary["mixed_precision"] = compute.precision()
         if "held_out" in summary and process_state().is_main_process:
             ev = summary["held_out"]

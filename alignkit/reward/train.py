@@ -22,7 +22,6 @@ between the processes (`alignkit.reward.score.score_shared`). The output directo
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -40,6 +39,7 @@ from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossCounts, LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
 from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
+from alignkit.tracking import StepLog, Tracking
 
 
 def split_by_prompt(pairs: Sequence[RMPair], eval_fraction: float, seed: int) -> tuple[list[RMPair], list[RMPair]]:
@@ -66,7 +66,7 @@ def fit(
     weights: LossWeights = LossWeights(),
     use_critiques: bool = True,
     seed: int = 0,
-    metrics_path: Path | None = None,
+    log: StepLog | None = None,
     checkpoint_dir: Path | None = None,
     save_steps: int = 50,
     resume_from: str | Path | None = None,
@@ -75,7 +75,8 @@ def fit(
     """Train `rm` in place for `steps` AdamW steps; returns the metrics of the steps it ran (in every process).
 
     A step takes a global batch of batch_size × grad_accum × num_processes pairs (see the module
-    docstring). With `checkpoint_dir` the main process saves the loop state every `save_steps`;
+    docstring). The main process writes each step to `log` (metrics.jsonl and the trackers). With
+    `checkpoint_dir` the main process saves the loop state every `save_steps`;
     `resume_from` (a checkpoint of the same pairs and settings) continues from there. `compute` holds
     the `train` section's precision and memory keys.
     """
@@ -131,9 +132,8 @@ def fit(
         step += 1
         record.update(step=step, accuracy=right / counts.pairs)
         history.append(record)
-        if main and metrics_path is not None:
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if log is not None:
+            log.write(record)
         if checkpoint_dir is not None and step % save_steps == 0 and step < steps:
             if main:
                 save_checkpoint(checkpoint_dir, step, modules={"rm": rm}, optimizer=optimizer,
@@ -150,11 +150,12 @@ def train_reward_model(
     model: str,
     seed: int = 0,
     compute: ComputeSettings = ComputeSettings(),
+    tracking: Tracking | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on a pairs file into `out_dir/model`; returns a summary with held-out ACC/ACC+.
 
     The settings are the `reward_model` section's, and `compute` the `train` section's precision and
-    memory keys. Pair rationales are the critiques
+    memory keys; `tracking` the tracker run the steps also go to. Pair rationales are the critiques
     (`cfg.use_critiques`); pairs without one train the score only. The held-out evaluation scores as
     `score_options(cfg)` says. Run it in every process of a launch; it returns when all are done.
     """
@@ -186,10 +187,13 @@ def train_reward_model(
     broadcast_object_list(box)
 
     # train
+    log = StepLog(metrics, tracking) if state.is_main_process else None
     history = fit(rm, train_pairs, steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                   learning_rate=cfg.learning_rate, weights=weights, use_critiques=cfg.use_critiques, seed=seed,
-                  metrics_path=metrics, checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=box[0],
+                  log=log, checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=box[0],
                   compute=compute)  # fmt: skip
+    if log:
+        log.close()
 
     # save, then evaluate on held-out prompts
     if state.is_main_process:

@@ -18,7 +18,6 @@ moves the final adapter into place; the others wait for it and take its answer.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers import TrainerCallback
 from alignkit.errors import finite
 from alignkit.models import checkpoint
 from alignkit.models.device import ComputeSettings, process_state
+from alignkit.tracking import StepLog, Tracking
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -39,17 +39,25 @@ if TYPE_CHECKING:
 
 
 class MetricsJsonl(TrainerCallback):
-    """Appends each logged training step to a jsonl file, flushed so a kill loses at most one line."""
+    """Writes each logged training step with `alignkit.tracking.StepLog` (metrics.jsonl, flushed so a
+    kill loses at most one line, and the `tracking` section's tracker) from the main process."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tracking: Tracking | None = None):
+        self.path, self.tracking, self.log = path, tracking, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.log = StepLog(self.path, self.tracking)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # logged before this step's checkpoint: a NaN loss saves no NaN weights
             finite(float(logs["loss"]), f"step {state.global_step}: the loss")
-        if state.is_world_process_zero and logs and "loss" in logs:  # skip the end-of-run summary
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        if self.log and logs and "loss" in logs:  # skip the end-of-run summary
+            self.log.write({"step": state.global_step, **logs})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.log:
+            self.log.close()
 
 
 def dpo_config(

@@ -11,6 +11,7 @@ from pathlib import Path
 from alignkit.data.preference import load_preference_dataset
 from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
+from alignkit.tracking import Tracking
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
 from alignkit.train.config import TrainConfig
 
@@ -23,13 +24,15 @@ def train_dpo(
     model: str,
     seed: int = 0,
     logging_steps: int = 1,
+    tracking: Tracking | None = None,
 ) -> Path:
     """Train a LoRA adapter with DPO on a pairs file as the `train` section `cfg` says; returns `out_dir/adapter`.
 
     `model` is a hub id, a local directory or a tiny test model name ("tiny:qwen2-vl").
     `cfg.beta` is the DPO temperature (0.1 as in the DPO paper); `max_steps` > 0 overrides
     `num_epochs`; `max_length` truncates prompt+answer tokens (image tokens included).
-    `target_modules` are projection names inside the language model (see `lora_config`).
+    `target_modules` are projection names inside the language model (see `lora_config`). `tracking`
+    is the tracker run the logged steps also go to (`alignkit.tracking`).
     """
     from trl import DPOTrainer
 
@@ -63,7 +66,7 @@ def train_dpo(
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
+        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", tracking)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
 

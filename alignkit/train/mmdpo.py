@@ -30,6 +30,7 @@ from alignkit.data.preference import COLUMNS, load_preference_dataset
 from alignkit.errors import finite
 from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
+from alignkit.tracking import Tracking
 from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
 from alignkit.train.config import TrainConfig
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
@@ -135,6 +136,7 @@ def train_mmdpo(
     model: str,
     seed: int = 0,
     logging_steps: int = 1,
+    tracking: Tracking | None = None,
     ref_cache_dir: Path | None = None,
 ) -> Path:
     """Train with MM-DPO on a pairs file; returns `out_dir/adapter` (LoRA, QLoRA) or `out_dir/model` (full).
@@ -145,7 +147,8 @@ def train_mmdpo(
     model's, e.g. `rm_margin`). `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or
     `full`. The other settings are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
     `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
-    keeps it outside `out_dir`, which it clears when a training setting changes.
+    keeps it outside `out_dir`, which it clears when a training setting changes. `tracking` is the
+    tracker run the logged steps also go to (`alignkit.tracking`).
     """
     from alignkit.models import resolve_model
     from alignkit.models.device import ComputeSettings, process_state
@@ -187,7 +190,7 @@ def train_mmdpo(
         train_dataset=dataset,
         processing_class=processor,
         peft_config=lora,
-        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl")],
+        callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", tracking)],
     )
     fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=cfg.max_length)
     cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else out_dir / "ref_logps"

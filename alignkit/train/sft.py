@@ -26,7 +26,6 @@ Only the main process writes metrics, checkpoints and the model.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -41,6 +40,7 @@ from alignkit.models.checkpoint import load_checkpoint, resume_point, save_check
 from alignkit.models.device import ComputeSettings, make_accelerator
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
+from alignkit.tracking import StepLog, Tracking
 from alignkit.train.config import SftConfig
 
 
@@ -83,13 +83,15 @@ def train_sft(
     seed: int = 0,
     logging_steps: int = 25,
     compute: ComputeSettings = ComputeSettings(),
+    tracking: Tracking | None = None,
 ) -> Path:
     """Fine-tune `model` on an SFT file; returns `out_dir/model` (full weights or a LoRA adapter).
 
     The settings are the `sft` section's (`cfg.data` / `cfg.synthetic` are the caller's business:
     `data_path` is the file to train on). Its defaults suit training a tiny model from scratch
     (lr 1e-3, batch 16); for a pretrained VLM use LoRA with a learning rate around 1e-4. `compute`
-    holds the `train` section's precision, attention and gradient-checkpointing keys. Run it in
+    holds the `train` section's precision, attention and gradient-checkpointing keys; `tracking` the
+    tracker run the logged steps also go to. Run it in
     every process of a launch (see the module docstring); it returns when all are done.
     """
     from accelerate.utils import broadcast_object_list
@@ -135,6 +137,7 @@ def train_sft(
         out_dir.mkdir(parents=True, exist_ok=True)
     box = [resume_point(out_dir, settings, ckpt, metrics) if main else None]
     broadcast_object_list(box)
+    log = StepLog(metrics, tracking) if main else None
     if (last := box[0]) is not None:
         step, extra = load_checkpoint(last, modules={"model": policy}, optimizer=optimizer, scheduler=scheduler)
         order = extra["order"]
@@ -168,10 +171,9 @@ def train_sft(
         step += 1
         running += global_loss
         bar.update(1)
-        if main and (step % logging_steps == 0 or step == cfg.max_steps):
+        if log and (step % logging_steps == 0 or step == cfg.max_steps):
             n = logging_steps if step % logging_steps == 0 else step % logging_steps
-            with metrics.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": running / n, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            log.write({"step": step, "loss": running / n, "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{running / n:.3f}")
         if step % logging_steps == 0:
             running = 0.0
@@ -181,6 +183,8 @@ def train_sft(
                                 extra={"order": order, "rng": rng.getstate()}, keep=1)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
+    if log:
+        log.close()
 
     # save
     accelerator.wait_for_everyone()

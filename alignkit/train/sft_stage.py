@@ -8,6 +8,7 @@ from typing import Any
 from alignkit.models.device import COMPUTE_KEYS
 from alignkit.records import write_jsonl
 from alignkit.stage import Context, model_identity, template_files
+from alignkit.tracking import TRACKING_KEYS
 
 
 class SftStage:
@@ -18,13 +19,13 @@ class SftStage:
     per_round = False
     # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an accelerate
     # config file may set the mixed precision (its bytes are in `reads`).
-    exclude = frozenset({"sft.save_steps", "sft.logging_steps", "train.gradient_checkpointing"})
+    exclude = frozenset({"sft.save_steps", "sft.logging_steps", "train.gradient_checkpointing", *TRACKING_KEYS})
 
     def distributed(self, recipe) -> bool:
         return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
-        return ("sft", "policy.model", "sample.template", "seed", "launch", *COMPUTE_KEYS)
+        return ("sft", "policy.model", "sample.template", "seed", "launch", "tracking", *COMPUTE_KEYS)
 
     def reads(self, ctx: Context) -> list[Path]:
         cfg = ctx.config.sft
@@ -63,7 +64,8 @@ class SftStage:
             state.wait_for_everyone()
         compute = ComputeSettings.of(ctx.config.train)
         model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed,
-                              logging_steps=cfg.logging_steps, compute=compute)
+                              logging_steps=cfg.logging_steps, compute=compute,
+                              tracking=ctx.tracking(self.name))  # fmt: skip
         return summary | {"model": str(model_dir), "num_processes": state.num_processes,
                           "mixed_precision": compute.precision(),
                           "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes}  # fmt: skip

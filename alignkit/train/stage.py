@@ -15,6 +15,7 @@ from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
 from alignkit.sample.stage import SampleStage
 from alignkit.stage import Context, template_files
+from alignkit.tracking import TRACKING_KEYS
 
 
 def function_file(spec: str) -> Path | None:
@@ -39,7 +40,8 @@ class TrainStage:
 
     name = command = "train"
     per_round = True
-    exclude = frozenset({"train.save_steps", "train.gradient_checkpointing", *SampleStage.exclude, *JUDGE_UNCHANGING})
+    exclude = frozenset({"train.save_steps", "train.gradient_checkpointing", *TRACKING_KEYS, *SampleStage.exclude,
+                         *JUDGE_UNCHANGING})  # fmt: skip
 
     def distributed(self, recipe) -> bool:
         return recipe.train.method != "ppo"  # PPO's hand-written loop is single-process (for now)
@@ -48,9 +50,9 @@ class TrainStage:
         if recipe.train.method != "ppo":
             # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an
             # accelerate config file may set the mixed precision (its bytes are in `reads`).
-            return ("train", "seed", "launch")
+            return ("train", "seed", "launch", "tracking")
         # PPO samples as the `sample` section says and scores with the `ppo.rewards` sources.
-        return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed")
+        return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed", "tracking")
 
     def reads(self, ctx: Context) -> list[Path]:
         if ctx.config.train.method != "ppo":
@@ -84,11 +86,12 @@ class TrainStage:
             from alignkit.train.mmdpo import train_mmdpo
 
             out = train_mmdpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed,
-                              ref_cache_dir=ctx.paths.ref_logps)  # fmt: skip
+                              ref_cache_dir=ctx.paths.ref_logps, tracking=ctx.tracking(self.name))  # fmt: skip
         else:
             from alignkit.train.dpo import train_dpo
 
-            out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed)
+            out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed,
+                            tracking=ctx.tracking(self.name))  # fmt: skip
         return {Path(out).name: str(out),  # "adapter", or "model" (full fine-tuning)
                 "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
 
