@@ -123,3 +123,32 @@ def test_hand_written_loops_refuse_sharded_set_ups():
     for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(SetupError, match=f"the sft loop runs with DDP .* asks for {sharded.value}"):
             device.require_replicated(sharded.value, "sft")
+
+
+def test_no_loop_places_a_model_by_hand():
+    """Devices come from accelerate: no `.to("cuda")`, `.cuda()` or `device="cpu"` anywhere in alignkit
+    (a weights file read onto the CPU to list its keys, `map_location`, is not a placement)."""
+    import re
+    from pathlib import Path
+
+    import alignkit
+
+    by_hand = re.compile(r"""\.to\(\s*["'](cuda|cpu)|\.cuda\(|device\s*=\s*["'](cuda|cpu)""")
+    found = [f"{path.name}:{n}: {line.strip()}" for path in Path(alignkit.__file__).parent.rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if by_hand.search(line)]  # fmt: skip
+    assert found == []
+
+
+def test_inference_models_go_where_accelerate_says(tiny_qwen_dir, monkeypatch):
+    from alignkit.sample.transformers_backend import TransformersBackend
+
+    asked, original = [], device.process_state
+
+    def spy():
+        state = original()
+        asked.append(state.device)
+        return state
+
+    monkeypatch.setattr(device, "process_state", spy)
+    backend = TransformersBackend(str(tiny_qwen_dir), max_new_tokens=2)
+    assert asked and backend.model.device == asked[0]  # the sampler (and eval, PPO's scorer) ask accelerate
