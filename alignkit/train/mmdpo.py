@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from alignkit.data.preference import COLUMNS, load_preference_dataset
@@ -84,20 +83,29 @@ class MMDPOTrainer(DPOTrainer):
 
         Uses TRL's `compute_ref_log_probs`, i.e. the very forward TRL runs in-step: the base model
         with the adapter disabled (LoRA/QLoRA), or the frozen initial model (full fine-tuning).
-        Under a launch the main process computes and writes the missing rows while the others wait,
-        then every process reads the whole cache: each process's shard of the batches finds its rows.
+        Under a launch every process computes its share of each round of batches (one batch each);
+        the main process appends the round's rows, so a kill loses at most one round; then every
+        process reads the whole cache, and each process's shard of the batches finds its rows.
         """
-        main = self.accelerator.is_main_process
+        from accelerate.utils import gather_object
+        from tqdm import tqdm
+
+        main, rank = self.accelerator.is_main_process, self.accelerator.process_index
+        size, world = self.args.per_device_train_batch_size, self.accelerator.num_processes
         cached = read_cache(cache)
         todo = [i for i, key in enumerate(keys) if key not in cached]
-        if todo and main:
-            model = self.ref_model or self.model
-            rows = self.train_dataset.select(todo).select_columns(list(COLUMNS))
-            loader = DataLoader(rows, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
-            for start, batch in zip(range(0, len(todo), loader.batch_size), loader):
-                chosen, rejected = self.compute_ref_log_probs(model, self._prepare_inputs(batch))
-                batch_keys = [keys[i] for i in todo[start : start + loader.batch_size]]
-                append_cache(cache, batch_keys, chosen.float().tolist(), rejected.float().tolist())
+        model = self.ref_model or self.model
+        rounds = [todo[start : start + size * world] for start in range(0, len(todo), size * world)]
+        for chunk in tqdm(rounds, desc="reference log-probs", disable=not main or not rounds):
+            mine = chunk[rank * size : (rank + 1) * size]
+            rows: list[tuple[str, float, float]] = []
+            if mine:
+                examples = list(self.train_dataset.select(mine).select_columns(list(COLUMNS)))
+                chosen, rejected = self.compute_ref_log_probs(model, self._prepare_inputs(self.data_collator(examples)))
+                rows = list(zip([keys[i] for i in mine], chosen.float().tolist(), rejected.float().tolist()))
+            rows = gather_object(rows)  # every process's rows, in rank order (a collective)
+            if main:
+                append_cache(cache, *(list(column) for column in zip(*rows)))
         self.accelerator.wait_for_everyone()
         cached = read_cache(cache)
         ds = self.train_dataset
