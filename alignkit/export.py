@@ -12,6 +12,7 @@ where they were in the user turn. Files are written atomically; a re-run copies 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def export_pairs(source: Path, target: str, out_dir: Path, name: str = "alignkit
     format, images copied; returns what was written."""
     if target not in TARGETS:
         raise RecordError(f"unknown export target {target!r}; choose one of {TARGETS}")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise RecordError(f"dataset name {name!r}: use letters, digits, '_', '-' and '.' (it names a file in OUT)")
     path = pairs_file(Path(source))
     pairs = read_pairs(path)
     out_dir = Path(out_dir)

@@ -194,6 +194,8 @@ def test_bad_sources_and_targets(tmp_path, run_dir):
         export_pairs(tmp_path / "missing.jsonl", "swift", tmp_path / "o")
     with pytest.raises(RecordError, match="unknown export target 'axolotl'"):
         export_pairs(run_dir, "axolotl", tmp_path / "o")
+    with pytest.raises(RecordError, match="dataset name '../x'"):
+        export_pairs(run_dir, "swift", tmp_path / "o", name="../x")
     (run_dir / "pairs.jsonl").write_text("not json\n")
     with pytest.raises(RecordError, match=r"pairs.jsonl:1: not valid JSON"):
         export_pairs(run_dir, "swift", tmp_path / "o")
