@@ -264,6 +264,25 @@ def make_tiny_model(
     console.print(f"saved {BUILDERS[name](out_dir, seed=seed)}")
 
 
+export_app = typer.Typer(cls=_Commands, no_args_is_help=True, help="Write alignkit's outputs in other tools' formats.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("pairs")
+def export_pairs(
+    source: Annotated[Path, typer.Argument(help="A run directory (or its round-<r>/) or a pairs jsonl.")],
+    to: Annotated[str, typer.Option("--to", help="llamafactory or swift.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the dataset and its images/ into.")],
+    name: Annotated[str, typer.Option(help="Dataset name (file name and dataset_info.json key).")] = "alignkit_pairs",
+) -> None:
+    """Write the pairs as a LLaMA-Factory (sharegpt preference, with its dataset_info.json entry) or an
+    ms-swift (RLHF: messages + rejected_response) dataset, images copied into OUT/images/."""
+    from alignkit.export import export_pairs as export
+
+    done = export(source, to, out, name)
+    console.print(f"wrote {done['pairs']} pairs to {done['file']} ({done['images']} images in {out / 'images'})")
+
+
 def main() -> None:
     app()
 

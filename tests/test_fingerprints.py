@@ -92,7 +92,7 @@ ALTERNATIVES = {
     "ppo.target_kl": 6.0, "data.synthetic.tasks": ["describe"], "eval.synthetic.tasks": ["count"],
     "sample.vllm.kv_cache_memory": 1.0, "judge.max_requests": 100, "judge.max_cost": 5.0,
     "eval.vocabulary": "coco", "train.gradient_checkpointing": True, "train.attn_implementation": "eager",
-    "tracking.project": "other", "tracking.run_name": "named",
+    "tracking.project": "other", "tracking.run_name": "named", "pairs.min_length_ratio": 0.5,
 }  # fmt: skip
 
 
