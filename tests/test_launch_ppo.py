@@ -152,8 +152,8 @@ def test_ppo_asks_accelerate_where_to_put_its_models(tiny_qwen_dir, tmp_path, mo
     seen: dict = {}
     real = device.make_accelerator
 
-    def spy(**kwargs):
-        acc = real(**kwargs)
+    def spy(settings, loop):
+        acc = real(settings, loop)
         prepare, prepare_model = acc.prepare, acc.prepare_model
 
         def prepared(*objs):
@@ -181,7 +181,7 @@ def test_ppo_asks_accelerate_where_to_put_its_models(tiny_qwen_dir, tmp_path, mo
                          train=TrainConfig(method="ppo", finetune="full"))  # fmt: skip
     acc = seen["accelerator"]
     assert seen["policy_device"] == seen["reference_device"] == acc.device  # placed by accelerate, not by the loop
-    assert acc.mixed_precision == device.mixed_precision()  # "no" here: no GPU
+    assert acc.mixed_precision == device.ComputeSettings().precision()  # "no" here: no GPU
     source = open(ppo_module.__file__).read()
     assert '"cuda"' not in source and '"cpu"' not in source and ".cuda(" not in source and ".to(torch" not in source
 
