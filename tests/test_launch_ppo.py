@@ -211,3 +211,16 @@ def test_masked_means_over_a_split_minibatch_add_up_to_the_whole():
     parts = [ppo_module.masked_mean(x[rows], mask[rows], mask.sum()) for rows in torch.arange(6).tensor_split(2)]
     assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-6)
     assert whole.item() == pytest.approx((x * mask).sum().item() / mask.sum().item(), rel=1e-6)  # by hand
+
+
+def test_vllm_rollouts_in_many_processes_are_a_clear_error(monkeypatch, tmp_path):
+    """Checked before any model loads: one vLLM engine per trainer process is not built yet."""
+    from types import SimpleNamespace
+
+    from alignkit.train.config import PpoConfig
+
+    two = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True)  # what accelerate says under a launch
+    monkeypatch.setattr(device, "make_accelerator", lambda settings, loop: two)
+    with pytest.raises(RecipeError, match="ppo.rollout: vllm runs in one process, not launch.num_processes=2"):
+        ppo_module.train_ppo([], tmp_path, PpoConfig(rollout="vllm"), model="tiny:qwen2-vl", reward=None)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
