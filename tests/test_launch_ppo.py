@@ -19,6 +19,7 @@ from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
 from alignkit.train import device
 from alignkit.train import ppo as ppo_module
+from tests.test_launch import _check_adapter_generates
 
 # Same global batch, other split. The rollouts are the same tokens (each prompt is seeded by its place
 # in the step, and generated alone: no padding), so the rewards are equal; the log-probs, values and
@@ -72,18 +73,6 @@ def _compare(one: list[dict], two: list[dict]) -> None:
         print(f"{key}: per-step |diff| {[f'{d:.1e}' for d in diffs]}")
         assert [s[key] for s in two] == pytest.approx([s[key] for s in one], rel=REL_TOL, abs=ABS_TOL), key
     assert len({s["reward/raw"] for s in one}) > 1 and one[-1]["kl"] > 0  # rewards vary, the policy moved
-
-
-def _check_adapter_generates(adapter) -> None:
-    from peft import PeftModel
-
-    from alignkit.models import load_policy, load_processor, resolve_model
-
-    base, _ = load_policy(resolve_model("tiny:qwen2-vl"))
-    model = PeftModel.from_pretrained(base, str(adapter))
-    processor = load_processor(adapter)
-    ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
-    assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
 
 
 @pytest.fixture(scope="module")
