@@ -21,10 +21,11 @@ from alignkit.train import device
 from alignkit.train import ppo as ppo_module
 from tests.test_launch import _check_adapter_generates
 
-# Same global batch, other split. The rollouts are the same tokens (each prompt is seeded by its place
-# in the step, and generated alone: no padding), so the rewards are equal; the log-probs, values and
-# gradients differ by float rounding only (each process pads its own answers, gloo sums the
-# gradients in another order), and so do the losses.
+# Same global batch, other split. The rollouts are the same tokens (the transformers engine generates
+# groups of sample.batch_size=2 prompts at fixed places of the step, each seeded by its place: both
+# splits generate the same groups), so the rewards are equal; the log-probs, values and gradients
+# differ by float rounding only (each process pads its own answers, gloo sums the gradients in
+# another order), and so do the losses.
 REL_TOL, ABS_TOL = 1e-4, 1e-5
 STEPS = 3
 
@@ -33,7 +34,7 @@ output_dir: {out}
 stages: [prompts, train]
 policy: {{model: "tiny:qwen2-vl"}}
 data: {{synthetic: {{num_prompts: 8, seed: 2}}}}
-sample: {{num_samples: 2, max_new_tokens: 8, template: plain}}
+sample: {{num_samples: 2, max_new_tokens: 8, template: plain, batch_size: 2}}
 judge: {{backend: reference, rubric: overall}}
 train: {{method: ppo, learning_rate: 0.01, save_steps: {save}}}
 ppo:

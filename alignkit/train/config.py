@@ -79,9 +79,10 @@ class PpoConfig(Section):
     for the language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
 
     rollout: Literal["transformers", "vllm"] = "transformers"
-    """Rollout engine: `transformers` generates with the policy in training (one prompt per call);
-    `vllm` loads the current LoRA adapter into a vLLM engine before every rollout batch (LoRA only,
-    launch.num_processes 1)."""
+    """Rollout engine: `transformers` generates with the policy in training, `sample.batch_size`
+    prompts per call (a divisor of prompts_per_step: then any process count samples the same
+    answers, see `alignkit.train.ppo`); `vllm` loads the current LoRA adapter into a vLLM engine
+    before every rollout batch (LoRA only, launch.num_processes 1)."""
     rewards: list[RewardSpec] = [RewardSpec()]
     """The reward sources, summed with their weights."""
     steps: int = Field(100, ge=1)

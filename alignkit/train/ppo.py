@@ -30,13 +30,16 @@ the same loop runs as one process or as N (`alignkit run RECIPE launch.num_proce
 - batch: `ppo.prompts_per_step` is per process. A step draws prompts_per_step × N prompts (the
   global batch, prompts_per_step × N × K answers) from one seeded order; process r samples the
   answers of slice r of them.
-- rollouts: a prompt's answers depend on (seed, step, its place in the step's global batch) only,
-  never on the other prompts of its process: each engine seeds every request by its own id (vLLM
-  does so natively; the transformers engine generates one prompt at a time, its K answers in one
-  `generate`). The cost: the transformers engine no longer batches prompts, one `generate` call
-  per prompt. Measured on the 2-core CPU with the tiny Qwen2-VL (8 prompts × K=4, 32 tokens):
-  1.7–2.1 s per rollout against 0.6 s batched, about 3× (on a GPU expect more); vLLM rollouts
-  are unchanged (vLLM seeds each request itself), and are the fast path.
+- rollouts: the answers must not depend on how the prompts are split. vLLM seeds each request by
+  its id (here: its place in the step's global batch), so any split samples the same answers.
+  The transformers engine draws a whole `generate` batch from one seed, so it generates in groups
+  of `sample.batch_size` prompts at fixed places of the global batch (group g: prompts
+  g·B … g·B + B − 1, seeded by (seed, step, g)). When `sample.batch_size` divides
+  `ppo.prompts_per_step`, every process holds whole groups and any split samples the same
+  answers as one process; otherwise a group split between two processes is sampled in two parts
+  (still seeded and resumable, but other answers than one process would draw). Batch 1 always
+  splits cleanly, at a cost: measured on the 2-core CPU with the tiny Qwen2-VL (8 prompts × K=4,
+  32 tokens), one prompt per call took 1.7–2.1 s per rollout against 0.6 s for all 8 in one.
 - rewards: the answers are gathered (token ids; every process re-encodes the step's prompts), the
   main process alone scores the whole step (the judge's verdict cache, rate limits and a reward
   model are used by one process) and broadcasts the scores. Every process then holds the whole
@@ -244,7 +247,10 @@ def token_logps(
 
 class RolloutEngine(Protocol):
     """Samples answers from the current policy; `sync` hands it the policy's weights before each batch.
-    A request's answers depend on the seed and its `prompt_id` only, not on the other requests."""
+    `group`: prompts per `generate` call, at fixed places of a step's global batch, for an engine
+    whose answers depend on the whole call; None for one that seeds each request by its id."""
+
+    group: int | None
 
     def sync(self, policy: nn.Module, step: int) -> None: ...
 
@@ -252,23 +258,26 @@ class RolloutEngine(Protocol):
 
 
 class TransformersRollouts:
-    """`generate` on the policy being trained: always current, nothing to copy. One prompt per
-    `generate` call (its K answers together), seeded by its id as vLLM seeds a request."""
+    """`generate` on the policy being trained: always current, nothing to copy; `batch_size` prompts a call."""
 
-    def __init__(self, policy: nn.Module, processor: Any, **settings: Any):
+    def __init__(self, policy: nn.Module, processor: Any, batch_size: int, **settings: Any):
         from alignkit.sample.transformers_backend import TransformersBackend
 
-        self.backend = TransformersBackend.in_process(policy, processor, "ppo-policy", batch_size=1, **settings)
+        self.group = batch_size
+        settings["batch_size"] = batch_size
+        self.backend = TransformersBackend.in_process(policy, processor, "ppo-policy", **settings)
 
     def sync(self, policy: nn.Module, step: int) -> None:
         pass
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
-        return [self.backend.generate([r], num_samples, derive_seed(seed, r.prompt_id))[0] for r in requests]
+        return self.backend.generate(requests, num_samples, seed)
 
 
 class VllmRollouts:
     """A vLLM engine on the base model; before each batch the current LoRA adapter is saved and loaded."""
+
+    group = None  # vLLM seeds each request by its id: a process's prompts go in one call
 
     def __init__(self, model_path: str, policy: nn.Module, adapter_dir: Path, vllm_options: dict | None, **settings):
         from alignkit.sample.vllm_backend import lora_problem, make_vllm_backend
@@ -330,9 +339,14 @@ def collect(
     collects every process's answers in process order (accelerate's `gather_object` under a launch)."""
     from alignkit.sample import to_request, to_samples
 
-    # a request is seeded by its id: the prompt's place in the step, not in this process's share
+    # A request's id is its prompt's place in the step (vLLM seeds a request by it); the engine's
+    # groups sit at fixed places of the global batch, each seeded by its index (see the module docstring).
     requests = [replace(to_request(p, template), prompt_id=f"{j}:{p.prompt_id}") for j, p in enumerate(prompts)]
-    generations = gather(engine.generate(requests[share], k, seed))
+    lo, hi, _ = share.indices(len(prompts))
+    size, generations = engine.group or len(prompts), []
+    for g in range(lo // size, (hi - 1) // size + 1):  # the groups this process's share touches
+        generations += engine.generate(requests[max(lo, g * size) : min(hi, (g + 1) * size)], k, derive_seed(seed, g))
+    generations = gather(generations)
     # A (random-weight) policy can sample an image placeholder, which the model would read as an
     # image slot without pixels: such an answer is trained on up to that token only.
     placeholders = {processor.tokenizer.convert_tokens_to_ids(getattr(processor, name))
@@ -493,13 +507,14 @@ def train_ppo(
         options = sample.vllm.model_dump(exclude_none=True) | (engine_options or {})
         engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", options, **sampling)
     else:
-        engine = TransformersRollouts(policy, processor, **sampling)
+        engine = TransformersRollouts(policy, processor, sample.batch_size, **sampling)
 
     # resume: the last complete checkpoint of a run with these settings (more steps extend a run),
     # decided by the main process; the global batch counts, not its split between processes
     config = c.model_dump(mode="json", exclude={"steps", "rewards"}) | {"prompts_per_step": global_prompts}
     settings = {"config": config, "model": model_path, "seed": seed,
-                "sample": sample.model_dump(include={"num_samples", "max_new_tokens", "temperature", "top_p", "template"}),
+                "sample": sample.model_dump(include={"num_samples", "max_new_tokens", "temperature", "top_p", "template",
+                                                     "batch_size"}),
                 "train": t.model_dump(include={"learning_rate", "finetune", "lora_r", "lora_alpha", "lora_dropout",
                                                "target_modules"}),
                 "reward": getattr(reward, "name", repr(reward)), "prompts": [p.prompt_id for p in prompts],
