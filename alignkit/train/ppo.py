@@ -52,8 +52,8 @@ the same loop runs as one process or as N (`alignkit run RECIPE launch.num_proce
   count, so DDP's all-reduce (of the loss × N, which its mean divides back out) gives the
   1-process gradient. A minibatch must hold at least N answers (a clear error otherwise).
 - resume: the run key holds the global batch (prompts_per_step × N), not the split: `train_ppo`
-  resumes with another process count when the global batch is unchanged; another global batch
-  starts over. Under `alignkit run` the train stage's fingerprint holds `launch.num_processes`, so
+  called directly resumes with another process count when the global batch is unchanged (by
+  construction; untested); another global batch starts over. Under `alignkit run` the train stage's fingerprint holds `launch.num_processes`, so
   there a change of process count starts the stage over (as for DPO); a killed run re-run with
   the same count resumes. Checkpoints hold the whole state; only the main process writes metrics,
   checkpoints and the adapter.
