@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from alignkit.errors import RecipeError
+from alignkit.models import device
 from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
-from alignkit.train import device
 from alignkit.train import ppo as ppo_module
 from tests.test_launch import _check_adapter_generates
 

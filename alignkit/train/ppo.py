@@ -23,7 +23,7 @@ and KL coefficient as in `alignkit.models.checkpoint`, `trainer_state.json` last
 from the last complete checkpoint; rollouts are seeded per step, so a resumed run is the run
 that was killed.
 
-Devices and processes come from accelerate (`alignkit.train.device`), as in `alignkit.train.sft`:
+Devices and processes come from accelerate (`alignkit.models.device`), as in `alignkit.train.sft`:
 the same loop runs as one process or as N (`alignkit run RECIPE launch.num_processes=N`, see
 `alignkit.launch`), and any split of the same global batch takes the same steps:
 
@@ -447,7 +447,7 @@ def train_ppo(
     checkpoint interval. `reward` is an `alignkit.train.rewards.RewardFn` (or any callable
     `(prompts, samples) -> list[float]` with a `name`); only the main process calls it (the others
     may pass None). The `train` section's precision, attention and gradient-checkpointing keys apply
-    (`alignkit.train.device.ComputeSettings`).
+    (`alignkit.models.device.ComputeSettings`).
     `cfg.rollout` picks the engine: the policy itself through transformers, or vLLM with the
     current adapter loaded every step (LoRA, one process); `engine_options` adds vLLM engine
     arguments beyond `sample.vllm` (tests run it in-process). Run it in every process of a launch
@@ -457,8 +457,8 @@ def train_ppo(
 
     from alignkit.models import load_policy, lora_config, resolve_model
     from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
+    from alignkit.models.device import ComputeSettings, make_accelerator
     from alignkit.sample.templates import load_template
-    from alignkit.train.device import ComputeSettings, make_accelerator
 
     c, t = cfg, train
     out_dir = Path(out_dir)

@@ -77,7 +77,7 @@ class TrainStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         """Runs in every process of a launch (the main one writes)."""
-        from alignkit.train.device import ComputeSettings, process_state
+        from alignkit.models.device import ComputeSettings, process_state
 
         cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
         processes = process_state().num_processes
@@ -105,8 +105,8 @@ def _train_ppo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
     learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`. The summary's
     global batch is the answers of a step over all processes (prompts_per_step x processes x K).
     """
+    from alignkit.models.device import ComputeSettings, process_state
     from alignkit.train import rewards
-    from alignkit.train.device import ComputeSettings, process_state
     from alignkit.train.ppo import train_ppo
 
     cfg, ppo, sample = ctx.config.train, ctx.config.ppo, ctx.config.sample
