@@ -1,7 +1,7 @@
 """Many processes from one command: the `launch` section, and how the runner starts a stage as N processes.
 
 With `launch.num_processes: N > 1`, a stage whose `distributed(recipe)` is True (today: `sft`, and
-`train` with method dpo or mmdpo) does not run inside `alignkit run`: the runner starts it as N processes with torchrun (or with
+`train` with every method) does not run inside `alignkit run`: the runner starts it as N processes with torchrun (or with
 `accelerate launch --config_file F` when `launch.config_file` is set), each running
 `python -m alignkit.worker`, and waits. Every process runs the stage's `run`; accelerate splits the
 work between them (each takes its slice of every global batch, gradients are averaged by DDP) and

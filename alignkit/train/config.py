@@ -79,18 +79,23 @@ class PpoConfig(Section):
     for the language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
 
     rollout: Literal["transformers", "vllm"] = "transformers"
-    """Rollout engine: `transformers` generates with the policy in training; `vllm` loads the current
-    LoRA adapter into a vLLM engine before every rollout batch (LoRA only)."""
+    """Rollout engine: `transformers` generates with the policy in training, `sample.batch_size`
+    prompts per call (a divisor of prompts_per_step: then any process count samples the same
+    answers, see `alignkit.train.ppo`); `vllm` loads the current LoRA adapter into a vLLM engine
+    before every rollout batch (LoRA only, launch.num_processes 1)."""
     rewards: list[RewardSpec] = [RewardSpec()]
     """The reward sources, summed with their weights."""
     steps: int = Field(100, ge=1)
     """PPO steps; each samples one rollout batch and runs `ppo_epochs` passes over it."""
     prompts_per_step: int = Field(8, ge=1)
-    """Prompts per rollout batch; the batch holds prompts_per_step * sample.num_samples answers."""
+    """Prompts per rollout batch per process (per device): a step's global batch holds
+    prompts_per_step × launch.num_processes prompts and that × sample.num_samples answers; any
+    split of the same global batch takes the same steps (see `alignkit.train.ppo`)."""
     ppo_epochs: int = Field(4, ge=1)
     """Passes over each rollout batch (cleanrl `update_epochs`, TRL `num_ppo_epochs`)."""
     num_minibatches: int = Field(4, ge=1)
-    """Minibatches per pass (cleanrl); each is rollout batch / num_minibatches answers."""
+    """Minibatches per pass (cleanrl); each is global rollout batch / num_minibatches answers, split
+    between the processes (each must get at least one answer)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount. 1.0 for text (TRL): the only non-KL reward comes at the last token."""
     lam: float = Field(0.95, ge=0, le=1)

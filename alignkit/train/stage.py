@@ -35,8 +35,8 @@ class TrainStage:
     rewarded as the recipe's `ppo.rewards` say. Writes a PEFT adapter to train/adapter, or the whole
     model to train/model with train.finetune=full.
 
-    DPO and MM-DPO run as `launch.num_processes` processes (`alignkit.launch`; batch_size is per
-    process); PPO runs in one process whatever `launch.num_processes` says (the runner prints so)."""
+    Every method runs as `launch.num_processes` processes (`alignkit.launch`): DPO's and MM-DPO's
+    batch_size and PPO's prompts_per_step are per process; the summary records the global batch."""
 
     name = command = "train"
     per_round = True
@@ -44,21 +44,22 @@ class TrainStage:
                          *JUDGE_UNCHANGING})  # fmt: skip
 
     def distributed(self, recipe) -> bool:
-        return recipe.train.method != "ppo"  # PPO's hand-written loop is single-process (for now)
+        return True
 
     def config(self, recipe) -> tuple[str, ...]:
+        # `launch` counts: the global batch is batch_size x grad_accum x num_processes (PPO's:
+        # prompts_per_step x num_processes), and an accelerate config file may set the mixed
+        # precision (its bytes are in `reads`).
         if recipe.train.method != "ppo":
-            # `launch` counts: the global batch is batch_size x grad_accum x num_processes, and an
-            # accelerate config file may set the mixed precision (its bytes are in `reads`).
             return ("train", "seed", "launch", "tracking")
         # PPO samples as the `sample` section says and scores with the `ppo.rewards` sources.
-        return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed", "tracking")
+        return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed", "launch", "tracking")
 
     def reads(self, ctx: Context) -> list[Path]:
+        launch = [Path(f)] if (f := ctx.config.launch.config_file) else []
         if ctx.config.train.method != "ppo":
-            launch = ctx.config.launch.config_file
-            return [ctx.paths.pairs, *([Path(launch)] if launch else [])]
-        files = [ctx.paths.prompts, *template_files(ctx.config.sample.template)]
+            return [ctx.paths.pairs, *launch]
+        files = [ctx.paths.prompts, *template_files(ctx.config.sample.template), *launch]
         for spec in ctx.config.ppo.rewards:
             if spec.source in ("reference", "judge"):
                 files.append(rubric_file(ctx.config.judge.rubric))
@@ -75,13 +76,13 @@ class TrainStage:
         return ctx.paths.train
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
-        """DPO / MM-DPO run in every process of a launch (the main one writes); PPO in one."""
-        cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
-        if cfg.method == "ppo":
-            return _train_ppo(ctx, model)
+        """Runs in every process of a launch (the main one writes)."""
         from alignkit.models.device import ComputeSettings, process_state
 
+        cfg, model = ctx.config.train, ctx.lineage.policy(ctx.round)
         processes = process_state().num_processes
+        if cfg.method == "ppo":
+            return _train_ppo(ctx, model, processes)
         if cfg.method == "mmdpo":
             from alignkit.train.mmdpo import train_mmdpo
 
@@ -96,12 +97,15 @@ class TrainStage:
                 "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
 
 
-def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
-    """PPO on prompts.jsonl into train/ (metrics.jsonl, checkpoints/, adapter/ where `eval` finds it).
+def _train_ppo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
+    """PPO on prompts.jsonl into train/ (metrics.jsonl, checkpoints/, adapter/ where `eval` finds it),
+    in each of `processes` processes.
 
     K, answer length, temperature, top_p and the template come from the `sample` section, the
-    learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`.
+    learning rate, LoRA and checkpoint interval from `train`, the rest from `ppo`. The summary's
+    global batch is the answers of a step over all processes (prompts_per_step x processes x K).
     """
+    from alignkit.models.device import ComputeSettings, process_state
     from alignkit.train import rewards
     from alignkit.train.ppo import train_ppo
 
@@ -120,9 +124,15 @@ def _train_ppo(ctx: Context, model: str) -> dict[str, Any]:
             return rewards.reward_model_reward(rm_dir, sample.template, **score_options(ctx.config.reward_model))
         return rewards.function_reward(spec.path)
 
+    # the main process alone scores (one judge client and verdict cache, one reward model in memory)
+    main = process_state().is_main_process
     out = train_ppo(
         read_records(ctx.paths.prompts, Prompt), ctx.paths.train, ppo, model=model, sample=sample, train=cfg,
-        reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]), seed=ctx.config.seed,
+        reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]) if main else None,
+        seed=ctx.config.seed,
     )  # fmt: skip
     steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
-    return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"]}
+    prompts = ppo.prompts_per_step * processes
+    return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"],
+            "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes,
+            "global_prompts_per_step": prompts, "global_batch_size": prompts * sample.num_samples}  # fmt: skip
