@@ -52,7 +52,7 @@ class Recipe(Section):
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 
 
-DATA_PATH_KEYS = (("data", "prompts"), ("sft", "data"), ("eval", "prompts"))
+DATA_PATH_KEYS = (("data", "prompts"), ("data", "pairs"), ("sft", "data"), ("eval", "prompts"))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

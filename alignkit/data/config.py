@@ -18,7 +18,12 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     prompts: str | None = None
-    """Prompts as jsonl, parquet, or a saved `datasets` directory (relative to the recipe file)."""
+    """Prompts as jsonl, JSON, parquet, or a saved `datasets` directory (relative to the recipe file)."""
+    format: Literal["auto", "alignkit", "rlaif-v", "vlfeedback", "llava", "trl", "sharegpt"] = "auto"
+    """The layout of `prompts` and `pairs` (`alignkit.data.formats`); `auto` tells it from the columns."""
+    pairs: str | None = None
+    """Ready preference pairs (an RLAIF-V, VLFeedback or TRL preference file): the pairs stage
+    converts them instead of pairing judged samples, so `stages: [pairs, train]` skips sample and judge."""
     synthetic: SyntheticConfig | None = None
     """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
     allow_outside_paths: bool = False
@@ -27,6 +32,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        if (self.prompts is None) == (self.synthetic is None):
-            raise ValueError("set exactly one of data.prompts or data.synthetic")
+        if self.prompts is not None and self.synthetic is not None:
+            raise ValueError("set only one of data.prompts or data.synthetic")
+        if self.prompts is None and self.synthetic is None and self.pairs is None:
+            raise ValueError("set one of data.prompts or data.synthetic (or data.pairs for ready pairs)")
         return self

@@ -95,11 +95,16 @@ def build_pairs(
         if not chosen:
             skipped["prompts with no pair (tied or below min_margin)"] += 1
         pairs.extend(make_pair(by_id[pid], user_text[pid], scored[i], scored[j]) for i, j in chosen)
+    return pairs, pairs_summary(pairs, skipped)
+
+
+def pairs_summary(pairs: list[Pair], skipped: Counter[str]) -> dict[str, Any]:
+    """What the pairs stage reports: how many pairs, over how many prompts, the mean margin, and
+    what was left out and why."""
     margins = [p.margin for p in pairs]
-    summary = {
+    return {
         "num_pairs": len(pairs),
         "prompts_with_pairs": len({p.prompt_id for p in pairs}),
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
         "skipped": dict(skipped),
     }
-    return pairs, summary
