@@ -344,10 +344,15 @@ def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where
     return _from_dict(Prompt, row, where)
 
 
+HUB_PREFIX = "hf:"  # `hf:owner/name[:split]`: a Hub dataset, read from the local cache only
+
+
 def iter_rows(source: str | Path) -> tuple[Path, Iterator[tuple[str, dict[str, Any]]]]:
-    """The rows of a jsonl, JSON-array or parquet file, or a saved `datasets` directory, as
-    (where, row) with `where` naming the file and line or row; and the directory relative image
-    paths are taken from."""
+    """The rows of a jsonl, JSON-array or parquet file, a saved `datasets` directory or a Hub
+    dataset in the local cache (`hf:owner/name[:split]`), as (where, row) with `where` naming the
+    file and line or row; and the directory relative image paths are taken from."""
+    if str(source).startswith(HUB_PREFIX):
+        return Path.cwd(), _hub_rows(str(source))
     source = Path(source)
     if not source.exists():
         raise RecordError(f"{source}: file or directory not found")
@@ -363,6 +368,23 @@ def iter_rows(source: str | Path) -> tuple[Path, Iterator[tuple[str, dict[str, A
     if source.suffix == ".json":
         return source.parent, _json_array_rows(source)
     return source.parent, ((f"{source}:{n}", obj) for n, obj in iter_jsonl(source))
+
+
+def _hub_rows(spec: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a Hub dataset already in the local `datasets` cache; nothing is downloaded."""
+    import datasets
+
+    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # read at call time: the cache or nothing
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        raise RecordError(f"{spec}: not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}); "
+                          f"load it once where there is network: datasets.load_dataset({name!r}) ({e})") from None  # fmt: skip
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    return ((f"{spec} row {i}", r) for i, r in enumerate(ds))
 
 
 def _json_array_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

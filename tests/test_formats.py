@@ -277,6 +277,29 @@ def test_bad_pair_rows_name_file_and_row(tmp_path):
         read_pairs(tmp_path / "notjson.json", tmp_path / "i")
 
 
+def test_a_hub_dataset_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    """`hf:owner/name` reads what `datasets.load_dataset` cached, offline. The cache is laid out here
+    as a Hub download leaves it (`owner___name/default/0.0.0/<hash>/name-train.arrow`)."""
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache = tmp_path / "hf-cache"
+    builder = Parquet(cache_dir=str(cache), dataset_name="openbmb___rlaif-v-dataset", config_id="default",
+                      hash="0123abcd", data_files={"train": str(_rlaif_parquet(tmp_path / "rlaif.parquet"))})  # fmt: skip
+    builder.download_and_prepare()
+    for f in cache.glob("openbmb___rlaif-v-dataset/default/0.0.0/0123abcd/openbmb___*"):
+        f.rename(f.with_name(f.name.removeprefix("openbmb___")))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    offline = datasets.config.HF_HUB_OFFLINE
+    prompts = read_prompts("hf:openbmb/RLAIF-V-Dataset", tmp_path / "images")
+    assert prompts == read_prompts(tmp_path / "rlaif.parquet", tmp_path / "images")  # the same 3 prompts
+    pairs, summary = read_pairs("hf:openbmb/RLAIF-V-Dataset:train", tmp_path / "images")
+    assert summary["num_pairs"] == 4 and {p.prompt_id for p in pairs} == {p.prompt_id for p in prompts}
+    assert datasets.config.HF_HUB_OFFLINE == offline  # the offline switch is put back
+    with pytest.raises(RecordError, match=r"hf:openbmb/Missing: not in the local datasets cache"):
+        read_prompts("hf:openbmb/Missing", tmp_path / "images")
+
+
 def test_data_pairs_alone_is_a_valid_recipe_but_gives_no_prompts(tmp_path):
     _rlaif_parquet(tmp_path / "rlaif.parquet")
     (tmp_path / "r.yaml").write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{pairs: rlaif.parquet}}\n")
@@ -345,3 +368,6 @@ train: {{max_steps: 2, batch_size: 2}}
     first = (run / "stages.json").read_text()
     Runner(load_recipe(tmp_path / "r.yaml")).run()  # unchanged inputs: both stages skipped
     assert (run / "stages.json").read_text() == first
+    pq.write_table(pq.read_table(tmp_path / "rlaif.parquet").slice(0, 3), tmp_path / "rlaif.parquet")
+    results = Runner(load_recipe(tmp_path / "r.yaml")).run()  # the file changed: converted and trained again
+    assert results["pairs"]["num_pairs"] == 3 and len((run / "pairs.jsonl").read_text().splitlines()) == 3

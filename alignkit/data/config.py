@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import Section
+from alignkit.data.formats import FORMATS
 
 
 class SyntheticConfig(Section):
@@ -18,12 +19,14 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     prompts: str | None = None
-    """Prompts as jsonl, JSON, parquet, or a saved `datasets` directory (relative to the recipe file)."""
-    format: Literal["auto", "alignkit", "rlaif-v", "vlfeedback", "llava", "trl", "sharegpt"] = "auto"
+    """Prompts as jsonl, JSON, parquet, or a saved `datasets` directory (relative to the recipe file),
+    or `hf:owner/name[:split]`: a Hub dataset already in the local `datasets` cache (never downloaded)."""
+    format: Literal[("auto", *FORMATS)] = "auto"
     """The layout of `prompts` and `pairs` (`alignkit.data.formats`); `auto` tells it from the columns."""
     pairs: str | None = None
-    """Ready preference pairs (an RLAIF-V, VLFeedback or TRL preference file): the pairs stage
-    converts them instead of pairing judged samples, so `stages: [pairs, train]` skips sample and judge."""
+    """Ready preference pairs (an RLAIF-V, VLFeedback or TRL preference file, or a cached `hf:` dataset):
+    the pairs stage converts them instead of pairing judged samples, so `stages: [pairs, train]` skips
+    sample and judge."""
     synthetic: SyntheticConfig | None = None
     """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
     allow_outside_paths: bool = False
