@@ -347,15 +347,16 @@ def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where
 HUB_PREFIX = "hf:"  # `hf:owner/name[:split]`: a Hub dataset, read from the local cache only
 
 
-def iter_rows(source: str | Path) -> tuple[Path, Iterator[tuple[str, dict[str, Any]]]]:
+def iter_rows(source: str | Path, what: str) -> tuple[Path, Iterator[tuple[str, dict[str, Any]]]]:
     """The rows of a jsonl, JSON-array or parquet file, a saved `datasets` directory or a Hub
     dataset in the local cache (`hf:owner/name[:split]`), as (where, row) with `where` naming the
-    file and line or row; and the directory relative image paths are taken from."""
+    file and line or row; and the directory relative image paths are taken from. `what` names the
+    file in errors ("prompts", "pairs")."""
     if str(source).startswith(HUB_PREFIX):
         return Path.cwd(), _hub_rows(str(source))
     source = Path(source)
     if not source.exists():
-        raise RecordError(f"{source}: file or directory not found")
+        raise RecordError(f"{source}: {what} file or directory not found")
     if source.is_dir():
         import datasets
 
@@ -417,7 +418,7 @@ def read_prompts(
     from alignkit.data.formats import detect, prompt_from
 
     source, image_dir = Path(source), Path(image_dir)
-    base, rows = iter_rows(source)
+    base, rows = iter_rows(source, "prompts")
     fmt, rows = detect(source, rows, format)
     prompts: list[Prompt] = []
     seen: set[str] = set()

@@ -308,7 +308,7 @@ def test_data_pairs_alone_is_a_valid_recipe_but_gives_no_prompts(tmp_path):
     with pytest.raises(StageInputError, match=r"data\.pairs gives pairs, not prompts"):
         Runner(recipe).run(["prompts"])
     (tmp_path / "none.yaml").write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{format: llava}}\n")
-    with pytest.raises(RecipeError, match=r"set one of data\.prompts or data\.synthetic"):
+    with pytest.raises(RecipeError, match=r"set exactly one of data\.prompts or data\.synthetic"):
         load_recipe(tmp_path / "none.yaml")
 
 

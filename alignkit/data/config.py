@@ -35,8 +35,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        if self.prompts is not None and self.synthetic is not None:
-            raise ValueError("set only one of data.prompts or data.synthetic")
-        if self.prompts is None and self.synthetic is None and self.pairs is None:
-            raise ValueError("set one of data.prompts or data.synthetic (or data.pairs for ready pairs)")
+        sources = (self.prompts is not None) + (self.synthetic is not None)
+        if sources > 1 or (sources == 0 and self.pairs is None):
+            raise ValueError("set exactly one of data.prompts or data.synthetic (data.pairs alone: ready pairs)")
         return self

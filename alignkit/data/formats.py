@@ -269,7 +269,7 @@ def read_pairs(
     from alignkit.pairs import pairs_summary
 
     source, image_dir = Path(source), Path(image_dir)
-    base, rows = iter_rows(source)
+    base, rows = iter_rows(source, "pairs")
     fmt, rows = detect(source, rows, format)
     if fmt not in PAIR_FORMATS:
         raise RecordError(f"{source}: {fmt} records hold no preference pairs (pairs come from "
