@@ -405,7 +405,8 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 def read_prompts(
     source: str | Path, image_dir: str | Path, allow_outside_paths: bool = False, format: str = "auto"
 ) -> list[Prompt]:
-    """Read prompts from a jsonl, JSON or parquet file, or a saved `datasets` directory.
+    """Read prompts from a jsonl, JSON or parquet file, a saved `datasets` directory, or a cached
+    Hub dataset (`hf:owner/name[:split]`, see `iter_rows`).
 
     `format` names the file's layout (`alignkit.data.formats`: alignkit's own, RLAIF-V, VLFeedback,
     LLaVA, TRL, ShareGPT); `auto` tells it from the columns. Images may be paths (relative to the
