@@ -21,6 +21,7 @@ from alignkit.judge.config import JudgeConfig
 from alignkit.launch import LaunchConfig
 from alignkit.models.config import PolicyConfig
 from alignkit.pairs.config import PairsConfig
+from alignkit.records import HUB_PREFIX
 from alignkit.reward.config import RewardModelConfig
 from alignkit.sample.config import SampleConfig
 from alignkit.stages import DEFAULT_STAGES, STAGE_NAMES
@@ -52,7 +53,7 @@ class Recipe(Section):
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 
 
-DATA_PATH_KEYS = (("data", "prompts"), ("sft", "data"), ("eval", "prompts"))
+DATA_PATH_KEYS = (("data", "prompts"), ("data", "pairs"), ("sft", "data"), ("eval", "prompts"))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -133,7 +134,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for section, key in DATA_PATH_KEYS:
         node = raw.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if isinstance(value, str) and not Path(value).is_absolute() and not value.startswith(HUB_PREFIX):
             node[key] = str((path.parent / value).resolve())
     try:
         return Recipe.model_validate(raw)

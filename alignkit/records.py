@@ -321,59 +321,117 @@ def _image_ref(value: Any, base_dir: Path, image_dir: Path, where: str, outside:
     raise RecordError(f"{where}: unsupported image value of type {type(value).__name__}")
 
 
-def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where: str, outside: bool) -> Prompt:
-    row = dict(row)
-    if "image" in row and "images" not in row:
-        row["images"] = [row.pop("image")] if row["image"] is not None else []
-    images = row.get("images") or []
-    if not isinstance(images, list):
-        images = [images]
-    pid = row.get("prompt_id", "?")
+def image_files(images: Any, base_dir: Path, image_dir: Path, where: str, outside: bool) -> list[str]:
+    """A record's images (one value or a list; see `_image_ref`) as file paths; errors name `where`."""
+    if not images:  # None, "" or [] (a text-only record)
+        return []
     try:
-        row["images"] = [_image_ref(v, base_dir, image_dir, f"{where} (prompt_id={pid})", outside) for v in images]
+        return [_image_ref(v, base_dir, image_dir, where, outside) for v in (images if isinstance(images, list) else [images])]
     except binascii.Error as e:  # base64 that is not base64
-        raise RecordError(f"{where} (prompt_id={pid}): cannot decode an embedded image ({e})") from None
+        raise RecordError(f"{where}: cannot decode an embedded image ({e})") from None
     except RecordError as e:  # an embedded image that is not one: name the record
         if str(e).startswith(where):
             raise
-        raise RecordError(f"{where} (prompt_id={pid}): {e}") from None
+        raise RecordError(f"{where}: {e}") from None
+
+
+def _prompt_from_row(row: dict[str, Any], base_dir: Path, image_dir: Path, where: str, outside: bool) -> Prompt:
+    row = dict(row)
+    images = row.pop("image", None) if "images" not in row else row["images"]
+    row["images"] = image_files(images, base_dir, image_dir, f"{where} (prompt_id={row.get('prompt_id', '?')})", outside)
     if "prompt_id" in row:
         row["prompt_id"] = str(row["prompt_id"])
     return _from_dict(Prompt, row, where)
 
 
-def read_prompts(source: str | Path, image_dir: str | Path, allow_outside_paths: bool = False) -> list[Prompt]:
-    """Read prompts from a jsonl file, a parquet file, or a saved `datasets` directory.
+HUB_PREFIX = "hf:"  # `hf:owner/name[:split]`: a Hub dataset, read from the local cache only
 
-    Images may be paths (relative to the file, and inside its directory unless
-    `allow_outside_paths`), bytes, base64 data URLs, `datasets` Image dicts or PIL images;
-    embedded images are written to `image_dir` so every record carries paths. Duplicate prompt
-    ids are an error, since every later stage joins on them; so is a source with no prompts.
-    """
-    source, image_dir = Path(source), Path(image_dir)
+
+def iter_rows(source: str | Path, what: str) -> tuple[Path, Iterator[tuple[str, dict[str, Any]]]]:
+    """The rows of a jsonl, JSON-array or parquet file, a saved `datasets` directory or a Hub
+    dataset in the local cache (`hf:owner/name[:split]`), as (where, row) with `where` naming the
+    file and line or row; and the directory relative image paths are taken from. `what` names the
+    file in errors ("prompts", "pairs")."""
+    if str(source).startswith(HUB_PREFIX):
+        return Path.cwd(), _hub_rows(str(source))
+    source = Path(source)
     if not source.exists():
-        raise RecordError(f"{source}: prompts file or directory not found")
+        raise RecordError(f"{source}: {what} file or directory not found")
     if source.is_dir():
         import datasets
 
         ds = datasets.load_from_disk(str(source))
-        rows = ((i, r) for i, r in enumerate(ds))
-        base, fmt = source, "row"
-    elif source.suffix == ".parquet":
+        return source, ((f"{source} row {i}", r) for i, r in enumerate(ds))
+    if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = ((i, r) for i, r in enumerate(pq.read_table(source).to_pylist()))
-        base, fmt = source.parent, "row"
-    else:
-        rows = iter_jsonl(source)
-        base, fmt = source.parent, "line"
+        return source.parent, ((f"{source} row {i}", r) for i, r in enumerate(pq.read_table(source).to_pylist()))
+    if source.suffix == ".json":
+        return source.parent, _json_array_rows(source)
+    return source.parent, ((f"{source}:{n}", obj) for n, obj in iter_jsonl(source))
+
+
+def _hub_rows(spec: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a Hub dataset already in the local `datasets` cache; nothing is downloaded."""
+    import datasets
+
+    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # read at call time: the cache or nothing
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        raise RecordError(f"{spec}: not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}); "
+                          f"load it once where there is network: datasets.load_dataset({name!r}) ({e})") from None  # fmt: skip
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    return ((f"{spec} row {i}", r) for i, r in enumerate(ds))
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The objects of a JSON file holding one array of them (LLaVA's and VLFeedback's layout)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not a valid JSON file ({e})") from None
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path} record {i}: expected a JSON object, got {type(obj).__name__}")
+        yield f"{path} record {i}", obj
+
+
+def read_prompts(
+    source: str | Path, image_dir: str | Path, allow_outside_paths: bool = False, format: str = "auto"
+) -> list[Prompt]:
+    """Read prompts from a jsonl, JSON or parquet file, a saved `datasets` directory, or a cached
+    Hub dataset (`hf:owner/name[:split]`, see `iter_rows`).
+
+    `format` names the file's layout (`alignkit.data.formats`: alignkit's own, RLAIF-V, VLFeedback,
+    LLaVA, TRL, ShareGPT); `auto` tells it from the columns. Images may be paths (relative to the
+    file, and inside its directory unless `allow_outside_paths`), bytes, base64 data URLs,
+    `datasets` Image dicts or PIL images; embedded images are written to `image_dir` so every
+    record carries paths. Duplicate prompt ids are an error, since every later stage joins on them
+    (prompts of other formats get ids from their content, and repeats of one are kept once); so is
+    a source with no prompts.
+    """
+    from alignkit.data.formats import detect, prompt_from
+
+    source, image_dir = Path(source), Path(image_dir)
+    base, rows = iter_rows(source, "prompts")
+    fmt, rows = detect(source, rows, format)
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    for n, row in rows:
-        where = f"{source}:{n}" if fmt == "line" else f"{source} row {n}"
-        p = _prompt_from_row(row, base, image_dir, where, allow_outside_paths)
-        if p.prompt_id in seen:
-            raise RecordError(f"{where}: duplicate prompt_id {p.prompt_id!r}")
+    for where, row in rows:
+        if fmt == "alignkit":
+            p = _prompt_from_row(row, base, image_dir, where, allow_outside_paths)
+            if p.prompt_id in seen:
+                raise RecordError(f"{where}: duplicate prompt_id {p.prompt_id!r}")
+        else:
+            p = prompt_from(fmt, row, base, image_dir, where, allow_outside_paths)
+            if p.prompt_id in seen:
+                continue
         seen.add(p.prompt_id)
         prompts.append(p)
     if not prompts:

@@ -291,6 +291,13 @@ def require(paths: list[Path], stage: str) -> None:
         )
 
 
+def launch_files(ctx: Context) -> list[Path]:
+    """The accelerate config file of a distributed stage's launch, when set (it may set the mixed
+    precision, so its bytes count)."""
+    launch = ctx.config.launch.config_file
+    return [Path(launch)] if launch else []
+
+
 def template_files(template: str) -> list[Path]:
     """The template file when `template` is a path (its bytes count), [] for built-in names."""
     return [Path(template)] if Path(template).is_file() else []

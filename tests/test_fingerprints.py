@@ -23,7 +23,7 @@ from alignkit.stages import STAGES
 
 # Keys that choose where things are, not what is computed, or that name the prompts' source (the
 # file itself is covered by the file-bytes test): no stage fingerprints them.
-NOT_SETTINGS = {"output_dir", "stages", "data.prompts", "sft.data", "eval.prompts"}
+NOT_SETTINGS = {"output_dir", "stages", "data.prompts", "data.pairs", "sft.data", "eval.prompts"}
 
 
 def _recipe_text(tmp_path: Path, method: str) -> str:

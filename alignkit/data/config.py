@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import Section
+from alignkit.data.formats import FORMATS
 
 
 class SyntheticConfig(Section):
@@ -18,7 +19,14 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     prompts: str | None = None
-    """Prompts as jsonl, parquet, or a saved `datasets` directory (relative to the recipe file)."""
+    """Prompts as jsonl, JSON, parquet, or a saved `datasets` directory (relative to the recipe file),
+    or `hf:owner/name[:split]`: a Hub dataset already in the local `datasets` cache (never downloaded)."""
+    format: Literal[("auto", *FORMATS)] = "auto"
+    """The layout of `prompts` and `pairs` (`alignkit.data.formats`); `auto` tells it from the columns."""
+    pairs: str | None = None
+    """Ready preference pairs (an RLAIF-V, VLFeedback or TRL preference file, or a cached `hf:` dataset):
+    the pairs stage converts them instead of pairing judged samples, so `stages: [pairs, train]` skips
+    sample and judge."""
     synthetic: SyntheticConfig | None = None
     """Generate prompts from the synthetic shapes world instead (offline, deterministic)."""
     allow_outside_paths: bool = False
@@ -27,6 +35,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        if (self.prompts is None) == (self.synthetic is None):
-            raise ValueError("set exactly one of data.prompts or data.synthetic")
+        sources = (self.prompts is not None) + (self.synthetic is not None)
+        if sources > 1 or (sources == 0 and self.pairs is None):
+            raise ValueError("set exactly one of data.prompts or data.synthetic (data.pairs alone: ready pairs)")
         return self

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.config import DataConfig
+from alignkit.errors import StageInputError
 from alignkit.records import Prompt, read_prompts, write_jsonl
 from alignkit.stage import Context
 
@@ -18,7 +19,11 @@ def make_prompts(source: Any, out_dir: Path) -> list[Prompt]:
 
         syn = source.synthetic
         return make_shapes_prompts(out_dir, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks))
-    return read_prompts(source.prompts, out_dir / "images", source.allow_outside_paths)
+    if source.prompts is None:
+        raise StageInputError("data.pairs gives pairs, not prompts: set data.prompts too (it may be the same "
+                              "file), or run only the stages after them (stages: [pairs, train])")  # fmt: skip
+    # eval's section has no `format`: its prompts are told apart by their columns.
+    return read_prompts(source.prompts, out_dir / "images", source.allow_outside_paths, getattr(source, "format", "auto"))
 
 
 def source_files(source: Any) -> list[Path]:

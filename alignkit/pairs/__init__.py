@@ -103,14 +103,19 @@ def build_pairs(
     summary: dict[str, Any] = {}
     if cfg.strategy == "rlaifv":
         pairs, summary["length_filter"] = rlaifv_filter(pairs, cfg, skipped)
+    return pairs, pairs_summary(pairs, skipped) | summary
+
+
+def pairs_summary(pairs: list[Pair], skipped: Counter[str]) -> dict[str, Any]:
+    """What the pairs stage reports: how many pairs, over how many prompts, the mean margin, what
+    was left out and why, and the length bias of chosen vs rejected answers."""
     margins = [p.margin for p in pairs]
-    return pairs, {
+    return {
         "num_pairs": len(pairs),
         "prompts_with_pairs": len({p.prompt_id for p in pairs}),
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
         "skipped": dict(skipped),
         "length_bias": length_bias(pairs),
-        **summary,
     }
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from alignkit.models.device import COMPUTE_KEYS
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.reward.config import score_options
-from alignkit.reward.stage import SCORE_KEYS, launch_files
-from alignkit.stage import Context, settings_of, stage_key, template_files
+from alignkit.reward.stage import SCORE_KEYS
+from alignkit.stage import Context, launch_files, settings_of, stage_key, template_files
 
 
 class ScoreStage:

@@ -6,18 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.models.device import COMPUTE_KEYS
-from alignkit.stage import Context, model_identity, require
+from alignkit.stage import Context, launch_files, model_identity, require
 from alignkit.tracking import TRACKING_KEYS
 
 # The `reward_model` keys that say how the model scores (critiques per answer, their length, ...).
 SCORE_KEYS = tuple(f"reward_model.{k}" for k in ("num_critiques", "max_critique_tokens", "critique_temperature",
                                                   "score_batch_size"))  # fmt: skip
-
-
-def launch_files(ctx: Context) -> list[Path]:
-    """The accelerate config file of a launch, when set (it may set the mixed precision)."""
-    launch = ctx.config.launch.config_file
-    return [Path(launch)] if launch else []
 
 
 class RewardModelStage:

@@ -66,7 +66,6 @@ the same loop runs as one process or as N (`alignkit run RECIPE launch.num_proce
 from __future__ import annotations
 
 import copy
-import json
 import random
 import shutil
 import time
@@ -85,6 +84,7 @@ from alignkit.models.inputs import collate, encode, extend
 from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
 from alignkit.sample.config import SampleConfig
+from alignkit.tracking import StepLog, Tracking
 from alignkit.train.config import PpoConfig, TrainConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +439,7 @@ def train_ppo(
     train: TrainConfig = TrainConfig(method="ppo"),
     seed: int = 0,
     engine_options: dict | None = None,
+    tracking: Tracking | None = None,
 ) -> Path:
     """Train `model` with PPO on `prompts`; returns `out_dir/adapter` (LoRA) or `out_dir/model` (full).
 
@@ -450,8 +451,9 @@ def train_ppo(
     (`alignkit.models.device.ComputeSettings`).
     `cfg.rollout` picks the engine: the policy itself through transformers, or vLLM with the
     current adapter loaded every step (LoRA, one process); `engine_options` adds vLLM engine
-    arguments beyond `sample.vllm` (tests run it in-process). Run it in every process of a launch
-    (see the module docstring); it returns when all are done.
+    arguments beyond `sample.vllm` (tests run it in-process); `tracking` is the tracker run the
+    steps also go to. Run it in every process of a launch (see the module docstring); it returns
+    when all are done.
     """
     from accelerate.utils import broadcast_object_list, gather_object
 
@@ -529,7 +531,7 @@ def train_ppo(
         start, extra = load_checkpoint(last, modules={"policy": policy, "value": value}, optimizer=optimizer)
         reward_stats.__dict__.update(extra["reward_stats"])
         kl_ctl.value = extra["kl_coef"]
-    metrics_file = out_dir / "metrics.jsonl"
+    log = StepLog(out_dir / "metrics.jsonl", tracking) if main else None
 
     bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="ppo", disable=not main)
     for step in bar:
@@ -627,8 +629,7 @@ def train_ppo(
                 "rollout_seconds": round(rollout_seconds, 3),
                 "step_seconds": round(time.monotonic() - started, 3),
             }
-            with metrics_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            log.write(record)
             bar.set_postfix(reward=f"{record['reward/raw']:.3f}", kl=f"{record['kl']:.3f}")
 
         # checkpoint
@@ -639,6 +640,8 @@ def train_ppo(
                                 optimizer=optimizer, extra=extra, export=policy.save_pretrained)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
+    if log:
+        log.close()
 
     # save: the adapter (or model) with the processor, via a temporary name
     final = out_dir / ("adapter" if t.finetune == "lora" else "model")

@@ -7,7 +7,7 @@ from typing import Any
 
 from alignkit.models.device import COMPUTE_KEYS
 from alignkit.records import write_jsonl
-from alignkit.stage import Context, model_identity, template_files
+from alignkit.stage import Context, launch_files, model_identity, template_files
 from alignkit.tracking import TRACKING_KEYS
 
 
@@ -33,9 +33,8 @@ class SftStage:
             from alignkit.errors import StageInputError
 
             raise StageInputError("stage 'sft' needs an `sft` section in the recipe")
-        launch = ctx.config.launch.config_file  # an accelerate config file may set the mixed precision
         return [*([Path(cfg.data)] if cfg.data else []), *template_files(ctx.config.sample.template),
-                *([Path(launch)] if launch else [])]  # fmt: skip
+                *launch_files(ctx)]  # fmt: skip
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         return {"model": model_identity(ctx.config.policy.model)}

@@ -14,7 +14,7 @@ from alignkit.records import Prompt, read_records
 from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
 from alignkit.sample.stage import SampleStage
-from alignkit.stage import Context, template_files
+from alignkit.stage import Context, launch_files, template_files
 from alignkit.tracking import TRACKING_KEYS
 
 
@@ -56,10 +56,9 @@ class TrainStage:
         return ("train", "ppo", "sample", "judge", *SCORE_KEYS, "seed", "launch", "tracking")
 
     def reads(self, ctx: Context) -> list[Path]:
-        launch = [Path(f)] if (f := ctx.config.launch.config_file) else []
         if ctx.config.train.method != "ppo":
-            return [ctx.paths.pairs, *launch]
-        files = [ctx.paths.prompts, *template_files(ctx.config.sample.template), *launch]
+            return [ctx.paths.pairs, *launch_files(ctx)]
+        files = [ctx.paths.prompts, *template_files(ctx.config.sample.template), *launch_files(ctx)]
         for spec in ctx.config.ppo.rewards:
             if spec.source in ("reference", "judge"):
                 files.append(rubric_file(ctx.config.judge.rubric))
@@ -129,7 +128,7 @@ def _train_ppo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
     out = train_ppo(
         read_records(ctx.paths.prompts, Prompt), ctx.paths.train, ppo, model=model, sample=sample, train=cfg,
         reward=rewards.combine([(spec.weight, reward(spec)) for spec in ppo.rewards]) if main else None,
-        seed=ctx.config.seed,
+        seed=ctx.config.seed, tracking=ctx.tracking("train"),
     )  # fmt: skip
     steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
     prompts = ppo.prompts_per_step * processes
