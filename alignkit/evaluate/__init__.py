@@ -73,8 +73,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     # benchmarks (alignkit.evaluate.benchmarks): AMBER's generative counts, AMBER's yes/no with
     # "no" as the positive class (as its inference.py), MMHal-Bench's 0-6 ratings
     "amber": ("answers", "nouns", "hallucinated", "truth", "covered", "hallu", "hallu_covered", "hallucinated_answer"),
-    "amber_d": ("answers", "tp", "fp", "tn", "fn"),
+    "amber_d": ("answers", "tp", "fp", "tn", "fn"),  # as "pope", with "no" as the positive class
     "mmhal": ("answers", "rating", "hallucinated"),
+}
+_CONFUSION = {  # rates of a yes/no confusion table (COLUMNS["pope"]), positive class first
+    "accuracy": Rate(lambda c: c["tp"] + c["tn"], lambda c: c["answers"], "all"),
+    "precision": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fp"], "some"),
+    "recall": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fn"], "some"),
+    "f1": Rate(lambda c: 2 * c["tp"], lambda c: 2 * c["tp"] + c["fp"] + c["fn"], "ratio"),
 }
 RATES: dict[str, dict[str, Rate]] = {
     "chair": {
@@ -82,13 +88,7 @@ RATES: dict[str, dict[str, Rate]] = {
         "chair_i_unique": Rate(lambda c: c["unique_hallucinated"], lambda c: c["unique"], "ratio"),
         "chair_s": Rate(lambda c: c["hallucinated_answer"], lambda c: c["answers"], "all"),
     },
-    "pope": {
-        "accuracy": Rate(lambda c: c["tp"] + c["tn"], lambda c: c["answers"], "all"),
-        "precision": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fp"], "some"),
-        "recall": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fn"], "some"),
-        "f1": Rate(lambda c: 2 * c["tp"], lambda c: 2 * c["tp"] + c["fp"] + c["fn"], "ratio"),
-        "yes_ratio": Rate(lambda c: c["tp"] + c["fp"], lambda c: c["answers"], "all"),
-    },
+    "pope": _CONFUSION | {"yes_ratio": Rate(lambda c: c["tp"] + c["fp"], lambda c: c["answers"], "all")},
     "qa": {"accuracy": Rate(lambda c: c["correct"], lambda c: c["answers"], "all")},
     "amber": {
         "chair": Rate(lambda c: c["hallucinated"], lambda c: c["nouns"], "ratio"),
@@ -96,12 +96,7 @@ RATES: dict[str, dict[str, Rate]] = {
         "hal": Rate(lambda c: c["hallucinated_answer"], lambda c: c["answers"], "all"),
         "cog": Rate(lambda c: c["hallu_covered"], lambda c: c["hallu"], "ratio"),
     },
-    "amber_d": {
-        "accuracy": Rate(lambda c: c["tp"] + c["tn"], lambda c: c["answers"], "all"),
-        "precision": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fp"], "some"),
-        "recall": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fn"], "some"),
-        "f1": Rate(lambda c: 2 * c["tp"], lambda c: 2 * c["tp"] + c["fp"] + c["fn"], "ratio"),
-    },
+    "amber_d": _CONFUSION,
     "mmhal": {
         "score": Rate(lambda c: c["rating"], lambda c: c["answers"], "ratio"),  # the mean rating, 0..6
         "hallucination_rate": Rate(lambda c: c["hallucinated"], lambda c: c["answers"], "all"),

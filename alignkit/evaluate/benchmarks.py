@@ -227,7 +227,7 @@ def _coco_prompts(cfg: EvalConfig, root: Path) -> list[Prompt]:
             "describe",
             None,
             truth[img["id"]],
-        )  # fmt: skip
+        )
         for img in _first(instances["images"], cfg)
     ]
 
@@ -245,6 +245,9 @@ def _amber_prompts(cfg: EvalConfig, root: Path) -> list[Prompt]:
             qid = _field(rec, "id", where)
             if qid not in annotations:
                 raise RecordError(f"{where}: id {qid} has no entry in {files['annotations']}")
+            if (annotations[qid]["type"] == "generative") != (part == "generative"):
+                raise RecordError(f"{where}: id {qid} is a {annotations[qid]['type']!r} entry in "
+                                  f"{files['annotations']}, not a {part} one")  # fmt: skip
             prompts.append(Prompt(f"amber/{qid}", str(_field(rec, "query", where)),
                                   [_image(images, _field(rec, "image", where), where)], f"amber_{part}"))  # fmt: skip
     return prompts
