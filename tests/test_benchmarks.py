@@ -369,13 +369,17 @@ def test_alignkit_eval_runs_each_benchmark(tmp_path, tiny_qwen_dir, monkeypatch,
             f"judge.base_url={server.url}",
             f"judge.api_key_env={KEY_ENV}",
         ]
+    results_file = tmp_path / "run" / "eval" / "base" / "results.json"
     try:
         result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        first = results_file.stat().st_mtime_ns
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert results_file.stat().st_mtime_ns == first  # unchanged files and settings: skipped
     finally:
         if benchmark == "mmhal":
             server.stop()
-    assert result.exit_code == 0, result.output
-    results = json.loads((tmp_path / "run" / "eval" / "base" / "results.json").read_text())
+    results = json.loads(results_file.read_text())
     assert results["benchmark"] == benchmark
     keys = {"pope": ["pope_random", "pope_adversarial"], "coco_chair": ["coco_chair"],
             "amber": ["amber_generative", "amber_discriminative"], "mmhal": ["mmhal"]}[benchmark]  # fmt: skip
