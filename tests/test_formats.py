@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from alignkit.data.formats import read_pairs
 from alignkit.data.preference import load_preference_dataset
 from alignkit.errors import RecipeError, RecordError, StageInputError
+from alignkit.pairs.imported import read_pairs
 from alignkit.recipe import load_recipe
 from alignkit.records import Prompt, read_prompts, read_records, write_jsonl
 from alignkit.runner import Runner

@@ -70,6 +70,17 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "chair": ("answers", "mentions", "hallucinated", "unique", "unique_hallucinated", "hallucinated_answer"),
     "pope": ("answers", "tp", "fp", "tn", "fn"),
     "qa": ("answers", "correct"),
+    # benchmarks (alignkit.evaluate.benchmarks): AMBER's generative counts, AMBER's yes/no with
+    # "no" as the positive class (as its inference.py), MMHal-Bench's 0-6 ratings
+    "amber": ("answers", "nouns", "hallucinated", "truth", "covered", "hallu", "hallu_covered", "hallucinated_answer"),
+    "amber_d": ("answers", "tp", "fp", "tn", "fn"),  # as "pope", with "no" as the positive class
+    "mmhal": ("answers", "rating", "hallucinated"),
+}
+_CONFUSION = {  # rates of a yes/no confusion table (COLUMNS["pope"]), positive class first
+    "accuracy": Rate(lambda c: c["tp"] + c["tn"], lambda c: c["answers"], "all"),
+    "precision": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fp"], "some"),
+    "recall": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fn"], "some"),
+    "f1": Rate(lambda c: 2 * c["tp"], lambda c: 2 * c["tp"] + c["fp"] + c["fn"], "ratio"),
 }
 RATES: dict[str, dict[str, Rate]] = {
     "chair": {
@@ -77,16 +88,26 @@ RATES: dict[str, dict[str, Rate]] = {
         "chair_i_unique": Rate(lambda c: c["unique_hallucinated"], lambda c: c["unique"], "ratio"),
         "chair_s": Rate(lambda c: c["hallucinated_answer"], lambda c: c["answers"], "all"),
     },
-    "pope": {
-        "accuracy": Rate(lambda c: c["tp"] + c["tn"], lambda c: c["answers"], "all"),
-        "precision": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fp"], "some"),
-        "recall": Rate(lambda c: c["tp"], lambda c: c["tp"] + c["fn"], "some"),
-        "f1": Rate(lambda c: 2 * c["tp"], lambda c: 2 * c["tp"] + c["fp"] + c["fn"], "ratio"),
-        "yes_ratio": Rate(lambda c: c["tp"] + c["fp"], lambda c: c["answers"], "all"),
-    },
+    "pope": _CONFUSION | {"yes_ratio": Rate(lambda c: c["tp"] + c["fp"], lambda c: c["answers"], "all")},
     "qa": {"accuracy": Rate(lambda c: c["correct"], lambda c: c["answers"], "all")},
+    "amber": {
+        "chair": Rate(lambda c: c["hallucinated"], lambda c: c["nouns"], "ratio"),
+        "cover": Rate(lambda c: c["covered"], lambda c: c["truth"], "ratio"),
+        "hal": Rate(lambda c: c["hallucinated_answer"], lambda c: c["answers"], "all"),
+        "cog": Rate(lambda c: c["hallu_covered"], lambda c: c["hallu"], "ratio"),
+    },
+    "amber_d": _CONFUSION,
+    "mmhal": {
+        "score": Rate(lambda c: c["rating"], lambda c: c["answers"], "ratio"),  # the mean rating, 0..6
+        "hallucination_rate": Rate(lambda c: c["hallucinated"], lambda c: c["answers"], "all"),
+    },
 }
-TASK_KIND = {"describe": "chair", "exists": "pope", "qa": "qa", **{t: "qa" for t in QA_TASKS}}
+BENCHMARK_TASKS = {
+    "pope_random": "pope", "pope_popular": "pope", "pope_adversarial": "pope", "amber_generative": "amber",
+    "amber_discriminative": "amber_d", "amber_existence": "amber_d", "amber_attribute": "amber_d",
+    "amber_relation": "amber_d", "mmhal": "mmhal",
+}  # fmt: skip
+TASK_KIND = {"describe": "chair", "exists": "pope", "qa": "qa", **{t: "qa" for t in QA_TASKS}, **BENCHMARK_TASKS}
 
 
 def column_sums(kind: str, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -445,9 +466,10 @@ def run_eval(
     """Answer every prompt once with a policy (greedy unless `cfg.temperature` > 0) and score the answers.
 
     Writes `out_dir/answers.jsonl` (Sample records, resumable) and returns `evaluate_answers`'
-    results (CHAIR under `cfg.vocabulary`) plus the policy and decoding used; the caller adds a judge score if it has one.
+    results (CHAIR under `cfg.vocabulary`), or for `cfg.benchmark` its metrics (`benchmarks.score`), plus the policy and decoding used; the caller adds a judge score if it has one.
     `vllm` is the engine's settings for `cfg.backend: vllm` (the recipe's `sample.vllm`).
     """
+    from alignkit.evaluate import benchmarks
     from alignkit.sample import make_backend, sample_prompts
 
     vocab = load_vocabulary(cfg.vocabulary)  # a bad vocabulary file fails before any sampling
@@ -461,7 +483,10 @@ def run_eval(
     )
     answers = {s.prompt_id: s.answer for s in read_records(answers_path, Sample)}
     scored = [p for p in prompts if p.prompt_id in answers]  # prompts whose image failed are listed below
-    results = evaluate_answers(scored, answers, vocab)
+    if cfg.benchmark == "prompts":
+        results = evaluate_answers(scored, answers, vocab)
+    else:
+        results = {"benchmark": cfg.benchmark} | benchmarks.score(cfg, scored, answers)
     results["policy"] = engine.policy
     results["decoding"] = "greedy" if cfg.temperature == 0 else f"sampling (temperature {cfg.temperature})"
     results["failed_prompts"] = summary["failed"]

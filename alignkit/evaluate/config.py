@@ -13,6 +13,17 @@ from alignkit.data.config import SyntheticConfig
 class EvalConfig(Section):
     """Held-out evaluation of the policy before alignment and after every round."""
 
+    benchmark: Literal["prompts", "pope", "coco_chair", "amber", "mmhal"] = "prompts"
+    """`prompts`: eval.prompts or eval.synthetic. Or a published benchmark read from eval.path as
+    it is distributed: `pope`, `coco_chair` (Object HalBench-style CHAIR on COCO), `amber`,
+    `mmhal` (MMHal-Bench, scored by the recipe's judge endpoint with judges/mmhal.yaml)."""
+    path: str | None = None
+    """The benchmark's local directory (see alignkit/evaluate/benchmarks.py for each layout)."""
+    images: str | None = None
+    """The benchmark's image folder, when not where its layout puts it (e.g. your COCO val2014)."""
+    max_questions: int | None = Field(None, ge=1)
+    """Only the first N prompts (of each benchmark file: each POPE split, each AMBER part); null: all."""
+
     prompts: str | None = None
     """Held-out prompts with gold annotations (jsonl, parquet or a `datasets` directory)."""
     synthetic: SyntheticConfig | None = None
@@ -33,6 +44,17 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "EvalConfig":
+        if self.benchmark != "prompts":
+            if self.path is None:
+                raise ValueError(f"eval.benchmark={self.benchmark} needs eval.path: the benchmark's local directory")
+            if self.prompts is not None or self.synthetic is not None:
+                raise ValueError(f"eval.benchmark={self.benchmark} reads eval.path: unset eval.prompts and eval.synthetic")
+            if self.vocabulary != "shapes":
+                raise ValueError(f"eval.vocabulary applies to eval.prompts/eval.synthetic; eval.benchmark="
+                                 f"{self.benchmark} scores with its own object list")  # fmt: skip
+            return self
+        if self.path is not None or self.images is not None:
+            raise ValueError("eval.path and eval.images name a benchmark's files: set eval.benchmark too")
         if (self.prompts is None) == (self.synthetic is None):
             raise ValueError("set exactly one of eval.prompts or eval.synthetic")
         return self

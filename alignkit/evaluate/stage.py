@@ -13,10 +13,20 @@ from alignkit.stage import Context, stage_key, template_files
 from alignkit.tracking import TRACKING_KEYS, Tracking, log_results
 
 
+def _source_files(cfg) -> list[Path]:
+    """The eval prompts' file(s): eval.prompts, or the benchmark's question and annotation files."""
+    from alignkit.data.stage import source_files
+    from alignkit.evaluate.benchmarks import benchmark_files
+
+    return source_files(cfg) if cfg.benchmark == "prompts" else benchmark_files(cfg)
+
+
 class EvalStage:
     """Evaluate on held-out prompts (the recipe's `eval` section): CHAIR_i/CHAIR_s hallucination, POPE
     existence accuracy/precision/recall/F1/yes-ratio, count and colour accuracy (each with its 95%
-    interval; CHAIR under `eval.vocabulary`), and the judge's mean score, greedy by default. Evaluates the starting policy (any checkpoint: override policy.model and
+    interval; CHAIR under `eval.vocabulary`), and the judge's mean score, greedy by default; or a published
+    benchmark from its local files (`eval.benchmark`: pope, coco_chair, amber, mmhal; see
+    alignkit/evaluate/benchmarks.py). Evaluates the starting policy (any checkpoint: override policy.model and
     policy.adapter) and, once trained, the aligned one, and prints the side-by-side comparison."""
 
     name = command = "eval"
@@ -24,25 +34,23 @@ class EvalStage:
     exclude = frozenset({*VLLM_UNCHANGING, *JUDGE_UNCHANGING, *TRACKING_KEYS})
 
     def config(self, recipe) -> tuple[str, ...]:
-        judge = ("judge",) if recipe.eval is not None and recipe.eval.judge else ()
+        judged = recipe.eval is not None and (recipe.eval.judge or recipe.eval.benchmark == "mmhal")
+        judge = ("judge",) if judged else ()
         return ("eval", "sample.template", "sample.vllm", "policy.adapter", *judge, "seed", "tracking")
 
     def reads(self, ctx: Context) -> list[Path]:
-        from alignkit.data.stage import source_files
         from alignkit.errors import StageInputError
-        from alignkit.judge.stage import rubric_file
-        from alignkit.objects import BUILTIN_VOCABULARIES
+        from alignkit.judge.stage import judge_files, vocabulary_files
 
         cfg = ctx.config.eval
         if cfg is None:
             raise StageInputError("stage 'eval' needs an `eval` section in the recipe")
-        judge = [rubric_file(ctx.config.judge.rubric)] if cfg.judge else []
-        vocab = (
-            [Path(cfg.vocabulary)]
-            if cfg.vocabulary not in BUILTIN_VOCABULARIES and Path(cfg.vocabulary).is_file()
-            else []
-        )
-        return [*source_files(cfg), *template_files(ctx.config.sample.template), *judge, *vocab]
+        if cfg.benchmark == "mmhal":  # scored by the recipe's judge endpoint with MMHal-Bench's rubric
+            judge = judge_files(ctx.config.judge.model_copy(update={"rubric": "mmhal"}))
+        else:
+            judge = judge_files(ctx.config.judge) if cfg.judge else []
+        return [*_source_files(cfg), *template_files(ctx.config.sample.template), *judge,
+                *vocabulary_files(cfg.vocabulary)]  # fmt: skip
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         return {"start": ctx.lineage.policy_identity(1),
@@ -74,17 +82,22 @@ class EvalStage:
 
     def _prompts(self, ctx: Context) -> Path:
         """The held-out prompts in eval/prompts.jsonl, made once (a cached step of their own)."""
-        from alignkit.data.stage import make_prompts, source_files
+        from alignkit.data.stage import make_prompts
+        from alignkit.evaluate import benchmarks
 
         cfg, out = ctx.config.eval, ctx.paths.eval / "prompts.jsonl"
 
         def work(fp: str) -> dict[str, Any]:
-            prompts = make_prompts(cfg, ctx.paths.eval)
+            if cfg.benchmark == "prompts":
+                prompts = make_prompts(cfg, ctx.paths.eval)[: cfg.max_questions]
+            else:
+                prompts = benchmarks.load_prompts(cfg)
             write_jsonl(out, prompts)
             return {"num_prompts": len(prompts)}
 
-        settings = {"prompts": cfg.prompts, "synthetic": cfg.synthetic and cfg.synthetic.model_dump()}
-        ctx.step("eval:prompts", settings, source_files(cfg), out, work)
+        settings = {"prompts": cfg.prompts, "synthetic": cfg.synthetic and cfg.synthetic.model_dump(),
+                    **cfg.model_dump(include={"benchmark", "path", "images", "max_questions"})}  # fmt: skip
+        ctx.step("eval:prompts", settings, _source_files(cfg), out, work)
         return out
 
     def _evaluate(self, ctx: Context, label: str, model: str, adapter: str | None,
@@ -103,7 +116,13 @@ class EvalStage:
                 prompts, out_dir, cfg, fingerprint=fp, model=model, adapter=adapter,
                 template=ctx.config.sample.template, seed=ctx.config.seed, vllm=ctx.config.sample.vllm,
             )  # fmt: skip
-            if cfg.judge:
+            if cfg.benchmark == "mmhal":
+                from alignkit.evaluate.benchmarks import judge_mmhal
+
+                scores = judge_mmhal(cfg, ctx.config.judge, prompts, out_dir, fingerprint=fp,
+                                     cache_path=ctx.paths.judge_cache)  # fmt: skip
+                results["mmhal"], results["outcomes"]["mmhal"] = scores["mmhal"], scores["outcomes"]["mmhal"]
+            elif cfg.judge:
                 from alignkit.judge import run_judge
 
                 answers = read_records(out_dir / "answers.jsonl", Sample)

@@ -23,6 +23,7 @@ from alignkit.judge.progress import Tally
 from alignkit.judge.reference import check_rubric, judge_reference, reference_verdicts
 from alignkit.judge.report import format_report, quality_report, write_report
 from alignkit.judge.rubric import JudgeError, Rubric, RubricError, load_rubric
+from alignkit.objects import load_vocabulary
 from alignkit.records import Prompt, ResumableJsonl, Sample
 
 if TYPE_CHECKING:  # the OpenAI client is imported when a judge is made: `alignkit --help` stays quick
@@ -46,9 +47,9 @@ def run_judge(
     """Judge every sample and write its Verdict to `out_path` (jsonl); return a summary.
 
     The output is resumable: a killed run restarted with the same `fingerprint` keeps the
-    verdicts already written (the judge file, backend, model, image size and `num_judgments` are
-    folded into the fingerprint here, so changing them starts over). For `openai`, `cache_path`
-    (default: `judge_cache.sqlite` beside the output) holds every valid verdict, so a re-run
+    verdicts already written (the judge file, backend, model, image size, `num_judgments` and the
+    reference judge's `vocabulary` are folded into the fingerprint here, so changing them starts
+    over). For `openai`, `cache_path` (default: `judge_cache.sqlite` beside the output) holds every valid verdict, so a re-run
     sends no request it already has an answer for; failed verdicts are not cached, so deleting
     the output and running again re-asks only those. `max_retries` bounds both the client's
     transport retries and the re-asks of a verdict that does not parse or validate. `model`
@@ -68,11 +69,12 @@ def run_judge(
     """
     backend, model, num_judgments = cfg.backend, cfg.model, cfg.num_judgments
     rub = load_rubric(cfg.rubric)
+    vocab = load_vocabulary(cfg.vocabulary)  # a bad vocabulary file fails before any judging
     items = _join(prompts, samples)
     judge = make_judge(rub, cfg)
 
     out_path = Path(out_path)
-    key = json.dumps([fingerprint, backend, rub.content_hash, model, cfg.image_max_side, num_judgments])
+    key = json.dumps([fingerprint, backend, rub.content_hash, model, cfg.image_max_side, num_judgments, cfg.vocabulary])
     key = hashlib.sha256(key.encode()).hexdigest()
     out = ResumableJsonl(out_path, key, id_key="sample_id")
     comps = ResumableJsonl(out_path.with_name("comparisons.jsonl"), key, "comparison_id") if rub.mode == "pairwise" else None
@@ -83,7 +85,7 @@ def run_judge(
         if judge is None:
             tally.open_bar(len(todo), f"judge {rub.name}")
             for p, s in todo:
-                verdict = judge_reference(rub, p, s)
+                verdict = judge_reference(rub, p, s, vocab)
                 out.append([verdict])
                 tally.add(verdict.status == "ok")
         else:
@@ -117,7 +119,7 @@ def run_judge(
     comparisons = list(comps.done.values()) if comps is not None else None
     if comps is not None:
         comps.finish()
-    reference = reference_verdicts(rub, items) if judge is not None else None
+    reference = reference_verdicts(rub, items, vocab) if judge is not None else None
     report = quality_report(written, comparisons=comparisons, reference=reference)
     usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
     cost = rub.price.cost(**usage) if rub.price else None

@@ -14,6 +14,9 @@ class JudgeConfig(Section):
     """`reference` scores against the prompts' gold annotations; `openai` calls an LLM judge."""
     rubric: str = "overall"
     """A built-in judge in judges/ (`overall`, `hallucination`, `correctness`, `claims`, `pairwise`) or a YAML path."""
+    vocabulary: str = "shapes"
+    """The object vocabulary the reference judge reads answers and gold objects with: `shapes`
+    (the synthetic world), `coco` (COCO's 80 categories with CHAIR's synonyms) or a YAML file."""
     model: str | None = None
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

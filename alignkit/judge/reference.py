@@ -76,13 +76,23 @@ def reference_verdicts(
     rubric: Rubric, items: list[tuple[Prompt, Sample]], vocab: Vocabulary = SHAPES_WORLD
 ) -> list[Verdict]:
     """Reference verdicts to compare an LLM judge with, under its weights when the reference can
-    compute its scores, else under `overall`'s; prompts without gold annotations yield none."""
+    compute its scores, else under `overall`'s; prompts without gold annotations (or with gold
+    objects outside `vocab`) yield none."""
     try:
         check_rubric(rubric)
     except JudgeError:
         rubric = load_rubric("overall")
-    verdicts = (judge_reference(rubric, p, s, vocab) for p, s in items if p.objects is not None or p.reference_answer)
-    return [v for v in verdicts if v.status == "ok"]
+    verdicts = (_comparable(rubric, p, s, vocab) for p, s in items if p.objects is not None or p.reference_answer)
+    return [v for v in verdicts if v is not None and v.status == "ok"]
+
+
+def _comparable(rubric: Rubric, prompt: Prompt, sample: Sample, vocab: Vocabulary) -> Verdict | None:
+    """A reference verdict for the LLM judge's report, or None when the vocabulary cannot read the
+    prompt's gold objects (e.g. MMHal-Bench's OpenImages labels): a comparison, never a failure."""
+    try:
+        return judge_reference(rubric, prompt, sample, vocab)
+    except RecordError:
+        return None
 
 
 def hallucination(prompt: Prompt, sample: Sample, vocab: Vocabulary = SHAPES_WORLD) -> tuple[float, str]:

@@ -20,6 +20,18 @@ def rubric_file(rubric: str) -> Path:
     return Path(load_rubric(rubric).path)
 
 
+def vocabulary_files(spec: str) -> list[Path]:
+    """The YAML file a vocabulary setting names (none for the built-in `shapes` and `coco`)."""
+    from alignkit.objects import BUILTIN_VOCABULARIES
+
+    return [Path(spec)] if spec not in BUILTIN_VOCABULARIES and Path(spec).is_file() else []
+
+
+def judge_files(cfg) -> list[Path]:
+    """The files a judge section reads: its judge file and its vocabulary file, if any."""
+    return [rubric_file(cfg.rubric), *vocabulary_files(cfg.vocabulary)]
+
+
 class JudgeStage:
     """Score every sample with the reference judge or an OpenAI-compatible LLM judge (images attached).
 
@@ -64,7 +76,7 @@ class JudgeStage:
         return ("judge",)
 
     def reads(self, ctx: Context) -> list[Path]:
-        return [ctx.paths.prompts, ctx.paths.samples, rubric_file(ctx.config.judge.rubric)]
+        return [ctx.paths.prompts, ctx.paths.samples, *judge_files(ctx.config.judge)]
 
     def upstream(self, ctx: Context) -> dict[str, Any]:
         return {}

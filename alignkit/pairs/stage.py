@@ -42,7 +42,7 @@ class PairsStage:
 
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         if _ready_pairs(ctx.recipe):
-            from alignkit.data.formats import read_pairs
+            from alignkit.pairs.imported import read_pairs
 
             data = ctx.config.data
             pairs, summary = read_pairs(data.pairs, ctx.paths.root / "images", data.format, data.allow_outside_paths)

@@ -50,12 +50,14 @@ def judge_reward(cfg: JudgeConfig, cache_path: Path) -> RewardFn:
     from alignkit.judge.openai_judge import judge_samples
     from alignkit.judge.progress import Tally
     from alignkit.judge.reference import judge_reference
+    from alignkit.objects import load_vocabulary
 
     rub = load_rubric(cfg.rubric)
     num_judgments = cfg.num_judgments
     judge = make_judge(rub, cfg)
     if judge is None:
-        return RewardFn(f"reference/{rub.name}", lambda ps, ss: [judge_reference(rub, p, s).score for p, s in zip(ps, ss)])
+        vocab = load_vocabulary(cfg.vocabulary)
+        return RewardFn(f"reference/{rub.name}", lambda ps, ss: [judge_reference(rub, p, s, vocab).score for p, s in zip(ps, ss)])
     cache = VerdictCache(cache_path)
 
     def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from alignkit.errors import RecipeError, StageInputError
 from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
-from alignkit.judge.stage import rubric_file
+from alignkit.judge.stage import judge_files
 from alignkit.records import Prompt, read_records
 from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
@@ -61,7 +61,7 @@ class TrainStage:
         files = [ctx.paths.prompts, *template_files(ctx.config.sample.template), *launch_files(ctx)]
         for spec in ctx.config.ppo.rewards:
             if spec.source in ("reference", "judge"):
-                files.append(rubric_file(ctx.config.judge.rubric))
+                files += judge_files(ctx.config.judge)
             elif spec.source == "reward_model":
                 files.append(Path(spec.path or ctx.paths.reward_model / "model") / "head.safetensors")
             elif (source := function_file(spec.path)) is not None:
