@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from alignkit.data.formats import read_prompts
 from alignkit.data.preference import load_preference_dataset
 from alignkit.errors import RecipeError, RecordError, StageInputError
 from alignkit.pairs.imported import read_pairs
 from alignkit.recipe import load_recipe
-from alignkit.records import Prompt, read_prompts, read_records, write_jsonl
+from alignkit.records import Prompt, read_records, write_jsonl
 from alignkit.runner import Runner
 from alignkit.testing.chat_server import ChatServer
 

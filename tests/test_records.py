@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from alignkit.data.formats import read_prompts
 from alignkit.records import (
     Prompt,
     RecordError,
     ResumableJsonl,
     load_image,
-    read_prompts,
     read_records,
     sample_id,
     write_jsonl,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from alignkit.errors import RecordError
-from alignkit.records import Prompt, image_files
+from alignkit.records import Prompt, _prompt_from_row, image_files, iter_rows
 
 FORMATS = ("alignkit", "rlaif-v", "vlfeedback", "llava", "trl", "sharegpt")
 PAIR_FORMATS = ("rlaif-v", "vlfeedback", "trl")
@@ -162,3 +162,38 @@ def prompt_from(fmt: str, row: dict[str, Any], base_dir: Path, image_dir: Path, 
 
 # ---------------------------------------------------------------------------------------------
 # pairs
+
+
+def read_prompts(
+    source: str | Path, image_dir: str | Path, allow_outside_paths: bool = False, format: str = "auto"
+) -> list[Prompt]:
+    """Read prompts from a jsonl, JSON or parquet file, a saved `datasets` directory, or a cached
+    Hub dataset (`hf:owner/name[:split]`, see `iter_rows`).
+
+    `format` names the file's layout (`alignkit.data.formats`: alignkit's own, RLAIF-V, VLFeedback,
+    LLaVA, TRL, ShareGPT); `auto` tells it from the columns. Images may be paths (relative to the
+    file, and inside its directory unless `allow_outside_paths`), bytes, base64 data URLs,
+    `datasets` Image dicts or PIL images; embedded images are written to `image_dir` so every
+    record carries paths. Duplicate prompt ids are an error, since every later stage joins on them
+    (prompts of other formats get ids from their content, and repeats of one are kept once); so is
+    a source with no prompts.
+    """
+    source, image_dir = Path(source), Path(image_dir)
+    base, rows = iter_rows(source, "prompts")
+    fmt, rows = detect(source, rows, format)
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for where, row in rows:
+        if fmt == "alignkit":
+            p = _prompt_from_row(row, base, image_dir, where, allow_outside_paths)
+            if p.prompt_id in seen:
+                raise RecordError(f"{where}: duplicate prompt_id {p.prompt_id!r}")
+        else:
+            p = prompt_from(fmt, row, base, image_dir, where, allow_outside_paths)
+            if p.prompt_id in seen:
+                continue
+        seen.add(p.prompt_id)
+        prompts.append(p)
+    if not prompts:
+        raise RecordError(f"{source}: no prompts in it")
+    return prompts

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.config import DataConfig
+from alignkit.data.formats import read_prompts
 from alignkit.errors import StageInputError
-from alignkit.records import Prompt, read_prompts, write_jsonl
+from alignkit.records import Prompt, write_jsonl
 from alignkit.stage import Context
 
 
