@@ -32,7 +32,8 @@ LIBRARY_INFO = re.compile(r"(^|\) )INFO \S+")
 TRL_DICT_LOG = re.compile(r"\{'loss': ")
 
 
-def alignkit(cwd: Path, *args: str) -> str:
+def alignkit(cwd: Path, *args: str) -> tuple[str, str]:
+    """`alignkit ARGS` run in `cwd` as a user would, 80 columns wide: (stdout, stdout + stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "TRANSFORMERS_", "ALIGNKIT_"))}
     env |= {"COLUMNS": "80", "OMP_NUM_THREADS": "1"}
     for name in ("TORCH_LOGS", "PYTHONWARNINGS", "DATASETS_VERBOSITY", "TORCH_CPP_LOG_LEVEL"):
@@ -41,11 +42,11 @@ def alignkit(cwd: Path, *args: str) -> str:
                           text=True, timeout=600)  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    return output
+    return proc.stdout, output
 
 
 def summary(output: str) -> list[str]:
-    """The lines after the `outputs` rule, up to the end."""
+    """The lines after the `outputs` rule, up to the end (of stdout: the bars and warnings are on stderr)."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if re.fullmatch(r"─+ outputs ─+", line))
     return [line for line in lines[start + 1 :] if line.strip()]
@@ -54,7 +55,7 @@ def summary(output: str) -> list[str]:
 @pytest.mark.slow
 def test_quiet_by_default_verbose_with_v_and_a_summary_within_80_columns(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
-    quiet = alignkit(tmp_path, "run", "recipe.yaml")
+    stdout, quiet = alignkit(tmp_path, "run", "recipe.yaml")
 
     # the libraries' chatter is hidden: no INFO lines, none of vLLM's engine-start warnings, no raw dicts
     assert not [line for line in quiet.splitlines() if LIBRARY_INFO.search(line)], quiet
@@ -67,7 +68,7 @@ def test_quiet_by_default_verbose_with_v_and_a_summary_within_80_columns(tmp_pat
         assert bar in quiet, quiet
 
     # the summary: within 80 columns, every path whole, relative to the current directory and there
-    lines = summary(quiet)
+    lines = summary(stdout)
     assert max(len(line) for line in lines) <= 80, lines
     shown = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())[-1] for line in lines}
     assert shown["run directory"] == "run" and shown["adapter (PEFT)"] == "run/train/adapter", lines
@@ -75,7 +76,7 @@ def test_quiet_by_default_verbose_with_v_and_a_summary_within_80_columns(tmp_pat
         assert (tmp_path / shown[label]).exists(), (label, lines)
 
     # -v: sampling and training again (new settings; the same pairs), with the libraries' INFO logs and TRL's dicts
-    verbose = alignkit(tmp_path, "-v", "run", "recipe.yaml", "--stages", "sample,train", "sample.max_new_tokens=40",
+    _, verbose = alignkit(tmp_path, "-v", "run", "recipe.yaml", "--stages", "sample,train", "sample.max_new_tokens=40",
                        "train.learning_rate=1e-4")  # fmt: skip
     assert re.search(r"\(EngineCore pid=\d+\) INFO ", verbose), verbose  # vLLM's engine
     assert re.search(r"^INFO (transformers|trl|accelerate|peft)", verbose, re.M) or "[transformers]" in verbose, verbose
