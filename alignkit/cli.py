@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from alignkit.console import VERBOSE_ENV
 from alignkit.console import configure as configure_console
 from alignkit.errors import AlignkitError, ModelError, RecipeError, RecordError
 from alignkit.stages import STAGES
@@ -65,12 +66,14 @@ def _options(
         bool, typer.Option("--debug", help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).")
     ] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show the libraries' logs (vLLM, transformers, TRL, ...) at INFO.")
+        bool,
+        typer.Option("--verbose", "-v",
+                     help=f"Show the libraries' logs (vLLM, transformers, TRL, ...) at INFO (also: {VERBOSE_ENV}=1)."),
     ] = False,
 ) -> None:
     global _debug
     _debug = debug
-    configure_console(verbose)
+    configure_console(verbose or None)  # without -v, ALIGNKIT_VERBOSE decides
 
 RecipeArg = Annotated[
     str, typer.Argument(help="Recipe YAML path, or the name of a built-in recipe (see `alignkit recipes`).")
