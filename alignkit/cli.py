@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,8 +14,13 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from alignkit.console import VERBOSE_ENV
+from alignkit.console import configure as configure_console
 from alignkit.errors import AlignkitError, ModelError, RecipeError, RecordError
 from alignkit.stages import STAGES
+
+if multiprocessing.current_process().name != "MainProcess":  # a process vLLM spawned, which imports this
+    configure_console()  # module first: as quiet (or verbose) as its parent, before it imports vLLM
 
 console = Console()
 err_console = Console(stderr=True)
@@ -59,9 +65,15 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v",
+                     help=f"Show the libraries' logs (vLLM, transformers, TRL, ...) at INFO (also: {VERBOSE_ENV}=1)."),
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug
+    configure_console(verbose or None)  # without -v, ALIGNKIT_VERBOSE decides
 
 RecipeArg = Annotated[
     str, typer.Argument(help="Recipe YAML path, or the name of a built-in recipe (see `alignkit recipes`).")
@@ -99,23 +111,40 @@ def _run(recipe: str, overrides: list[str] | None, stages: list[str] | None) -> 
 
 
 def _print_outputs(runner) -> None:
+    """The run's outputs, one per line within the console's width, each path whole (so it can be
+    copied): relative to the current directory where that is shorter, on a line of its own when long."""
     paths = runner.paths
     model, adapter = runner.trained(paths.round) or (None, None)
-    table = Table(title="outputs", show_header=False)
-    for label, p in [
+    rows = [(label, shown_path(p)) for label, p in [
         ("run directory", paths.root),
         ("resolved recipe", paths.recipe),
         ("samples", paths.samples),
         ("verdicts", paths.verdicts),
-        ("pairs (TRL preference format)", paths.pairs),
+        ("pairs (TRL format)", paths.pairs),
         ("reward model", paths.reward_model / "model"),
         ("reward-model scores", paths.rm_scores),
         ("adapter (PEFT)", Path(adapter) if adapter else None),
         ("model (full fine-tuning)", Path(model) if model and not adapter else None),
-    ]:
-        if p is not None and p.exists():
-            table.add_row(label, str(p))
-    console.print(table)
+        ("evaluation", paths.eval),
+        ("report", paths.root / "report.html"),
+    ] if p is not None and p.exists()]  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    console.rule("[bold]outputs")
+    for label, path in rows:
+        if 2 + width + 2 + len(path) <= console.width:
+            console.print(Text(f"  {label:<{width}}  {path}"), soft_wrap=True)
+        else:
+            console.print(Text(f"  {label}"), soft_wrap=True)
+            console.print(Text(f"    {path}"), soft_wrap=True)  # never wrapped nor cut, even past the width
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the current directory where that is shorter, else absolute."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # on another drive (Windows)
+        return str(path)
+    return relative if len(relative) < len(str(path)) else str(path)
 
 
 @app.command()

@@ -15,6 +15,7 @@ step by step, and `num_processes` is part of a distributed stage's fingerprint.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import subprocess
@@ -77,12 +78,17 @@ def launch_stage(launch: LaunchConfig, root: Path, name: str, round: int, finger
     log.parent.mkdir(parents=True, exist_ok=True)
     args = ["--run-dir", str(root), "--stage", name, "--round", str(round), "--fingerprint", fingerprint]
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N processes share the cores
-    with log.open("w", encoding="utf-8") as f:
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    with log.open("w", encoding="utf-8", newline="") as f:
         proc = subprocess.Popen(command(launch, args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", preexec_fn=die_with_parent)  # fmt: skip
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
+                                preexec_fn=die_with_parent)  # fmt: skip
+        # chunks as they come, carriage returns kept, so that the main process's progress bar redraws its
+        # line (read as text lines, every redraw would print a line of its own)
+        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+            text = decode(chunk)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            f.write(text)
         code = proc.wait()
     if code != 0 or not summary.exists():
         tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])

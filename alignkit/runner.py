@@ -62,7 +62,8 @@ class Runner:
         summary = work(fp)
         summary["seconds"] = round(time.monotonic() - start, 2)
         self._record(key, {"fingerprint": fp, "status": "done", "summary": summary})
-        self.console.print(f"[green]✓[/] {key}: {json.dumps(summary, default=str)}")
+        # soft wrap: the terminal folds the line; rich would cut the paths in it at the width
+        self.console.print(f"[green]✓[/] {key}: {json.dumps(summary, default=str)}", soft_wrap=True)
         return summary
 
     def _record(self, key: str, entry: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from alignkit.console import configure as configure_console
 from alignkit.errors import LaunchError
 from alignkit.launch import die_with_parent
 from alignkit.recipe import load_recipe
@@ -23,6 +24,7 @@ from alignkit.stages import STAGES
 
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()  # torchrun's agent or accelerate's launcher; killed with it
+    configure_console()  # as quiet (or verbose) as the runner that launched it
     parser = argparse.ArgumentParser(prog="python -m alignkit.worker")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--stage", required=True, choices=[s.name for s in STAGES])

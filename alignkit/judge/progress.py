@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from alignkit.console import progress
+
 
 @dataclass
 class Tally:
@@ -27,7 +29,7 @@ class Tally:
 
     def open_bar(self, total: int, desc: str) -> None:
         self.started = time.monotonic()
-        self._bar = tqdm(total=total, desc=desc, unit="judgment", dynamic_ncols=True)
+        self._bar = progress(total=total, desc=desc, unit="judgment")
 
     def close_bar(self) -> None:
         if self._bar is not None:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from alignkit.console import progress
 from alignkit.models.device import ComputeSettings, process_state
 from alignkit.models.inputs import collate, encode
 from alignkit.pairs import _conversation
@@ -105,7 +106,8 @@ def score_answers(
     rm.eval()
     indices = range(len(answers)) if indices is None else indices
     results: list[Scored] = []
-    for batch, keys in zip(_batches(answers, batch_size), _batches(indices, batch_size)):
+    batches = zip(_batches(answers, batch_size), _batches(indices, batch_size))
+    for batch, keys in progress(batches, desc="score", total=-(-len(answers) // batch_size), leave=False):
         if num_critiques == 0:
             feats = [encode_answer(rm.processor, a.prompt, a.answer, a.images, None) for a in batch]
             results += [Scored(s) for s in _forward_scores(rm, feats)]

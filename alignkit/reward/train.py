@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator, process_state
@@ -86,7 +87,7 @@ def fit(
     global_batch = batch_size * grad_accum * world
     torch.manual_seed(seed)
     # every process encodes every pair: the loss is normalised by the global batch's counts
-    features = [pair_features(rm.processor, p, use_critiques) for p in pairs]
+    features = [pair_features(rm.processor, p, use_critiques) for p in progress(pairs, desc="encode", leave=False, disable=not main)]
     tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in pair) for pair in features]  # critique tokens
     pad_id = rm.processor.tokenizer.pad_token_id
     params = [p for p in rm.parameters() if p.requires_grad]
@@ -102,6 +103,7 @@ def fit(
         order = extra["order"]
         shuffler.set_state(extra["shuffler"])
     wrapped.train()
+    bar = progress(total=steps, initial=step, desc="reward model", disable=not main)
     while step < steps:
         while len(order) < global_batch:  # epochs of shuffled pairs
             order += torch.randperm(len(pairs), generator=shuffler).tolist()
@@ -130,6 +132,7 @@ def fit(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        bar.update()
         record.update(step=step, accuracy=right / counts.pairs)
         history.append(record)
         if log is not None:
@@ -139,6 +142,7 @@ def fit(
                 save_checkpoint(checkpoint_dir, step, modules={"rm": rm}, optimizer=optimizer,
                                 extra={"order": order, "shuffler": shuffler.get_state()}, keep=1)  # fmt: skip
             accelerator.wait_for_everyone()
+    bar.close()
     return history
 
 

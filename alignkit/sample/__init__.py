@@ -17,8 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from alignkit.console import progress
 from alignkit.errors import ModelError, RecordError, SampleError
 from alignkit.models import resolve_model
 from alignkit.records import Prompt, ResumableJsonl, Sample, load_image, sample_id
@@ -150,7 +149,7 @@ def sample_prompts(
     out = ResumableJsonl(out_path, fingerprint, id_key="sample_id")
     complete = {p.prompt_id for p in prompts} & _finished(out.done, num_samples, drop_duplicates)
     failed: list[dict[str, str]] = []
-    bar = tqdm(total=len(prompts), initial=len(complete), desc="sample", unit="prompt")
+    bar = progress(total=len(prompts), initial=len(complete), desc="sample", unit="prompt")
     try:
         for c in range(0, len(prompts), chunk_size):
             chunk = prompts[c : c + chunk_size]

@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alignkit.console import verbose
 from alignkit.errors import SampleError, SetupError
 from alignkit.models import LANGUAGE_MODEL, load_processor, merge_adapter
 from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_seed, join_answers, policy_name
@@ -40,7 +41,9 @@ from alignkit.sample.base import Generation, RejectedPrompts, Request, derive_se
 def _engine_options(options: dict[str, Any] | None) -> dict[str, Any]:
     from vllm.platforms import current_platform
 
-    defaults: dict[str, Any] = {"tensor_parallel_size": 1, "dtype": "auto", "max_model_len": None}
+    # its weight-loading bar is shown with `alignkit -v`, as transformers' is
+    defaults: dict[str, Any] = {"tensor_parallel_size": 1, "dtype": "auto", "max_model_len": None,
+                                "use_tqdm_on_load": verbose()}  # fmt: skip
     if current_platform.is_cpu():
         # torch.compile added ~90 s to every engine start on a 2-core machine; CPU runs are small.
         # A seeded request whose prefill is split over steps fails on CPU in vLLM 0.32 ("CPU Generator

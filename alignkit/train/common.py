@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
+from alignkit.console import progress, verbose
 from alignkit.errors import finite
 from alignkit.models import checkpoint
 from alignkit.models.device import ComputeSettings, process_state
@@ -58,6 +60,28 @@ class MetricsJsonl(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.log:
             self.log.close()
+
+
+class TrainProgress(ProgressCallback):
+    """The trainer's progress bar, named `train`, with the last loss on it. The dicts the stock bar
+    prints at every logged step go to metrics.jsonl instead (`MetricsJsonl`); `alignkit -v` prints them too."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = progress(total=state.max_steps, desc="train", unit="step")
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if verbose():
+            super().on_log(args, state, control, logs=logs, **kwargs)
+        elif self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
+
+
+def show_progress(trainer: Trainer) -> None:
+    """Put `TrainProgress` in place of `trainer`'s stock progress bar."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainProgress)
 
 
 def dpo_config(

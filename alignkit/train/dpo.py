@@ -12,7 +12,7 @@ from alignkit.data.preference import load_preference_dataset
 from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
 from alignkit.tracking import Tracking
-from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
+from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final, show_progress
 from alignkit.train.config import TrainConfig
 
 
@@ -68,6 +68,7 @@ def train_dpo(
         peft_config=peft_config,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", tracking)],
     )
+    show_progress(trainer)
     trainer.train(resume_from_checkpoint=resume_from)
 
     # save: `adapter/` only ever holds a finished adapter (weights, adapter_config.json, processor)

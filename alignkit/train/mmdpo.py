@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
+from alignkit.console import progress
 from alignkit.data.preference import COLUMNS, load_preference_dataset
 from alignkit.errors import finite
 from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
 from alignkit.tracking import Tracking
-from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final
+from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final, show_progress
 from alignkit.train.config import TrainConfig
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
@@ -88,7 +89,6 @@ class MMDPOTrainer(DPOTrainer):
         process reads the whole cache, and each process's shard of the batches finds its rows.
         """
         from accelerate.utils import gather_object
-        from tqdm import tqdm
 
         main, rank = self.accelerator.is_main_process, self.accelerator.process_index
         size, world = self.args.per_device_train_batch_size, self.accelerator.num_processes
@@ -96,7 +96,7 @@ class MMDPOTrainer(DPOTrainer):
         todo = [i for i, key in enumerate(keys) if key not in cached]
         model = self.ref_model or self.model
         rounds = [todo[start : start + size * world] for start in range(0, len(todo), size * world)]
-        for chunk in tqdm(rounds, desc="reference log-probs", disable=not main or not rounds):
+        for chunk in progress(rounds, desc="reference log-probs", disable=not main or not rounds):
             mine = chunk[rank * size : (rank + 1) * size]
             rows: list[tuple[str, float, float]] = []
             if mine:
@@ -200,6 +200,7 @@ def train_mmdpo(
         peft_config=lora,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", tracking)],
     )
+    show_progress(trainer)
     fingerprint = reference_fingerprint(model_path, dtype=policy.dtype, qlora=finetune == "qlora", max_len=cfg.max_length)
     cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else out_dir / "ref_logps"
     trainer.cache_reference_logps(cache_dir / f"{fingerprint}.jsonl", keys)

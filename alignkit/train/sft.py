@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator
@@ -110,7 +110,7 @@ def train_sft(
     # float32 weights; accelerate runs the compute in its mixed precision and places the model
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32, **compute.load_options())
     examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
-                for r in tqdm(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
+                for r in progress(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
     targets = [int((e["labels"][1:] != IGNORE).sum()) for e in examples]  # tokens the loss counts
     pad_id = processor.tokenizer.pad_token_id
 
@@ -145,7 +145,7 @@ def train_sft(
 
     # loop
     wrapped.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not main)
+    bar = progress(total=cfg.max_steps, initial=step, desc="sft", disable=not main)
     running = 0.0
     while step < cfg.max_steps:
         if len(order) < global_batch:  # a fresh shuffled epoch once the current one runs out
