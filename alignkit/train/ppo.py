@@ -77,8 +77,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from alignkit.console import progress
 from alignkit.errors import ModelError, RecipeError, finite
 from alignkit.models.inputs import collate, encode, extend
 from alignkit.records import Prompt, Sample, atomic_output
@@ -533,7 +533,7 @@ def train_ppo(
         kl_ctl.value = extra["kl_coef"]
     log = StepLog(out_dir / "metrics.jsonl", tracking) if main else None
 
-    bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="ppo", disable=not main)
+    bar = progress(range(start, c.steps), initial=start, total=c.steps, desc="ppo", disable=not main)
     for step in bar:
         started = time.monotonic()
 
