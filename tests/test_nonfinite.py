@@ -57,6 +57,7 @@ def test_a_nan_loss_stops_a_trl_run_before_that_step_is_saved(tmp_path):
 
     callback = MetricsJsonl(tmp_path / "metrics.jsonl")
     state = SimpleNamespace(is_world_process_zero=True, global_step=7)
+    callback.on_train_begin(None, state, None)
     callback.on_log(None, state, None, logs={"loss": 0.5})
     with pytest.raises(NonFiniteError, match="step 7: the loss is nan"):
         callback.on_log(None, state, None, logs={"loss": math.nan})

@@ -37,7 +37,7 @@ def test_gold_annotations_match_the_question(tmp_path: Path):
             asked = find_mentions(p.question)[0].name
             assert p.reference_answer == ("yes" if asked in p.objects else "no")
         elif p.task == "color":
-            shape = find_mentions(p.question)[0].shape
+            shape = find_mentions(p.question)[0].object
             matching = [o for o in p.objects if o.endswith(" " + shape)]
             assert len(matching) == 1 and p.reference_answer == matching[0].split()[0]
 
