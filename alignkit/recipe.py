@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from alignkit.config import Section
 from alignkit.data.config import DataConfig
+from alignkit.data.levels import LevelsConfig
 from alignkit.errors import RecipeError
 from alignkit.evaluate.config import EvalConfig
 from alignkit.judge.config import JudgeConfig
@@ -36,6 +37,8 @@ class Recipe(Section):
     stages: list[Literal[STAGE_NAMES]] = list(DEFAULT_STAGES)
     policy: PolicyConfig = PolicyConfig()
     data: DataConfig
+    levels: LevelsConfig | None = None
+    """AlignGPT-style alignment levels of the prompts by CLIP similarity (`alignkit.data.levels`); off by default."""
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()

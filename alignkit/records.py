@@ -36,6 +36,8 @@ class Prompt:
     task: str = "open"  # describe | count | exists | color | open
     reference_answer: str | None = None
     objects: list[str] | None = None  # gold object list, e.g. ["red square", "blue circle"]
+    level: int | None = None  # AlignGPT-style alignment level, 1..N (alignkit.data.levels), when scored
+    clip_similarity: float | None = None  # the CLIP image–text cosine the level comes from
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Pair:
     rejected_rationale: str = ""
     chosen_id: str = ""
     rejected_id: str = ""
+    level: int | None = None  # the prompt's alignment level, when the prompts stage scored levels
 
 
 R = TypeVar("R", Prompt, Sample, Verdict, Pair)

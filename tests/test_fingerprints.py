@@ -35,6 +35,7 @@ seed: 3
 policy: {{model: tiny:qwen2-vl}}
 data:
   synthetic: {{num_prompts: 4, seed: 2}}
+levels: {{model: tiny:clip}}
 sample: {{backend: transformers, template: {tmp_path / "template.yaml"}}}
 judge: {{backend: reference, rubric: {tmp_path / "judge.yaml"}, model: judge-m}}
 pairs: {{strategy: best_worst}}
@@ -96,6 +97,7 @@ ALTERNATIVES = {
     "eval.vocabulary": "coco", "train.gradient_checkpointing": True, "train.attn_implementation": "eager",
     "tracking.project": "other", "tracking.run_name": "named", "pairs.min_length_ratio": 0.5,
     "judge.vocabulary": "coco", "eval.max_questions": 3,
+    "levels.model": "some/clip",
 }  # fmt: skip
 
 

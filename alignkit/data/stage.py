@@ -40,7 +40,7 @@ class PromptsStage:
     exclude: frozenset[str] = frozenset()
 
     def config(self, recipe) -> tuple[str, ...]:
-        return ("data",)
+        return ("data", "levels")
 
     def reads(self, ctx: Context) -> list[Path]:
         return source_files(ctx.config.data)
@@ -54,5 +54,11 @@ class PromptsStage:
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         data: DataConfig = ctx.config.data
         prompts = make_prompts(data, ctx.paths.root)
+        summary = {}
+        if ctx.config.levels is not None:
+            from alignkit.data.levels import annotate_levels
+
+            summary["num_scored"] = len(prompts)
+            prompts = annotate_levels(prompts, ctx.config.levels)
         write_jsonl(ctx.paths.prompts, prompts)
-        return {"num_prompts": len(prompts)}
+        return {"num_prompts": len(prompts), **summary}

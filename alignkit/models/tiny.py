@@ -186,7 +186,44 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-BUILDERS = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava}
+def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer CLIP (text and vision width 64, projection 32) on 112x112 images, for `levels.model`.
+
+    The tokenizer is the same locally trained BPE, with CLIP's start/end/pad tokens; the text
+    model pools at the end-of-text token, whose id the config names.
+    """
+    import torch
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    special = ["<|endoftext|>", "<|startoftext|>"]
+    tokenizer = _train_tokenizer(special)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    # CLIP's own framing: start token, text, end token (the text model pools at the first end token)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[(t, ids[t]) for t in special]
+    )
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>"
+    tokenizer.padding_side = "right"
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=ids["<|startoftext|>"],
+            eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=112, patch_size=16),
+        projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    CLIPModel(config).to(torch.float32).save_pretrained(out_dir)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+BUILDERS = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava, "tiny:clip": build_tiny_clip}
 
 
 def default_cache_dir() -> Path:

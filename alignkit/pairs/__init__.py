@@ -45,6 +45,7 @@ def make_pair(prompt: Prompt, user_text: str, chosen: tuple[Sample, Verdict], re
         rejected_rationale=rv.rationale,
         chosen_id=cs.sample_id,
         rejected_id=rs.sample_id,
+        level=prompt.level,
     )
 
 
