@@ -51,21 +51,22 @@ def test_similarity_is_the_cosine_of_clips_projected_embeddings(clip_dir, tmp_pa
 
 
 def test_prompts_stage_annotates_levels_and_filters_by_min_level(clip_dir, tmp_path):
-    def run(min_level: int) -> list[Prompt]:
+    def run(min_level: int) -> tuple[dict, list[Prompt]]:
         (tmp_path / "r.yaml").write_text(f"""\
 output_dir: {tmp_path / "run"}
 data: {{synthetic: {{num_prompts: 8, seed: 1, tasks: [describe]}}}}
 levels: {{model: {clip_dir}, num_levels: 4, min_level: {min_level}}}
 """)
-        Runner(load_recipe(tmp_path / "r.yaml")).run(["prompts"])
-        return read_records(tmp_path / "run" / "prompts.jsonl", Prompt)
+        summary = Runner(load_recipe(tmp_path / "r.yaml")).run(["prompts"])["prompts"]
+        return summary, read_records(tmp_path / "run" / "prompts.jsonl", Prompt)
 
-    every = run(1)
-    assert len(every) == 8
+    summary, every = run(1)
+    assert len(every) == 8 and summary["per_level"] == {"1": 2, "2": 2, "3": 2, "4": 2}
     ranked = sorted(every, key=lambda p: p.clip_similarity)
     assert len({p.clip_similarity for p in every}) == 8  # no ties: each level holds exactly 2
     assert [p.level for p in ranked] == [1, 1, 2, 2, 3, 3, 4, 4]
-    kept = run(3)  # a changed levels key re-runs the stage: the two top levels, 4 of 8 prompts
+    summary, kept = run(3)  # a changed levels key re-runs the stage: the two top levels, 4 of 8 prompts
+    assert summary["num_scored"] == 8 and summary["num_prompts"] == 4
     assert {p.prompt_id: p.level for p in kept} == {p.prompt_id: p.level for p in ranked[4:]}
     assert json.loads((tmp_path / "run" / "prompts.jsonl").read_text().splitlines()[0])["level"] >= 3
     # a pair carries its prompt's level

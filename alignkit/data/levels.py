@@ -66,6 +66,7 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP model and processor from a directory, Hub id or `tiny:clip`; anything else is a clear error."""
     from transformers import AutoConfig, CLIPModel, CLIPProcessor
 
+    from alignkit.models.device import process_state
     from alignkit.models.loading import resolve_model
 
     path = resolve_model(name)
@@ -75,7 +76,8 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPProcessor]:
         raise ModelError(f"levels.model: cannot load a CLIP model from {name!r}: {str(e).splitlines()[0]}") from None
     if model_type != "clip":
         raise ModelError(f"levels.model: {name!r} is a {model_type!r} model, not CLIP")
-    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path).eval().to(process_state().device)  # the GPU when there is one
+    return model, CLIPProcessor.from_pretrained(path)
 
 
 def similarities(model: CLIPModel, processor: CLIPProcessor, pairs: list[tuple[str, str]]) -> list[float]:
@@ -87,7 +89,7 @@ def similarities(model: CLIPModel, processor: CLIPProcessor, pairs: list[tuple[s
     for start in range(0, len(pairs), BATCH_SIZE):
         batch = pairs[start : start + BATCH_SIZE]
         inputs = processor(text=[t for _, t in batch], images=[load_image(p) for p, _ in batch],
-                           return_tensors="pt", padding=True, truncation=True, max_length=max_length)  # fmt: skip
+                           return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(model.device)  # fmt: skip
         with torch.no_grad():
             result = model(**inputs)
         # image_embeds and text_embeds come L2-normalised, so the row-wise dot product is the cosine

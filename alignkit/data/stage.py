@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,12 @@ class PromptsStage:
     def run(self, ctx: Context, fingerprint: str) -> dict[str, Any]:
         data: DataConfig = ctx.config.data
         prompts = make_prompts(data, ctx.paths.root)
-        summary = {}
+        summary: dict[str, Any] = {}
         if ctx.config.levels is not None:
             from alignkit.data.levels import annotate_levels
 
             summary["num_scored"] = len(prompts)
             prompts = annotate_levels(prompts, ctx.config.levels)
+            summary["per_level"] = {str(k): n for k, n in sorted(Counter(p.level for p in prompts).items())}
         write_jsonl(ctx.paths.prompts, prompts)
         return {"num_prompts": len(prompts), **summary}
