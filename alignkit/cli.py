@@ -272,8 +272,8 @@ def make_shapes(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same world.")] = 0,
 ) -> None:
     """Write a synthetic shapes-world prompt set (images + questions with gold annotations)."""
-    from alignkit.data.worlds.shapes import make_shapes_prompts
     from alignkit.records import write_jsonl
+    from alignkit.worlds.shapes import make_shapes_prompts
 
     prompts = make_shapes_prompts(out_dir, num_prompts, seed=seed)
     console.print(f"wrote {len(prompts)} prompts to {write_jsonl(out_dir / 'prompts.jsonl', prompts)}")

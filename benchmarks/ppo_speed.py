@@ -63,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: no worker start-up
 
-    from alignkit.data.worlds.shapes import make_shapes_prompts
     from alignkit.models import tiny_model
+    from alignkit.worlds.shapes import make_shapes_prompts
 
     model = str(tiny_model("tiny:qwen2-vl"))
     with tempfile.TemporaryDirectory() as tmp:

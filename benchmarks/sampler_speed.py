@@ -86,9 +86,9 @@ def main() -> None:
 
     import torch
 
-    from alignkit.data.worlds.shapes import make_shapes_prompts
     from alignkit.models import build_tiny_qwen2_vl
     from alignkit.records import write_jsonl
+    from alignkit.worlds.shapes import make_shapes_prompts
 
     where = f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "CPU"
     weights = opts.model or "Qwen2-VL (random weights)"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 
 def prepare(work: Path, examples: int) -> tuple[Path, Path]:
-    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
     from alignkit.models import build_tiny_qwen2_vl
     from alignkit.records import write_jsonl
     from alignkit.sample.templates import load_template
+    from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
     model = build_tiny_qwen2_vl(work / "model", seed=0)
     prompts = make_shapes_prompts(work / "data", examples, seed=1)

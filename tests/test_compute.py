@@ -18,9 +18,9 @@ from alignkit.train.config import SftConfig, TrainConfig
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
     from alignkit.records import write_jsonl
     from alignkit.sample.templates import load_template
+    from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
     tmp = tmp_path_factory.mktemp("sft-data")
     rows = sft_examples(make_shapes_prompts(tmp, 8, seed=3), load_template("cot"), 0.5, seed=3)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.evaluate import chair, compare, evaluate_answers, format_table, pope, pope_label, qa_accuracy
 from alignkit.records import Prompt
+from alignkit.worlds.shapes import make_shapes_prompts
 
 # ---------------------------------------------------------------------------------------------
 # CHAIR

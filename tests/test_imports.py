@@ -17,7 +17,7 @@ import alignkit
 ROOT = Path(alignkit.__file__).parent
 
 # Below every stage: they may import only each other (and the standard library / third parties).
-BOTTOM = {"errors", "config", "records", "objects", "models", "data", "stage", "tracking"}
+BOTTOM = {"errors", "config", "records", "objects", "worlds", "models", "data", "stage", "tracking"}
 
 
 def module_name(path: Path) -> str:

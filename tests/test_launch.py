@@ -163,10 +163,10 @@ def test_precision_comes_from_the_hardware_and_accelerate(monkeypatch):
 
 @pytest.mark.slow
 def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, monkeypatch):
-    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
     from alignkit.records import write_jsonl
     from alignkit.sample.templates import load_template
     from alignkit.train.config import SftConfig
+    from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
     data = write_jsonl(tmp_path / "sft.jsonl",
                        sft_examples(make_shapes_prompts(tmp_path, 4, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
@@ -198,10 +198,10 @@ def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, mon
 @pytest.mark.slow
 def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_qwen_dir, tmp_path):
     """batch 2 × grad_accum 2 = batch 4: the loss is normalised over the global batch's tokens."""
-    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
     from alignkit.records import write_jsonl
     from alignkit.sample.templates import load_template
     from alignkit.train.config import SftConfig
+    from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
     data = write_jsonl(tmp_path / "sft.jsonl",
                        sft_examples(make_shapes_prompts(tmp_path, 8, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip

@@ -133,11 +133,11 @@ def test_a_killed_two_process_ppo_run_resumes_from_its_checkpoint(one_process, t
 
 @pytest.mark.slow
 def test_ppo_asks_accelerate_where_to_put_its_models(tiny_qwen_dir, tmp_path, monkeypatch):
-    from alignkit.data.worlds.shapes import make_shapes_prompts
     from alignkit.records import Prompt, Sample
     from alignkit.sample.config import SampleConfig
     from alignkit.train.config import PpoConfig, TrainConfig
     from alignkit.train.rewards import RewardFn
+    from alignkit.worlds.shapes import make_shapes_prompts
 
     seen: dict = {}
     real = device.make_accelerator

@@ -141,7 +141,7 @@ def _says_red(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from alignkit.data.worlds.shapes import make_shapes_prompts
+    from alignkit.worlds.shapes import make_shapes_prompts
 
     return make_shapes_prompts(tmp_path_factory.mktemp("ppo"), 8, seed=0)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.data.worlds.shapes import describe_objects, make_shapes_prompts
 from alignkit.judge.reference import judge_reference
 from alignkit.judge.rubric import load_rubric
 from alignkit.models.inputs import collate
@@ -23,6 +22,7 @@ from alignkit.reward.losses import LossWeights, reward_loss
 from alignkit.reward.model import build_reward_model, load_reward_model
 from alignkit.reward.score import add_rm_columns, evaluate_pairs, pair_answers, pairwise_accuracy, score_answers
 from alignkit.reward.train import fit
+from alignkit.worlds.shapes import describe_objects, make_shapes_prompts
 
 
 def shapes_pairs(out_dir: Path, num_prompts: int, seed: int) -> Path:

@@ -5,11 +5,11 @@ from typing import Any
 
 import pytest
 
-from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import RejectedPrompts, Request, SampleConfig, make_backend, run_sample, sample_prompts, to_request
 from alignkit.sample.base import derive_seed
 from alignkit.sample.templates import load_template, parse_output
+from alignkit.worlds.shapes import make_shapes_prompts
 
 K = 3
 # A KV cache of a fixed size (GiB), not a share of the machine's memory: a share fails to start where

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.records import Sample, load_image, read_records, sample_id
 from alignkit.sample import Generation, SampleConfig, make_backend, run_sample, sample_prompts
 from alignkit.sample.base import derive_seed
 from alignkit.testing.chat_server import ENVELOPE_FAULTS, FAULTS, ChatServer, heuristic_reply
+from alignkit.worlds.shapes import make_shapes_prompts
 
 K = 3
 KEY_ENV = "ALIGNKIT_TEST_SAMPLER_KEY"

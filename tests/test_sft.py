@@ -6,13 +6,13 @@ import random
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from alignkit.data.worlds.shapes import make_shapes_prompts, perceived_answer, sft_examples
 from alignkit.models.inputs import collate, encode
 from alignkit.records import Prompt, load_image, write_jsonl
 from alignkit.sample.templates import load_template
 from alignkit.train import sft as sft_module
 from alignkit.train.config import SftConfig
 from alignkit.train.sft import read_sft_file, train_sft
+from alignkit.worlds.shapes import make_shapes_prompts, perceived_answer, sft_examples
 
 
 @pytest.fixture(scope="module")

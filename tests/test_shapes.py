@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from alignkit.data.worlds.shapes import RGB, describe_objects, make_shapes_prompts
 from alignkit.objects import COLORS, SHAPES, find_mentions
+from alignkit.worlds.shapes import RGB, describe_objects, make_shapes_prompts
 
 
 def _strip_paths(prompts):

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.data.worlds.shapes import make_shapes_prompts
 from alignkit.errors import ModelError
 from alignkit.models import build_tiny_llava, build_tiny_qwen2_vl, resolve_model, tiny, tiny_model
 from alignkit.records import load_image
+from alignkit.worlds.shapes import make_shapes_prompts
 
 
 def _chat(question: str):

@@ -17,7 +17,7 @@ def make_prompts(source: Any, out_dir: Path) -> list[Prompt]:
     """Prompts from a section with `prompts` (a file) or `synthetic` (the shapes world); images go
     under `out_dir`. Shared by the prompts stage and eval's held-out prompts."""
     if source.synthetic is not None:
-        from alignkit.data.worlds.shapes import make_shapes_prompts
+        from alignkit.worlds.shapes import make_shapes_prompts
 
         syn = source.synthetic
         return make_shapes_prompts(out_dir, syn.num_prompts, seed=syn.seed, tasks=tuple(syn.tasks))

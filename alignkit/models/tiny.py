@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from alignkit.data.worlds.shapes import corpus
 from alignkit.errors import ModelError
+from alignkit.worlds.shapes import corpus
 
 # Bump when a builder's output changes, so cached directories are rebuilt.
 VERSION = "v1"

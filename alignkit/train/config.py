@@ -137,7 +137,7 @@ class SftSyntheticConfig(Section):
     """Seed of the SFT images (keep it apart from data.synthetic.seed and eval's)."""
     error_rate: float = Field(0.6, ge=0, le=1)
     """Share of SFT answers that hallucinate one object that is not in the image (see
-    `data.worlds.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
+    `worlds.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
 
 
 class SftConfig(Section):

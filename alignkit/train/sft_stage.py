@@ -52,8 +52,8 @@ class SftStage:
         summary: dict[str, Any] = {}
         if cfg.synthetic is not None:
             if state.is_main_process:
-                from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
                 from alignkit.sample.templates import load_template
+                from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
                 syn = cfg.synthetic
                 prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
