@@ -93,7 +93,8 @@ def _save_generation_config(out_dir: Path, tokenizer, stops: tuple[str, str] = (
     from transformers import GenerationConfig
 
     eos = [tokenizer.convert_tokens_to_ids(t) for t in stops]
-    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos[1]).save_pretrained(out_dir)
+    config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos[1])
+    config.save_pretrained(out_dir)
 
 
 def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2) -> Path:
@@ -228,7 +229,10 @@ def chat_template(prefix: dict[str, str], suffix: dict[str, str], image: str, *,
     )  # fmt: skip
 
 
-CHATML = {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}, dict.fromkeys(("system", "user", "assistant"), "<|im_end|>\n")
+CHATML = (
+    {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
+    dict.fromkeys(("system", "user", "assistant"), "<|im_end|>\n"),
+)
 
 
 def _text_config(tokenizer, **overrides) -> dict:
@@ -241,7 +245,9 @@ def _text_config(tokenizer, **overrides) -> dict:
     return config | overrides
 
 
-def _save(out_dir: Path, model_class, config, processor, seed: int, stops: tuple[str, str]) -> Path:
+def _save(
+    out_dir: Path, model_class, config, processor, seed: int, stops: tuple[str, str] = ("<|im_end|>", "<|endoftext|>")
+) -> Path:
     """Random float32 weights from `seed`, the processor, the tokenizer with the processor's chat
     template, and the generation config, saved in `out_dir`."""
     import torch
@@ -280,7 +286,7 @@ def build_tiny_qwen2_5_vl(out_dir: Path, seed: int = 0) -> Path:
         image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
         tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE,
     )  # fmt: skip
-    return _save(out_dir, Qwen2_5_VLForConditionalGeneration, config, processor, seed, ("<|im_end|>", "<|endoftext|>"))
+    return _save(out_dir, Qwen2_5_VLForConditionalGeneration, config, processor, seed)
 
 
 def build_tiny_qwen3_vl(out_dir: Path, seed: int = 0) -> Path:
@@ -302,7 +308,7 @@ def build_tiny_qwen3_vl(out_dir: Path, seed: int = 0) -> Path:
         image_processor=Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128),
         tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE,
     )  # fmt: skip
-    return _save(out_dir, Qwen3VLForConditionalGeneration, config, processor, seed, ("<|im_end|>", "<|endoftext|>"))
+    return _save(out_dir, Qwen3VLForConditionalGeneration, config, processor, seed)
 
 
 GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
@@ -357,7 +363,9 @@ def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
         ),
         tokenizer=tokenizer, chat_template=template, image_seq_len=4,
     )  # fmt: skip
-    return _save(out_dir, Idefics3ForConditionalGeneration, config, processor, seed, ("<end_of_utterance>", "<|endoftext|>"))
+    return _save(
+        out_dir, Idefics3ForConditionalGeneration, config, processor, seed, ("<end_of_utterance>", "<|endoftext|>")
+    )
 
 
 def build_tiny_llava_onevision(out_dir: Path, seed: int = 0) -> Path:
@@ -386,7 +394,7 @@ def build_tiny_llava_onevision(out_dir: Path, seed: int = 0) -> Path:
         tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
         vision_feature_select_strategy="full", chat_template=template,
     )  # fmt: skip
-    return _save(out_dir, LlavaOnevisionForConditionalGeneration, config, processor, seed, ("<|im_end|>", "<|endoftext|>"))
+    return _save(out_dir, LlavaOnevisionForConditionalGeneration, config, processor, seed)
 
 
 INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
@@ -412,7 +420,7 @@ def build_tiny_internvl(out_dir: Path, seed: int = 0) -> Path:
         tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=4,
         chat_template=chat_template(*CHATML, "<IMG_CONTEXT>\n"),
     )  # fmt: skip
-    return _save(out_dir, InternVLForConditionalGeneration, config, processor, seed, ("<|im_end|>", "<|endoftext|>"))
+    return _save(out_dir, InternVLForConditionalGeneration, config, processor, seed)
 
 
 MISTRAL3_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
