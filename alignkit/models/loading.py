@@ -127,19 +127,29 @@ def lora_config(
     alpha: int = 16,
     dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
+    model: nn.Module | None = None,
 ) -> LoraConfig:
     """A LoRA config on the language model's projections.
 
     A list of module names (default: `DEFAULT_TARGET_MODULES`) is matched inside the language model
     only: LLaVA's CLIP tower also has `q_proj`/`k_proj`/`v_proj`, and adapting the vision tower is
     not what preference tuning of the answers needs. A string is passed to PEFT as a regex as-is,
-    for the rare case that should reach the vision tower or the projector.
+    for the rare case that should reach the vision tower or the projector. Given the `model`, a
+    pattern that matches none of its modules is a ModelError naming the model (PEFT's own error
+    does not say which setting to change).
     """
     from peft import LoraConfig
 
     if target_modules is None or isinstance(target_modules, list):
         names = "|".join(re.escape(n) for n in (target_modules or DEFAULT_TARGET_MODULES))
         target_modules = rf"(.*\.)?{LANGUAGE_MODEL}\..*\.({names})"
+    if model is not None and not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ModelError(
+            f"LoRA targets {target_modules!r} (train.target_modules) match no module of "
+            f"{getattr(model, 'name_or_path', '') or type(model).__name__} ({type(model).__name__}); "
+            f"its linear layers are named {linear}"
+        )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
