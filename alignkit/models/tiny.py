@@ -248,13 +248,18 @@ def _text_config(tokenizer, **overrides) -> dict:
 def _save(
     out_dir: Path, model_class, config, processor, seed: int, stops: tuple[str, str] = ("<|im_end|>", "<|endoftext|>")
 ) -> Path:
-    """Random float32 weights from `seed`, the processor, the tokenizer with the processor's chat
-    template, and the generation config, saved in `out_dir`."""
+    """Random float32 weights from `seed` (no weight matrix left at zero), the processor, the
+    tokenizer with the processor's chat template, and the generation config, saved in `out_dir`."""
     import torch
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model_class(config).to(torch.float32).save_pretrained(out_dir)
+    model = model_class(config).to(torch.float32)
+    with torch.no_grad():  # hub weights are trained; a matrix left at zero (Gemma 3's projector) would cut the image off
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, 0.02)
+    model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(out_dir)

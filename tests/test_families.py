@@ -1,0 +1,148 @@
+"""The model-family matrix: every tiny family x the stages that run in-process (transformers
+sampling, SFT, DPO, reward-model scoring), and an image-ablation check per family (the policy's
+and the reward model's outputs change when only the image changes, so a path that drops the
+image fails). `benchmarks/families_table.py` turns this file's results into docs/families.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from alignkit.errors import ModelError
+from alignkit.models import BUILDERS, load_policy, lora_config, tiny_model
+from alignkit.models.inputs import collate, encode
+
+FAMILIES = sorted(BUILDERS)
+PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+ANSWER = [{"role": "assistant", "content": [{"type": "text", "text": "I see a red square. Answer: square"}]}]
+
+
+def _image(color: str, size: tuple[int, int] = (112, 112)) -> Image.Image:
+    """A plain square of `color` with a white corner, so images differ in more than one value."""
+    img = Image.new("RGB", size, color)
+    img.paste((255, 255, 255), (0, 0, size[0] // 3, size[1] // 3))
+    return img
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """One cache of tiny models for the module (each family is built on first use)."""
+    return tmp_path_factory.mktemp("families")
+
+
+def _dir(models: Path, family: str) -> str:
+    return str(tiny_model(family, cache_dir=models))
+
+
+def _completion_logps(model, processor, image: Image.Image) -> torch.Tensor:
+    """Log-probs of ANSWER's tokens after PROMPT with `image`, from one forward pass."""
+    features = encode(processor, PROMPT, [image], ANSWER)
+    batch = collate([features], processor.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return picked[keep]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_reaches_the_policy(models, family):
+    """The forward log-probs of a fixed answer change when only the image changes."""
+    model, processor = load_policy(_dir(models, family), dtype=torch.float32)
+    red, blue = (_completion_logps(model.eval(), processor, _image(c)) for c in ("red", "blue"))
+    assert red.shape == blue.shape and red.numel() > 3
+    assert torch.isfinite(red).all()
+    assert (red - blue).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_only_the_language_model(models, family):
+    """The default LoRA targets exist in each family and all sit inside its language model."""
+    from peft import get_peft_model
+
+    model, _ = load_policy(_dir(models, family), dtype=torch.float32)
+    adapted = [n for n, _ in get_peft_model(model, lora_config(4, 8, model=model)).named_modules() if n.endswith(".lora_A")]
+    assert len(adapted) == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 text layers
+    assert all(".language_model." in n or ".text_model." in n for n in adapted)
+
+
+def test_lora_targets_that_match_nothing_name_the_model(models):
+    model, _ = load_policy(_dir(models, "tiny:gemma3"), dtype=torch.float32)
+    with pytest.raises(ModelError, match=r"match no module of .*Gemma3ForConditionalGeneration.*q_proj"):
+        lora_config(4, 8, target_modules=["wq", "wk"], model=model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_with_transformers(models, family):
+    """Two prompts with images of different sizes in one batch: each prompt gets its own image list."""
+    from alignkit.sample.base import Request
+    from alignkit.sample.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(_dir(models, family), max_new_tokens=8, batch_size=2, dtype="float32")
+    requests = [Request("a", PROMPT, [_image("red")]), Request("b", PROMPT, [_image("blue", (96, 128))])]
+    first = backend.generate(requests, num_samples=2, seed=1)
+    assert [len(g) for g in first] == [2, 2]
+    assert all(1 <= g.num_tokens <= 8 and len(g.token_ids) == g.num_tokens for gs in first for g in gs)
+    again = backend.generate(requests, num_samples=2, seed=1)
+    assert [[g.token_ids for g in gs] for gs in again] == [[g.token_ids for g in gs] for gs in first]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_model_scores_see_the_image(models, family):
+    """A fresh LoRA reward model scores each answer once, and the score moves with the image."""
+    from alignkit.reward.model import build_reward_model
+    from alignkit.reward.score import Answer, score_answers
+
+    torch.manual_seed(0)
+    rm = build_reward_model(_dir(models, family), finetune="lora", dtype=torch.float32)
+    answers = [Answer(PROMPT, ANSWER, [_image(c)]) for c in ("red", "blue")]
+    red, blue = (s.score for s in score_answers(rm, answers, num_critiques=0, batch_size=2))
+    assert all(map(lambda x: x == x and abs(x) < 1e6, (red, blue)))
+    assert abs(red - blue) > 1e-6
+
+
+def _shapes_rows(tmp_path: Path, n: int) -> list[dict]:
+    from alignkit.data.worlds.shapes import make_shapes_prompts, sft_examples
+    from alignkit.sample.templates import load_template
+
+    return sft_examples(make_shapes_prompts(tmp_path, n, seed=3), load_template("cot"), 0.5, seed=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_two_steps(models, family, tmp_path):
+    from alignkit.records import write_jsonl
+    from alignkit.train.config import SftConfig
+    from alignkit.train.sft import train_sft
+
+    data = write_jsonl(tmp_path / "sft.jsonl", _shapes_rows(tmp_path, 2))
+    cfg = SftConfig(data=str(data), finetune="lora", max_steps=2, batch_size=2, warmup_steps=0)
+    train_sft(data, tmp_path / "run", cfg, model=_dir(models, family), logging_steps=1)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_two_steps(models, family, tmp_path):
+    from alignkit.train.config import TrainConfig
+    from alignkit.train.dpo import train_dpo
+
+    rows = _shapes_rows(tmp_path, 4)
+    pairs = [
+        {"pair_id": f"p{i}", "prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"],
+         "images": a["images"], "margin": 0.5}
+        for i, (a, b) in enumerate(zip(rows[::2], rows[1::2]))
+    ]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = TrainConfig(max_steps=2, batch_size=1, save_steps=2, learning_rate=1e-3)
+    adapter = train_dpo(path, tmp_path / "run", cfg, model=_dir(models, family))
+    assert (Path(adapter) / "adapter_config.json").exists()
