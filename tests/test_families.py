@@ -52,6 +52,32 @@ def _completion_logps(model, processor, image: Image.Image) -> torch.Tensor:
     return picked[keep]
 
 
+PROCESSORS = {
+    "tiny:qwen2-vl": "Qwen2VLProcessor", "tiny:qwen2.5-vl": "Qwen2_5_VLProcessor", "tiny:qwen3-vl": "Qwen3VLProcessor",
+    "tiny:llava": "LlavaProcessor", "tiny:llava-onevision": "LlavaOnevisionProcessor", "tiny:idefics3": "Idefics3Processor",
+    "tiny:gemma3": "Gemma3Processor", "tiny:internvl": "InternVLProcessor", "tiny:mistral3": "PixtralProcessor",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_has_the_family_processor_and_ids_in_the_vocabulary(models, family):
+    """Saved processor class, two eos ids and the pad id inside the vocabulary, and a chat template
+    that keeps a system message's text (Gemma 3 has no system role: it opens the user turn)."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    path = _dir(models, family)
+    processor, generation = AutoProcessor.from_pretrained(path), GenerationConfig.from_pretrained(path)
+    assert type(processor).__name__ == PROCESSORS[family]
+    vocab = len(processor.tokenizer)
+    assert len(set(generation.eos_token_id)) == 2 and all(0 <= i < vocab for i in generation.eos_token_id)
+    assert 0 <= generation.pad_token_id < vocab and processor.tokenizer.pad_token_id == generation.pad_token_id
+    system = [{"role": "system", "content": "Be brief."}, *PROMPT]
+    text = processor.apply_chat_template(system, tokenize=False, add_generation_prompt=True)
+    assert "Be brief." in text and "What shape is it?" in text
+    if family == "tiny:gemma3":
+        assert text.index("<start_of_turn>user\nBe brief.") < text.index("What shape is it?")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_reaches_the_policy(models, family):
     """The forward log-probs of a fixed answer change when only the image changes."""
@@ -68,7 +94,9 @@ def test_lora_targets_only_the_language_model(models, family):
     from peft import get_peft_model
 
     model, _ = load_policy(_dir(models, family), dtype=torch.float32)
-    adapted = [n for n, _ in get_peft_model(model, lora_config(4, 8, model=model)).named_modules() if n.endswith(".lora_A")]
+    adapted = [
+        n for n, _ in get_peft_model(model, lora_config(4, 8, model=model)).named_modules() if n.endswith(".lora_A")
+    ]
     assert len(adapted) == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 text layers
     assert all(".language_model." in n or ".text_model." in n for n in adapted)
 
@@ -77,6 +105,20 @@ def test_lora_targets_that_match_nothing_name_the_model(models):
     model, _ = load_policy(_dir(models, "tiny:gemma3"), dtype=torch.float32)
     with pytest.raises(ModelError, match=r"match no module of .*Gemma3ForConditionalGeneration.*q_proj"):
         lora_config(4, 8, target_modules=["wq", "wk"], model=model)
+
+
+def test_collate_passes_per_image_outputs_through(models):
+    """LLaVA-OneVision's `batch_num_images` and `image_sizes` are per image, not per token: a batch
+    of two examples of different lengths keeps one entry per image, while the tokens are padded."""
+    _, processor = load_policy(_dir(models, "tiny:llava-onevision"), dtype=torch.float32)
+    short = [{"role": "assistant", "content": [{"type": "text", "text": "A square."}]}]
+    features = [encode(processor, PROMPT, [_image("red")], ANSWER), encode(processor, PROMPT, [_image("blue")], short)]
+    assert features[0]["batch_num_images"].tolist() == [1] and features[0]["image_sizes"].shape == (1, 2)
+    lengths = [len(f["input_ids"]) for f in features]
+    batch = collate(features, processor.tokenizer.pad_token_id)
+    assert lengths[0] > lengths[1] and batch["input_ids"].shape == (2, lengths[0])
+    assert batch["batch_num_images"].tolist() == [1, 1] and batch["image_sizes"].shape == (2, 2)
+    assert batch["pixel_values"].shape[0] == 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -146,3 +188,23 @@ def test_dpo_two_steps(models, family, tmp_path):
     cfg = TrainConfig(max_steps=2, batch_size=1, save_steps=2, learning_rate=1e-3)
     adapter = train_dpo(path, tmp_path / "run", cfg, model=_dir(models, family))
     assert (Path(adapter) / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["tiny:llava-onevision", "tiny:qwen2.5-vl"])
+def test_vllm_lora_checks_the_architecture(models, family, tmp_path):
+    """vLLM has no LoRA for LLaVA-OneVision, so the vLLM backend must sample from a merged copy;
+    a Qwen2.5-VL language-model adapter is applied as LoRA."""
+    pytest.importorskip("vllm")
+    from peft import get_peft_model
+
+    from alignkit.sample.vllm_backend import lora_problem
+
+    model, _ = load_policy(_dir(models, family), dtype=torch.float32)
+    get_peft_model(model, lora_config(4, 8, model=model)).save_pretrained(tmp_path / "adapter")
+    problem = lora_problem(str(tmp_path / "adapter"), _dir(models, family))
+    assert lora_problem(str(tmp_path / "adapter")) == problem  # the adapter's own base model, as PPO calls it
+    if family == "tiny:llava-onevision":
+        assert problem == "vLLM has no LoRA support for the LlavaOnevisionForConditionalGeneration architecture"
+    else:
+        assert problem is None

@@ -3,7 +3,10 @@
 Nothing may come from a model hub, so each builder trains a small byte-level BPE tokenizer on the
 shapes world's text, initialises a few-layer model from a seed and saves an ordinary HF model
 directory (config, weights, processor, tokenizer with a chat template, generation config).
-Qwen2-VL is the one to use with vLLM: vLLM 0.32 cannot load a LLaVA saved by transformers 5.19.
+One builder per model family (`BUILDERS`), each with the family's own processor class, special
+tokens and chat-template shape, and images small enough for a few image tokens; docs/families.md
+says which stages each runs. Qwen2-VL is the one to use with vLLM: vLLM 0.32 cannot load a LLaVA
+saved by transformers 5.19.
 """
 
 from __future__ import annotations
