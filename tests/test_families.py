@@ -15,7 +15,7 @@ from PIL import Image
 
 from alignkit.errors import ModelError
 from alignkit.models import BUILDERS, load_policy, lora_config, tiny_model
-from alignkit.models.inputs import collate, encode
+from alignkit.models.inputs import collate, encode, placeholder_ids
 
 FAMILIES = sorted(BUILDERS)
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
@@ -105,6 +105,22 @@ def test_lora_targets_that_match_nothing_name_the_model(models):
     model, _ = load_policy(_dir(models, "tiny:gemma3"), dtype=torch.float32)
     with pytest.raises(ModelError, match=r"match no module of .*Gemma3ForConditionalGeneration.*q_proj"):
         lora_config(4, 8, target_modules=["wq", "wk"], model=model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_placeholder_ids_are_the_tokens_the_model_fills(models, family):
+    """The encoded prompt holds one placeholder per image feature the model writes in (Gemma 3: the
+    soft tokens, not `<start_of_image>`); features of any other count would fail the forward."""
+    from transformers import AutoConfig
+
+    path = _dir(models, family)
+    _, processor = load_policy(path, dtype=torch.float32)
+    ids = placeholder_ids(AutoConfig.from_pretrained(path))
+    input_ids = encode(processor, PROMPT, [_image("red")])["input_ids"].tolist()
+    image_id = next(iter(ids & set(input_ids)))
+    assert len(ids & set(input_ids)) == 1 and input_ids.count(image_id) >= 4
+    if family == "tiny:gemma3":
+        assert processor.tokenizer.convert_ids_to_tokens(image_id) == "<image_soft_token>" != processor.image_token
 
 
 def test_collate_passes_per_image_outputs_through(models):
