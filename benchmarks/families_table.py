@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {
     "test_sample_with_transformers": "sample (transformers)",
     "test_image_reaches_the_policy": "image reaches the policy",
+    "test_second_image_reaches_the_policy": "two images per prompt",
     "test_lora_targets_only_the_language_model": "default LoRA targets",
     "test_reward_model_scores_see_the_image": "reward model score",
     "test_sft_two_steps": "SFT",

@@ -39,9 +39,10 @@ def _dir(models: Path, family: str) -> str:
     return str(tiny_model(family, cache_dir=models))
 
 
-def _completion_logps(model, processor, image: Image.Image) -> torch.Tensor:
-    """Log-probs of ANSWER's tokens after PROMPT with `image`, from one forward pass."""
-    features = encode(processor, PROMPT, [image], ANSWER)
+def _completion_logps(model, processor, *images: Image.Image) -> torch.Tensor:
+    """Log-probs of ANSWER's tokens after PROMPT (one image placeholder per image), from one forward pass."""
+    prompt = [{"role": "user", "content": [{"type": "image"}] * len(images) + PROMPT[0]["content"][1:]}]
+    features = encode(processor, prompt, list(images), ANSWER)
     batch = collate([features], processor.tokenizer.pad_token_id)
     labels = batch.pop("labels")
     with torch.no_grad():
@@ -86,6 +87,14 @@ def test_image_reaches_the_policy(models, family):
     assert red.shape == blue.shape and red.numel() > 3
     assert torch.isfinite(red).all()
     assert (red - blue).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_image_reaches_the_policy(models, family):
+    """Two images in one prompt: changing only the second changes the answer's log-probs."""
+    model, processor = load_policy(_dir(models, family), dtype=torch.float32)
+    red, blue = (_completion_logps(model.eval(), processor, _image("green"), _image(c)) for c in ("red", "blue"))
+    assert red.shape == blue.shape and (red - blue).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
