@@ -2,14 +2,17 @@
 
     uv run python benchmarks/families_table.py            # runs the matrix (about a minute), then writes
     uv run python benchmarks/families_table.py --junit r.xml   # from a report of an earlier run
+    uv run python benchmarks/families_table.py --vllm     # also sample each family with vLLM (1-2 min each)
 
-Each cell is what the matrix test measured for that family and stage: "yes", or "no" with the
-failure's first line. The notes column holds what the matrix does not run in-process (vLLM, PPO).
+Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
+line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
+one image prompt (too slow for the test suite on CPU); without --vllm it is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -58,6 +61,35 @@ def run_matrix(report: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=False)
 
 
+def vllm_sample(family: str) -> str:
+    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to one image prompt."""
+    from PIL import Image
+
+    from alignkit.models import tiny_model
+    from alignkit.sample.base import Request
+    from alignkit.sample.vllm_backend import make_vllm_backend
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
+    try:
+        backend = make_vllm_backend(str(tiny_model(family)), max_new_tokens=8, options=options)
+        answers = backend.generate([Request("a", prompt, [Image.new("RGB", (112, 112), "red")])], 2, seed=0)[0]
+    except Exception as e:  # the table reports any failure
+        return "no: " + " ".join(str(e).split())[-160:]
+    return "yes" if len(answers) == 2 and all(a.num_tokens for a in answers) else "no: no answers"
+
+
+def vllm_column(families: list[str]) -> dict[str, str]:
+    """family -> vLLM cell, each family in its own process (one engine at a time)."""
+    cells = {}
+    for family in families:
+        cmd = [sys.executable, __file__, "--vllm-one", family]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+        cells[family] = json.loads(last).get(family, f"no: the process exited with {done.returncode}")
+    return cells
+
+
 def results(report: Path) -> dict[str, dict[str, str]]:
     """family -> column -> "yes" or "no: <why>", from a JUnit report of tests/test_families.py."""
     table: dict[str, dict[str, str]] = {}
@@ -78,7 +110,8 @@ def results(report: Path) -> dict[str, dict[str, str]]:
 
 
 def markdown(table: dict[str, dict[str, str]]) -> str:
-    head = ["family", *COLUMNS.values(), "notes"]
+    columns = [*COLUMNS.values(), *(["sample (vLLM)"] if any("sample (vLLM)" in row for row in table.values()) else [])]
+    head = ["family", *columns, "notes"]
     lines = [
         "# Model families",
         "",
@@ -90,7 +123,7 @@ def markdown(table: dict[str, dict[str, str]]) -> str:
         "|" + "---|" * len(head),
     ]
     for family in sorted(table):
-        cells = [table[family].get(c, "not run") for c in COLUMNS.values()]
+        cells = [table[family].get(c, "not run") for c in columns]
         lines.append("| " + " | ".join([f"`{family}`", *cells, NOTES.get(family, "")]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -99,13 +132,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--junit", type=Path, help="a JUnit report of tests/test_families.py (default: run it)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM sampling column")
+    parser.add_argument("--vllm-one", metavar="FAMILY", help=argparse.SUPPRESS)  # one family, as JSON (internal)
     args = parser.parse_args()
+    if args.vllm_one:
+        print(json.dumps({args.vllm_one: vllm_sample(args.vllm_one)}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         report = args.junit
         if report is None:
             report = Path(tmp) / "families.xml"
             run_matrix(report)
-        write_atomic(args.out, markdown(results(report)))
+        table = results(report)
+        if args.vllm:
+            for family, cell in vllm_column(sorted(table)).items():
+                table[family]["sample (vLLM)"] = cell
+        write_atomic(args.out, markdown(table))
     print(f"wrote {args.out}")
 
 
