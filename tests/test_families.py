@@ -163,7 +163,8 @@ def test_sample_with_transformers(models, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reward_model_scores_see_the_image(models, family):
-    """A fresh LoRA reward model scores each answer once, and the score moves with the image."""
+    """A fresh LoRA reward model scores answers (with and without a critique first), and the score
+    moves with the image."""
     from alignkit.reward.model import build_reward_model
     from alignkit.reward.score import Answer, score_answers
 
@@ -173,6 +174,8 @@ def test_reward_model_scores_see_the_image(models, family):
     red, blue = (s.score for s in score_answers(rm, answers, num_critiques=0, batch_size=2))
     assert all(map(lambda x: x == x and abs(x) < 1e6, (red, blue)))
     assert abs(red - blue) > 1e-6
+    critiqued = score_answers(rm, answers, num_critiques=1, max_new_tokens=8, batch_size=2)
+    assert all(len(s.critiques) == 1 and isinstance(s.critiques[0], str) and s.score == s.score for s in critiqued)
 
 
 def _shapes_rows(tmp_path: Path, n: int) -> list[dict]:
