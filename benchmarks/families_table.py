@@ -34,6 +34,7 @@ COLUMNS = {
     "test_reward_model_scores_see_the_image": "reward model score",
     "test_sft_two_steps": "SFT",
     "test_dpo_two_steps": "DPO",
+    "test_quickstart_runs_on_a_local_family_directory": "quickstart recipe (CLI)",
 }
 
 # Measured outside the matrix (vLLM engines take ~30 s each on CPU; PPO is tested on Qwen2-VL).

@@ -236,3 +236,21 @@ def test_vllm_lora_checks_the_architecture(models, family, tmp_path):
         assert problem == "vLLM has no LoRA support for the LlavaOnevisionForConditionalGeneration architecture"
     else:
         assert problem is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["tiny:gemma3", "tiny:llava-onevision"])
+def test_quickstart_runs_on_a_local_family_directory(models, family, tmp_path):
+    """recipes/quickstart.yaml with only policy.model changed to a family's directory (and the
+    transformers sampler), through the `alignkit` command: sample, judge, pairs, DPO, report."""
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    keys = [f"policy.model={_dir(models, family)}", "sample.backend=transformers", f"output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), *keys],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 16 * 4
+    assert (tmp_path / "run" / "train" / "adapter" / "adapter_config.json").exists()
