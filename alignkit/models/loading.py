@@ -146,7 +146,7 @@ def lora_config(
     if model is not None and not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise ModelError(
-            f"LoRA targets {target_modules!r} (train.target_modules) match no module of "
+            f"LoRA targets {target_modules!r} (the section's target_modules) match no module of "
             f"{getattr(model, 'name_or_path', '') or type(model).__name__} ({type(model).__name__}); "
             f"its linear layers are named {linear}"
         )
