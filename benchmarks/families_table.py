@@ -34,6 +34,7 @@ COLUMNS = {
     "test_reward_model_scores_see_the_image": "reward model score",
     "test_sft_two_steps": "SFT",
     "test_dpo_two_steps": "DPO",
+    "test_mmdpo_two_steps": "MM-DPO",
     "test_quickstart_runs_on_a_local_family_directory": "quickstart recipe (CLI)",
 }
 

@@ -199,23 +199,41 @@ def test_sft_two_steps(models, family, tmp_path):
     assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
 
 
+def _pairs_file(tmp_path: Path) -> Path:
+    """Two preference pairs (shapes-world prompts; the other example's answer is rejected)."""
+    rows = _shapes_rows(tmp_path, 4)
+    pairs = [
+        {"pair_id": f"p{i}", "prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"],
+         "images": a["images"], "margin": 0.5 + i}
+        for i, (a, b) in enumerate(zip(rows[::2], rows[1::2]))
+    ]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_two_steps(models, family, tmp_path):
     from alignkit.train.config import TrainConfig
     from alignkit.train.dpo import train_dpo
 
-    rows = _shapes_rows(tmp_path, 4)
-    pairs = [
-        {"pair_id": f"p{i}", "prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"],
-         "images": a["images"], "margin": 0.5}
-        for i, (a, b) in enumerate(zip(rows[::2], rows[1::2]))
-    ]  # fmt: skip
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     cfg = TrainConfig(max_steps=2, batch_size=1, save_steps=2, learning_rate=1e-3)
-    adapter = train_dpo(path, tmp_path / "run", cfg, model=_dir(models, family))
+    adapter = train_dpo(_pairs_file(tmp_path), tmp_path / "run", cfg, model=_dir(models, family))
     assert (Path(adapter) / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mmdpo_two_steps(models, family, tmp_path):
+    """MM-DPO: the reference log-probs are computed once per pair (with the image) and cached."""
+    from alignkit.train.config import TrainConfig
+    from alignkit.train.mmdpo import train_mmdpo
+
+    cfg = TrainConfig(method="mmdpo", max_steps=2, batch_size=1, save_steps=2, learning_rate=1e-3)
+    adapter = train_mmdpo(_pairs_file(tmp_path), tmp_path / "run", cfg, model=_dir(models, family))
+    assert (Path(adapter) / "adapter_config.json").exists()
+    assert any((tmp_path / "run" / "ref_logps").iterdir())
 
 
 @pytest.mark.slow
