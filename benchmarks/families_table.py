@@ -41,9 +41,10 @@ COLUMNS = {
 # Measured outside the matrix (vLLM engines take ~30 s each on CPU; PPO is tested on Qwen2-VL).
 NOTES = {
     "tiny:qwen2-vl": "vLLM: samples, LoRA applied. PPO: tested (tests/test_ppo.py).",
-    "tiny:llava": "vLLM 0.32 cannot load a LLaVA saved by transformers 5.19 (vision-tower key names differ).",
+    "tiny:llava": "Saved with hub vision-tower names (`save_model`): vLLM 0.32 cannot read transformers 5.19's.",
     "tiny:llava-onevision": "vLLM has no LoRA for this architecture: the vLLM backend samples from a merged copy.",
-    "tiny:gemma3": "Chat template has no system role (system text opens the first user turn).",
+    "tiny:gemma3": "Chat template has no system role (system text opens the first user turn). Saved with hub "
+    "vision-tower names, as LLaVA.",
 }
 
 

@@ -256,6 +256,28 @@ def test_vllm_lora_checks_the_architecture(models, family, tmp_path):
         assert problem is None
 
 
+@pytest.mark.parametrize("family", ["tiny:llava", "tiny:gemma3"])
+def test_merged_copy_has_hub_vision_names_and_reloads(models, family, tmp_path):
+    """merge_adapter writes a CLIP/SigLIP tower under the hub names vLLM reads; transformers reloads
+    it with the same weights (the vision tower is untouched by a language-model LoRA)."""
+    from peft import get_peft_model
+    from safetensors import safe_open
+
+    from alignkit.models import merge_adapter
+
+    path = _dir(models, family)
+    model, _ = load_policy(path, dtype=torch.float32)
+    get_peft_model(model, lora_config(4, 8, model=model)).save_pretrained(tmp_path / "adapter")
+    merged = merge_adapter(path, str(tmp_path / "adapter"), tmp_path / "merged")
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        tower = [k for k in f.keys() if k.startswith("vision_tower.")]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    original, _ = load_policy(path, dtype=torch.float32)
+    reloaded, _ = load_policy(str(merged), dtype=torch.float32)
+    before, after = original.model.vision_tower.state_dict(), reloaded.model.vision_tower.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny:gemma3", "tiny:llava-onevision"])
 def test_quickstart_runs_on_a_local_family_directory(models, family, tmp_path):

@@ -5,8 +5,7 @@ shapes world's text, initialises a few-layer model from a seed and saves an ordi
 directory (config, weights, processor, tokenizer with a chat template, generation config).
 One builder per model family (`BUILDERS`), each with the family's own processor class, special
 tokens and chat-template shape, and images small enough for a few image tokens; docs/families.md
-says which stages each runs. Qwen2-VL is the one to use with vLLM: vLLM 0.32 cannot load a LLaVA
-saved by transformers 5.19.
+says which stages each runs. Weights are saved with `save_model`, under the names vLLM reads.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from pathlib import Path
 
 from alignkit.data.worlds.shapes import corpus
 from alignkit.errors import ModelError
+from alignkit.models.loading import save_model
 
 # Bump when a builder's output changes, so cached directories are rebuilt.
-VERSION = "v1"
+VERSION = "v2"
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
                 "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
@@ -152,10 +152,7 @@ def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128,
 
 
 def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer LLaVA (Llama text, hidden 128) with a 2-layer CLIP tower on 112x112 images.
-
-    For transformers/TRL paths only; vLLM cannot load it.
-    """
+    """A 2-layer LLaVA (Llama text, hidden 128) with a 2-layer CLIP tower on 112x112 images."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -185,7 +182,7 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
-    model.save_pretrained(out_dir)
+    save_model(model, out_dir)
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
     processor = LlavaProcessor(
@@ -262,7 +259,7 @@ def _save(
         for param in model.parameters():
             if param.dim() >= 2 and not param.any():
                 param.normal_(0.0, 0.02)
-    model.save_pretrained(out_dir)
+    save_model(model, out_dir)
     processor.save_pretrained(out_dir)
     processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(out_dir)
@@ -326,10 +323,13 @@ GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
 def build_tiny_gemma3(out_dir: Path, seed: int = 0) -> Path:
     """A 2-layer Gemma 3 with a 2-layer SigLIP tower on 64x64 images pooled to 4 soft tokens. Its
     chat template has no system role (the system text opens the first user turn)."""
+    from tokenizers import AddedToken
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
     extra = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     tokenizer = _train_tokenizer(GEMMA3_SPECIAL, eos="<end_of_turn>", pad="<pad>", extra=extra)
+    # Gemma's vocabulary has runs of newlines as tokens, and vLLM's Gemma 3 processor looks them up
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 5)])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL}
     config = Gemma3Config(
         text_config=_text_config(tokenizer, bos_token_id=ids["<bos>"], sliding_window=64, query_pre_attn_scalar=64),
