@@ -255,7 +255,8 @@ def _save(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
-    with torch.no_grad():  # hub weights are trained; a matrix left at zero (Gemma 3's projector) would cut the image off
+    # hub weights are trained; a matrix left at zero (Gemma 3's projector) would cut the image off
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2 and not param.any():
                 param.normal_(0.0, 0.02)
