@@ -281,7 +281,7 @@ def make_shapes(
 
 @app.command("make-tiny-model")
 def make_tiny_model(
-    name: Annotated[str, typer.Argument(help="tiny:qwen2-vl or tiny:llava")],
+    name: Annotated[str, typer.Argument(help="tiny:qwen2-vl, tiny:llava, tiny:gemma3, ... (see README, Model families)")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to save the model, processor and tokenizer in.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:

@@ -65,9 +65,9 @@ def test_tiny_model_builds_once_into_the_cache(tmp_path: Path, monkeypatch):
     monkeypatch.setitem(tiny.BUILDERS, "tiny:qwen2-vl", fake_build)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
     first = tiny_model("tiny:qwen2-vl")
-    assert first == tmp_path / "tiny-qwen2-vl-v1" and (first / "config.json").exists()
+    assert first == tmp_path / f"tiny-qwen2-vl-{tiny.VERSION}" and (first / "config.json").exists()
     assert tiny_model("tiny:qwen2-vl") == first and len(calls) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-qwen2-vl-v1"]  # no temp dirs left
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-qwen2-vl-{tiny.VERSION}"]  # no temp dirs left
     assert resolve_model("tiny:qwen2-vl") == str(first)
 
 

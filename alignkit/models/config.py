@@ -7,6 +7,6 @@ from alignkit.config import Section
 
 class PolicyConfig(Section):
     model: str = "tiny:qwen2-vl"
-    """Hub id, local path, or a tiny model built offline: `tiny:qwen2-vl`, `tiny:llava`."""
+    """Hub id, local path, or a tiny model built offline: `tiny:qwen2-vl`, `tiny:llava`, `tiny:gemma3`, ... (`alignkit.models.BUILDERS`)."""
     adapter: str | None = None
     """A PEFT adapter directory to sample from (e.g. the previous round's checkpoint)."""

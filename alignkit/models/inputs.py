@@ -90,3 +90,14 @@ def collate(features: Sequence[Features], pad_id: int, side: str = "right") -> F
                 value = torch.cat([value, pad] if side == "right" else [pad, value])[None]
             batch.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in batch.items()}
+
+
+def placeholder_ids(config: Any) -> set[int]:
+    """The token ids a model replaces with image or video features, from its config.
+
+    A sampled answer that contains one would be read as an image slot without pixels, so callers
+    cut answers there. The processor's `image_token` is not always that id: Gemma 3's is
+    `<start_of_image>`, while the model counts its soft tokens (`image_token_index`).
+    """
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return {value for name in names if isinstance(value := getattr(config, name, None), int)}

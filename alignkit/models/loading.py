@@ -6,6 +6,7 @@ are imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -127,19 +128,29 @@ def lora_config(
     alpha: int = 16,
     dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
+    model: nn.Module | None = None,
 ) -> LoraConfig:
     """A LoRA config on the language model's projections.
 
     A list of module names (default: `DEFAULT_TARGET_MODULES`) is matched inside the language model
     only: LLaVA's CLIP tower also has `q_proj`/`k_proj`/`v_proj`, and adapting the vision tower is
     not what preference tuning of the answers needs. A string is passed to PEFT as a regex as-is,
-    for the rare case that should reach the vision tower or the projector.
+    for the rare case that should reach the vision tower or the projector. Given the `model`, a
+    pattern that matches none of its modules is a ModelError naming the model (PEFT's own error
+    does not say which setting to change).
     """
     from peft import LoraConfig
 
     if target_modules is None or isinstance(target_modules, list):
         names = "|".join(re.escape(n) for n in (target_modules or DEFAULT_TARGET_MODULES))
         target_modules = rf"(.*\.)?{LANGUAGE_MODEL}\..*\.({names})"
+    if model is not None and not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ModelError(
+            f"LoRA targets {target_modules!r} (the section's target_modules) match no module of "
+            f"{getattr(model, 'name_or_path', '') or type(model).__name__} ({type(model).__name__}); "
+            f"its linear layers are named {linear}"
+        )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -147,6 +158,39 @@ def lora_config(
         target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def save_model(model: PreTrainedModel, out_dir: Path) -> None:
+    """`model.save_pretrained(out_dir)` with a CLIP or SigLIP vision tower's weights under the hub
+    checkpoints' names (`vision_tower.vision_model.*`).
+
+    transformers 5 writes them one level up (`vision_tower.*`) and reads either; vLLM reads only the
+    hub names, so without this it cannot load a LLaVA, LLaVA-OneVision or Gemma 3 saved here.
+    """
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out_dir)
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    if type(tower).__name__ not in HUB_NESTED_TOWERS:
+        return
+    for shard in Path(out_dir).glob("*.safetensors"):
+        weights = load_file(shard)
+        if any(_hub_name(k) != k for k in weights):
+            save_file({_hub_name(k): v for k, v in weights.items()}, shard, metadata={"format": "pt"})
+    index = Path(out_dir) / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_hub_name(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+# Vision towers that hub checkpoints store with a `vision_model.` level.
+HUB_NESTED_TOWERS = {"CLIPVisionModel", "SiglipVisionModel"}
+
+
+def _hub_name(key: str) -> str:
+    flat = key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model.")
+    return "vision_tower.vision_model." + key[len("vision_tower.") :] if flat else key
 
 
 def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
@@ -166,7 +210,7 @@ def merge_adapter(model: str, adapter: str | None, out_dir: Path) -> Path:
             base = AutoModelForImageTextToText.from_pretrained(model, dtype="auto")
             stored_dtype = base.dtype  # merge in float32, save in the base's own dtype (bf16 stays bf16)
             merged = load_adapter(base.float(), adapter).merge_and_unload()
-            merged.to(stored_dtype).save_pretrained(tmp)
+            save_model(merged.to(stored_dtype), tmp)
             load_processor(model).save_pretrained(tmp)
             GenerationConfig.from_pretrained(model).save_pretrained(tmp)
     return Path(out_dir)

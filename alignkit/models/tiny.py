@@ -3,7 +3,9 @@
 Nothing may come from a model hub, so each builder trains a small byte-level BPE tokenizer on the
 shapes world's text, initialises a few-layer model from a seed and saves an ordinary HF model
 directory (config, weights, processor, tokenizer with a chat template, generation config).
-Qwen2-VL is the one to use with vLLM: vLLM 0.32 cannot load a LLaVA saved by transformers 5.19.
+One builder per model family (`BUILDERS`), each with the family's own processor class, special
+tokens and chat-template shape, and images small enough for a few image tokens; docs/families.md
+says which stages each runs. Weights are saved with `save_model`, under the names vLLM reads.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import tempfile
 from pathlib import Path
 
 from alignkit.errors import ModelError
+from alignkit.models.loading import save_model
 from alignkit.worlds.shapes import corpus
 
 # Bump when a builder's output changes, so cached directories are rebuilt.
-VERSION = "v1"
+VERSION = "v2"
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
                 "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
@@ -53,8 +56,19 @@ QWEN_CHAT_TEMPLATE = (
 LLAVA_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
 
 
-def _train_tokenizer(special: list[str], vocab_size: int = 800):
-    """A byte-level BPE tokenizer over shapes-world and template text, special tokens first."""
+def _train_tokenizer(
+    special: list[str],
+    vocab_size: int = 800,
+    *,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    extra: dict[str, str] | None = None,
+):
+    """A byte-level BPE tokenizer over shapes-world and template text, special tokens first.
+
+    `extra` names family tokens the processor reads as tokenizer attributes (Gemma 3's
+    `boi_token`, InternVL's `context_image_token`, ...).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,17 +84,20 @@ def _train_tokenizer(special: list[str], vocab_size: int = 800):
     tok.train_from_iterator(corpus() + TEMPLATE_TEXT * 20, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos,
+        pad_token=pad,
         padding_side="left",
+        extra_special_tokens=extra or {},
     )
 
 
-def _save_generation_config(out_dir: Path, tokenizer) -> None:
+def _save_generation_config(out_dir: Path, tokenizer, stops: tuple[str, str] = ("<|im_end|>", "<|endoftext|>")) -> None:
+    """Two eos ids (end of turn, end of text), as the families' hub generation configs have; pad is the second."""
     from transformers import GenerationConfig
 
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], bos_token_id=eos[1]).save_pretrained(out_dir)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in stops]
+    config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos[1])
+    config.save_pretrained(out_dir)
 
 
 def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2) -> Path:
@@ -135,10 +152,7 @@ def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128,
 
 
 def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer LLaVA (Llama text, hidden 128) with a 2-layer CLIP tower on 112x112 images.
-
-    For transformers/TRL paths only; vLLM cannot load it.
-    """
+    """A 2-layer LLaVA (Llama text, hidden 128) with a 2-layer CLIP tower on 112x112 images."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -168,7 +182,7 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
-    model.save_pretrained(out_dir)
+    save_model(model, out_dir)
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
     processor = LlavaProcessor(
@@ -223,7 +237,275 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-BUILDERS = {"tiny:qwen2-vl": build_tiny_qwen2_vl, "tiny:llava": build_tiny_llava, "tiny:clip": build_tiny_clip}
+def chat_template(prefix: dict[str, str], suffix: dict[str, str], image: str, *, bos: str = "") -> str:
+    """A Jinja chat template: each turn is `prefix[role]`, its content (text, `image` for each image
+    part), `suffix[role]`; the generation prompt is `prefix["assistant"]`. A family without a system
+    role (no "system" in `prefix`) gets the system text at the start of the first user turn, as
+    Gemma 3's own template does."""
+
+    def by_role(table: dict[str, str]) -> str:
+        cases = "".join(f"{{% elif message['role'] == '{r}' %}}{v}" for r, v in table.items())
+        return cases.replace("{% elif", "{% if", 1) + "{% endif %}"
+
+    content = (
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}}{image}"
+        "{% elif 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    )
+    fold = "system" not in prefix
+    system = (
+        "{% if message['role'] == 'system' %}{% set ns.system = (message['content'] if message['content'] is string "
+        "else message['content'][0]['text']) + '\\n\\n' %}{% else %}"
+    )
+    turn = by_role(prefix) + ("{{ ns.system }}{% set ns.system = '' %}" if fold else "") + content + by_role(suffix)
+    return (
+        bos + "{% set ns = namespace(system='') %}{% for message in messages %}"
+        + (system + turn + "{% endif %}" if fold else turn)
+        + "{% endfor %}{% if add_generation_prompt %}" + prefix["assistant"] + "{% endif %}"
+    )  # fmt: skip
+
+
+CHATML = (
+    {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
+    dict.fromkeys(("system", "user", "assistant"), "<|im_end|>\n"),
+)
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    """A 2-layer language model (hidden 128, 2 heads of 64) over `tokenizer`'s vocabulary."""
+    config = dict(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return config | overrides
+
+
+def _save(
+    out_dir: Path, model_class, config, processor, seed: int, stops: tuple[str, str] = ("<|im_end|>", "<|endoftext|>")
+) -> Path:
+    """Random float32 weights from `seed` (no weight matrix left at zero), the processor, the
+    tokenizer with the processor's chat template, and the generation config, saved in `out_dir`."""
+    import torch
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    # hub weights are trained; a matrix left at zero (Gemma 3's projector) would cut the image off
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, 0.02)
+    save_model(model, out_dir)
+    processor.save_pretrained(out_dir)
+    processor.tokenizer.chat_template = processor.chat_template
+    processor.tokenizer.save_pretrained(out_dir)
+    _save_generation_config(out_dir, processor.tokenizer, stops)
+    return out_dir
+
+
+def _qwen_vision(**overrides) -> dict:
+    return dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128) | overrides
+
+
+QWEN_ROPE = {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}
+
+
+def build_tiny_qwen2_5_vl(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen2.5-VL (window attention in its 2-layer vision tower); 112x112 images, 16 image tokens."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+
+    tokenizer = _train_tokenizer(QWEN_SPECIAL)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(tokenizer, rope_parameters=QWEN_ROPE),
+        vision_config=_qwen_vision(fullatt_block_indexes=[1], window_size=56),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE,
+    )  # fmt: skip
+    return _save(out_dir, Qwen2_5_VLForConditionalGeneration, config, processor, seed)
+
+
+def build_tiny_qwen3_vl(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen3-VL (interleaved mrope, deepstack from its 2-layer vision tower); patch 16, so
+    128x128 images give 16 image tokens."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = _train_tokenizer(QWEN_SPECIAL)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    config = Qwen3VLConfig(
+        text_config=_text_config(tokenizer, rope_parameters=QWEN_ROPE | {"mrope_interleaved": True}),
+        vision_config=_qwen_vision(patch_size=16, deepstack_visual_indexes=[1], num_position_embeddings=64),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=128 * 128),
+        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE,
+    )  # fmt: skip
+    return _save(out_dir, Qwen3VLForConditionalGeneration, config, processor, seed)
+
+
+GEMMA3_SPECIAL = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+                  "<start_of_image>", "<end_of_image>", "<image_soft_token>"]  # fmt: skip
+
+
+def build_tiny_gemma3(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Gemma 3 with a 2-layer SigLIP tower on 64x64 images pooled to 4 soft tokens. Its
+    chat template has no system role (the system text opens the first user turn)."""
+    from tokenizers import AddedToken
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    extra = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = _train_tokenizer(GEMMA3_SPECIAL, eos="<end_of_turn>", pad="<pad>", extra=extra)
+    # Gemma's vocabulary has runs of newlines as tokens, and vLLM's Gemma 3 processor looks them up
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 5)])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL}
+    config = Gemma3Config(
+        text_config=_text_config(tokenizer, bos_token_id=ids["<bos>"], sliding_window=64, query_pre_attn_scalar=64),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16),
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )  # fmt: skip
+    turns = {"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n"}
+    template = chat_template(turns, dict.fromkeys(turns, "<end_of_turn>\n"), "<start_of_image>", bos="<bos>")
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 64, "width": 64}),
+        tokenizer=tokenizer, chat_template=template, image_seq_length=4,
+    )  # fmt: skip
+    return _save(out_dir, Gemma3ForConditionalGeneration, config, processor, seed, ("<end_of_turn>", "<eos>"))
+
+
+IDEFICS3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
+                    "<fake_token_around_image>", "<image>", "<global-img>"]  # fmt: skip
+
+
+def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Idefics3 (SmolVLM's architecture): Llama text, a 2-layer SigLIP tower on 64x64
+    images, pixel shuffle to 4 image tokens, no image splitting."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    tokenizer = _train_tokenizer(IDEFICS3_SPECIAL, eos="<end_of_utterance>")
+    config = Idefics3Config(
+        text_config=_text_config(tokenizer, model_type="llama"),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    turns = {"system": "<|im_start|>System: ", "user": "<|im_start|>User:", "assistant": "<|im_start|>Assistant:"}
+    template = chat_template(turns, dict.fromkeys(turns, "<end_of_utterance>\n"), "<image>")
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(
+            do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64}
+        ),
+        tokenizer=tokenizer, chat_template=template, image_seq_len=4,
+    )  # fmt: skip
+    return _save(
+        out_dir, Idefics3ForConditionalGeneration, config, processor, seed, ("<end_of_utterance>", "<|endoftext|>")
+    )
+
+
+def build_tiny_llava_onevision(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer LLaVA-OneVision (Qwen2 text, 2-layer SigLIP tower on 28x28 tiles, one grid
+    pinpoint), so an image is a few dozen tokens: base tile, one crop and row newlines."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+    )
+    from transformers.models.llava_onevision import LlavaOnevisionVideoProcessor
+
+    tokenizer = _train_tokenizer(LLAVA_SPECIAL + ["<video>"])
+    config = LlavaOnevisionConfig(
+        text_config=_text_config(tokenizer, model_type="qwen2"),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[[28, 28]], vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    template = chat_template(*CHATML, "<image>\n")
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28]]),
+        tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
+        vision_feature_select_strategy="full", chat_template=template,
+    )  # fmt: skip
+    return _save(out_dir, LlavaOnevisionForConditionalGeneration, config, processor, seed)
+
+
+INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+
+def build_tiny_internvl(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer InternVL (transformers-native, Qwen2 text) with a 2-layer InternViT on 56x56 images,
+    pixel-unshuffled to 4 image tokens, one tile per image."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.internvl import InternVLVideoProcessor
+
+    extra = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}  # fmt: skip
+    tokenizer = _train_tokenizer(INTERNVL_SPECIAL, extra=extra)
+    config = InternVLConfig(
+        text_config=_text_config(tokenizer, model_type="qwen2"),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[56, 56], patch_size=[14, 14]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+    )  # fmt: skip
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=False, max_patches=1),
+        tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=4,
+        chat_template=chat_template(*CHATML, "<IMG_CONTEXT>\n"),
+    )  # fmt: skip
+    return _save(out_dir, InternVLForConditionalGeneration, config, processor, seed)
+
+
+MISTRAL3_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]"]  # fmt: skip
+
+
+def build_tiny_mistral3(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Mistral 3 with a 2-layer Pixtral tower on 64x64 images, patches merged 2x2, so
+    an image is 2x2 tokens with row breaks (6 tokens)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    tokenizer = _train_tokenizer(MISTRAL3_SPECIAL, eos="</s>", pad="<pad>")
+    config = Mistral3Config(
+        text_config=_text_config(tokenizer, model_type="mistral", bos_token_id=tokenizer.convert_tokens_to_ids("<s>")),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           head_dim=32, image_size=64, patch_size=16),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+    )  # fmt: skip
+    turns = {"system": "[SYSTEM_PROMPT]", "user": "[INST]", "assistant": ""}
+    ends = {"system": "[/SYSTEM_PROMPT]", "user": "[/INST]", "assistant": "</s>"}
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=16),
+        tokenizer=tokenizer, patch_size=16, spatial_merge_size=2, chat_template=chat_template(turns, ends, "[IMG]", bos="<s>"),
+    )  # fmt: skip
+    return _save(out_dir, Mistral3ForConditionalGeneration, config, processor, seed, ("</s>", "<pad>"))
+
+
+BUILDERS = {
+    "tiny:qwen2-vl": build_tiny_qwen2_vl,
+    "tiny:qwen2.5-vl": build_tiny_qwen2_5_vl,
+    "tiny:qwen3-vl": build_tiny_qwen3_vl,
+    "tiny:llava": build_tiny_llava,
+    "tiny:llava-onevision": build_tiny_llava_onevision,
+    "tiny:idefics3": build_tiny_idefics3,
+    "tiny:gemma3": build_tiny_gemma3,
+    "tiny:internvl": build_tiny_internvl,
+    "tiny:mistral3": build_tiny_mistral3,
+    "tiny:clip": build_tiny_clip,  # not a VLM: `levels.model`
+}
 
 
 def default_cache_dir() -> Path:

@@ -104,7 +104,7 @@ def build_reward_model(
     if finetune == "lora":
         from peft import get_peft_model
 
-        return RewardModel(get_peft_model(lm, lora_config(lora_r, lora_alpha, lora_dropout, target_modules)), processor, model, finetune)
+        return RewardModel(get_peft_model(lm, lora_config(lora_r, lora_alpha, lora_dropout, target_modules, lm)), processor, model, finetune)
     if finetune != "full":
         raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
     return RewardModel(lm, processor, model, finetune)

@@ -68,8 +68,9 @@ class TransformersBackend:
 
     def _batch(self, requests: list[Request], k: int) -> list[list[Generation]]:
         texts = [self.processor.apply_chat_template(r.messages, add_generation_prompt=True) for r in requests]
-        images = [img for r in requests for img in r.images]
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        # one image list per prompt: a flat list reads as one prompt's images to some processors (Gemma 3)
+        images = [list(r.images) for r in requests] if any(r.images for r in requests) else None
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         inputs = inputs.to(self.model.device)
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         seqs = self.model.generate(

@@ -274,7 +274,7 @@ def _engine_model(
     """The model and LoRA adapter to start vLLM with: `adapter` as LoRA where vLLM can apply it;
     else (with a warning) a copy of `model` with `adapter` merged in, in a temporary directory
     that lives as long as the returned handle."""
-    if not adapter or not (problem := lora_problem(adapter)):
+    if not adapter or not (problem := lora_problem(adapter, model)):
         return model, adapter, None
     warnings.warn(
         f"vLLM cannot apply adapter {adapter} as LoRA ({problem}); sampling from a merged temporary copy "
@@ -298,16 +298,20 @@ def _adapter_rank(adapter: str) -> int:
     return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
 
 
-def lora_problem(adapter: str) -> str | None:
-    """Why vLLM cannot apply `adapter` as LoRA, or None if it can.
+def lora_problem(adapter: str, model: str | None = None) -> str | None:
+    """Why vLLM cannot apply `adapter` (on `model`, default: the adapter's base model) as LoRA, or None if it can.
 
-    vLLM's own checks (DoRA, bias, modules_to_save, initialisations that change the base weights,
-    rank), and weights outside the language model: vLLM adapts only the language model of a VLM
-    and would silently leave e.g. a vision-tower LoRA out.
+    The architecture first (vLLM has no LoRA for some, e.g. LLaVA-OneVision); then vLLM's own checks
+    (DoRA, bias, modules_to_save, initialisations that change the base weights, rank), and weights
+    outside the language model: vLLM adapts only the language model of a VLM and would silently
+    leave e.g. a vision-tower LoRA out.
     """
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
+    model = model or json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if model and (arch := _architecture_without_lora(model)):
+        return f"vLLM has no LoRA support for the {arch} architecture"
     rank = _adapter_rank(adapter)
     max_rank = _max_lora_rank(rank)
     if max_rank is None:
@@ -318,6 +322,24 @@ def lora_problem(adapter: str) -> str | None:
         return str(e)
     outside = [k for k in _adapter_weight_names(adapter) if not re.search(rf"\.{LANGUAGE_MODEL}\.", k)]
     return f"it has weights outside the language model, e.g. {outside[0]}" if outside else None
+
+
+def _architecture_without_lora(model: str) -> str | None:
+    """`model`'s architecture if vLLM implements it without LoRA support; None when it has LoRA, or
+    when vLLM does not know it (starting the engine then says so) or the config cannot be read."""
+    from transformers import AutoConfig
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    try:
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+    except (OSError, ValueError):
+        return None
+    for arch in architectures:
+        model_class = ModelRegistry._try_load_model_cls(arch)  # None for an architecture vLLM lacks
+        if model_class is not None and not supports_lora(model_class):
+            return arch
+    return None
 
 
 def _adapter_weight_names(adapter: str) -> list[str]:

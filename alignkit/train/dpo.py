@@ -45,7 +45,7 @@ def train_dpo(
     # set-up
     dataset = load_preference_dataset(pairs_path)
     policy, processor = load_policy(model_path, dtype=compute.dtype(), **compute.load_options())
-    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, model=policy)
     args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps)
 
     # resume point: anything that changes what is learned invalidates old checkpoints

@@ -175,7 +175,7 @@ def train_mmdpo(
     keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     policy, processor = load_policy(model_path, dtype=compute.dtype(), load_in_4bit=finetune == "qlora",
                                     **compute.load_options())
-    lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, policy)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
     args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps, **nll)
 

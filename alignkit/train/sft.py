@@ -118,7 +118,7 @@ def train_sft(
     if cfg.finetune == "lora":
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(cfg.lora_r, cfg.lora_alpha))
+        policy = get_peft_model(policy, lora_config(cfg.lora_r, cfg.lora_alpha, model=policy))
     compute.for_training(policy)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

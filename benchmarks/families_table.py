@@ -1,0 +1,158 @@
+"""Write docs/families.md, the model-family compatibility table, from tests/test_families.py's results.
+
+    uv run python benchmarks/families_table.py            # runs the matrix (about a minute), then writes
+    uv run python benchmarks/families_table.py --junit r.xml   # from a report of an earlier run
+    uv run python benchmarks/families_table.py --vllm     # also sample each family with vLLM (1-2 min each)
+
+Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
+line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
+one image prompt (too slow for the test suite on CPU); without --vllm it is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from alignkit.records import write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# test function -> column, in table order
+COLUMNS = {
+    "test_sample_with_transformers": "sample (transformers)",
+    "test_image_reaches_the_policy": "image reaches the policy",
+    "test_second_image_reaches_the_policy": "two images per prompt",
+    "test_lora_targets_only_the_language_model": "default LoRA targets",
+    "test_reward_model_scores_see_the_image": "reward model score",
+    "test_sft_two_steps": "SFT",
+    "test_dpo_two_steps": "DPO",
+    "test_mmdpo_two_steps": "MM-DPO",
+    "test_quickstart_runs_on_a_local_family_directory": "quickstart recipe (CLI)",
+}
+
+# Measured outside the matrix (vLLM engines take ~30 s each on CPU; PPO is tested on Qwen2-VL).
+NOTES = {
+    "tiny:qwen2-vl": "vLLM: samples, LoRA applied. PPO: tested (tests/test_ppo.py).",
+    "tiny:llava": "Saved with hub vision-tower names (`save_model`): vLLM 0.32 cannot read transformers 5.19's.",
+    "tiny:llava-onevision": "vLLM has no LoRA for this architecture: the vLLM backend samples from a merged copy.",
+    "tiny:gemma3": "Chat template has no system role (system text opens the first user turn). Saved with hub "
+    "vision-tower names, as LLaVA.",
+}
+
+
+def run_matrix(report: Path) -> None:
+    """Run the whole matrix (slow cases included) into a JUnit report; failures still make a table."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_families.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+    ]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=False)
+
+
+def vllm_sample(family: str) -> str:
+    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to one image prompt."""
+    from PIL import Image
+
+    from alignkit.models import tiny_model
+    from alignkit.sample.base import Request
+    from alignkit.sample.vllm_backend import make_vllm_backend
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
+    try:
+        backend = make_vllm_backend(str(tiny_model(family)), max_new_tokens=8, options=options)
+        answers = backend.generate([Request("a", prompt, [Image.new("RGB", (112, 112), "red")])], 2, seed=0)[0]
+    except Exception as e:  # the table reports any failure
+        return "no: " + " ".join(str(e).split())[-160:]
+    return "yes" if len(answers) == 2 and all(a.num_tokens for a in answers) else "no: no answers"
+
+
+def vllm_column(families: list[str]) -> dict[str, str]:
+    """family -> vLLM cell, each family in its own process (one engine at a time)."""
+    cells = {}
+    for family in families:
+        cmd = [sys.executable, __file__, "--vllm-one", family]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        last = (done.stdout.strip().splitlines() or ["{}"])[-1]
+        cells[family] = json.loads(last).get(family, f"no: the process exited with {done.returncode}")
+    return cells
+
+
+def results(report: Path) -> dict[str, dict[str, str]]:
+    """family -> column -> "yes" or "no: <why>", from a JUnit report of tests/test_families.py."""
+    table: dict[str, dict[str, str]] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        m = re.fullmatch(r"(\w+)\[(tiny:[\w.-]+)\]", case.get("name", ""))
+        if not m or m[1] not in COLUMNS:
+            continue
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        if bad is not None:
+            cell = "no: " + (bad.get("message") or "failed").splitlines()[0][:120]
+        elif skipped is not None:
+            cell = "not run: " + (skipped.get("message") or "skipped").splitlines()[0][:120]
+        else:
+            cell = "yes"
+        table.setdefault(m[2], {})[COLUMNS[m[1]]] = cell
+    return table
+
+
+def markdown(table: dict[str, dict[str, str]]) -> str:
+    columns = [*COLUMNS.values(), *(["sample (vLLM)"] if any("sample (vLLM)" in row for row in table.values()) else [])]
+    head = ["family", *columns, "notes"]
+    lines = [
+        "# Model families",
+        "",
+        "Generated by `benchmarks/families_table.py` from `tests/test_families.py` (tiny offline builds,",
+        "`alignkit make-tiny-model <name> DIR`; each cell is a test that ran). Image reaches the policy: the",
+        "forward log-probs of a fixed answer change when only the image changes.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for family in sorted(table):
+        cells = [table[family].get(c, "not run") for c in columns]
+        lines.append("| " + " | ".join([f"`{family}`", *cells, NOTES.get(family, "")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--junit", type=Path, help="a JUnit report of tests/test_families.py (default: run it)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM sampling column")
+    parser.add_argument("--vllm-one", metavar="FAMILY", help=argparse.SUPPRESS)  # one family, as JSON (internal)
+    args = parser.parse_args()
+    if args.vllm_one:
+        print(json.dumps({args.vllm_one: vllm_sample(args.vllm_one)}))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        report = args.junit
+        if report is None:
+            report = Path(tmp) / "families.xml"
+            run_matrix(report)
+        table = results(report)
+        if args.vllm:
+            for family, cell in vllm_column(sorted(table)).items():
+                table[family]["sample (vLLM)"] = cell
+        write_atomic(args.out, markdown(table))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
