@@ -491,3 +491,28 @@ def test_vllm_rollouts_refuse_an_adapter_vllm_cannot_apply(tiny_qwen_dir, tmp_pa
                             lora_config(4, 8, target_modules=r".*visual\.blocks\.\d+\.attn\.qkv"))  # fmt: skip
     with pytest.raises(ValueError, match="cannot apply this one: it has weights outside the language model"):
         VllmRollouts(str(tiny_qwen_dir), policy, tmp_path / "adapter", None, max_new_tokens=8)
+
+
+def test_a_sampled_image_placeholder_cuts_the_answer(tiny_qwen_dir, shapes):
+    """An answer that samples a token the model fills with image features is trained on up to it."""
+    from alignkit.models import load_policy
+    from alignkit.models.inputs import placeholder_ids
+    from alignkit.sample.base import Generation
+    from alignkit.sample.templates import load_template
+    from alignkit.train.ppo import collect
+
+    policy, processor = load_policy(str(tiny_qwen_dir))
+    placeholders = frozenset(placeholder_ids(policy.config))
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad in placeholders
+    word = processor.tokenizer.convert_tokens_to_ids("yes")
+
+    class FixedAnswers:  # a test engine: every prompt gets the same two token sequences
+        group = None
+
+        def generate(self, requests, k, seed):
+            return [[Generation("", 3, "length", [word, image_pad, word]), Generation("", 2, "length", [word, word])]
+                    for _ in requests]  # fmt: skip
+
+    batch = collect(FixedAnswers(), processor, shapes[:1], load_template("plain"), 2, seed=0, placeholders=placeholders)
+    assert batch.targets.tolist() == [[word, 0], [word, word]] and batch.mask.tolist() == [[1, 0], [1, 1]]

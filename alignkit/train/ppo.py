@@ -80,7 +80,7 @@ from torch import nn
 
 from alignkit.console import progress
 from alignkit.errors import ModelError, RecipeError, finite
-from alignkit.models.inputs import collate, encode, extend
+from alignkit.models.inputs import collate, encode, extend, placeholder_ids
 from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
 from alignkit.sample.config import SampleConfig
@@ -336,10 +336,14 @@ def collect(
     seed: int,
     share: slice = slice(None),
     gather: Callable[[list], list] = lambda x: x,
+    placeholders: frozenset[int] = frozenset(),
 ) -> Batch:
     """# rollout: K answers per prompt of the step's global batch `prompts`, as records (for the
     rewards) and token grids (for training). This process samples the prompts of `share`; `gather`
-    collects every process's answers in process order (accelerate's `gather_object` under a launch)."""
+    collects every process's answers in process order (accelerate's `gather_object` under a launch).
+    A sampled answer is cut before the first of `placeholders` (`alignkit.models.inputs.placeholder_ids`
+    of the policy: the ids the model fills with image features), which the model would read as an
+    image slot without pixels; it is trained on up to that token only."""
     from alignkit.sample import to_request, to_samples
 
     # A request's id is its prompt's place in the step (vLLM seeds a request by it); the engine's
@@ -350,10 +354,6 @@ def collect(
     for g in range(lo // size, (hi - 1) // size + 1):  # the groups this process's share touches
         generations += engine.generate(requests[max(lo, g * size) : min(hi, (g + 1) * size)], k, derive_seed(seed, g))
     generations = gather(generations)
-    # A (random-weight) policy can sample an image placeholder, which the model would read as an
-    # image slot without pixels: such an answer is trained on up to that token only.
-    placeholders = {processor.tokenizer.convert_tokens_to_ids(getattr(processor, name))
-                    for name in ("image_token", "video_token") if getattr(processor, name, None)}  # fmt: skip
     features, samples, rows, out_prompts = [], [], [], []
     for prompt, request, gens in zip(prompts, requests, generations, strict=True):
         encoded = encode(processor, request.messages, request.images)
@@ -483,7 +483,8 @@ def train_ppo(
     policy, processor = load_policy(model_path, dtype=torch.float32, **compute.load_options())
     pad_id = processor.tokenizer.pad_token_id
     reference = None
-    lora = lora_config(t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules)
+    lora = lora_config(t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, model=policy)
+    placeholders = frozenset(placeholder_ids(policy.config))
     if t.finetune == "lora":
         from peft import get_peft_model
 
@@ -544,7 +545,7 @@ def train_ppo(
         share = slice(rank * c.prompts_per_step, (rank + 1) * c.prompts_per_step)
         with accelerator.autocast():
             batch = collect(engine, processor, chosen, tmpl, sample.num_samples, derive_seed(seed, "rollout", step),
-                            share, gather_object)  # fmt: skip
+                            share, gather_object, placeholders)  # fmt: skip
         mask = batch.mask.to(accelerator.device)
         rollout_seconds = time.monotonic() - started
 
