@@ -494,6 +494,7 @@ def build_tiny_mistral3(out_dir: Path, seed: int = 0) -> Path:
     return _save(out_dir, Mistral3ForConditionalGeneration, config, processor, seed, ("</s>", "<pad>"))
 
 
+# The vision-language model families (`policy.model`, the family tests and table).
 BUILDERS = {
     "tiny:qwen2-vl": build_tiny_qwen2_vl,
     "tiny:qwen2.5-vl": build_tiny_qwen2_5_vl,
@@ -504,8 +505,9 @@ BUILDERS = {
     "tiny:gemma3": build_tiny_gemma3,
     "tiny:internvl": build_tiny_internvl,
     "tiny:mistral3": build_tiny_mistral3,
-    "tiny:clip": build_tiny_clip,  # not a VLM: `levels.model`
 }
+# Tiny models that are not VLMs: the CLIP of `levels.model`.
+OTHER_BUILDERS = {"tiny:clip": build_tiny_clip}
 
 
 def default_cache_dir() -> Path:
@@ -515,8 +517,9 @@ def default_cache_dir() -> Path:
 
 def tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     """The directory of a named tiny model, built (atomically) on first use."""
-    if name not in BUILDERS:
-        raise ModelError(f"unknown tiny model {name!r} (policy.model); known: {sorted(BUILDERS)}")
+    build = BUILDERS.get(name) or OTHER_BUILDERS.get(name)
+    if build is None:
+        raise ModelError(f"unknown tiny model {name!r}; known: {sorted(BUILDERS | OTHER_BUILDERS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{VERSION}"
     if final.exists():
@@ -524,7 +527,7 @@ def tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        BUILDERS[name](tmp)
+        build(tmp)
         os.rename(tmp, final)
     except OSError:
         if not final.exists():  # a concurrent builder winning the rename is fine; anything else is not
