@@ -38,11 +38,11 @@ class Trainer:
 
 
 TRAINERS = [
-    Trainer("sft", "sft", "sft.max_steps", "sft.batch_size", 8, (10, 70)),
-    Trainer("dpo", "train", "train.max_steps", "train.batch_size", 4, (5, 35)),
-    Trainer("mmdpo", "train", "train.max_steps", "train.batch_size", 4, (5, 35), ("train.method=mmdpo",)),
-    Trainer("reward_model", "reward_model", "reward_model.max_steps", "reward_model.batch_size", 4, (5, 35)),
-    Trainer("ppo", "train", "ppo.steps", "ppo.prompts_per_step", 4, (2, 8), ("train.method=ppo",)),
+    Trainer("sft", "sft", "sft.max_steps", "sft.batch_size", 8, (10, 150)),
+    Trainer("dpo", "train", "train.max_steps", "train.batch_size", 4, (10, 160)),
+    Trainer("mmdpo", "train", "train.max_steps", "train.batch_size", 4, (10, 160), ("train.method=mmdpo",)),
+    Trainer("reward_model", "reward_model", "reward_model.max_steps", "reward_model.batch_size", 4, (10, 160)),
+    Trainer("ppo", "train", "ppo.steps", "ppo.prompts_per_step", 4, (2, 12), ("train.method=ppo",)),
 ]
 
 

@@ -50,6 +50,53 @@ def _cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
 
 
+def run_until_checkpoint(recipe, checkpoints, *args: str) -> subprocess.Popen:
+    """Start `alignkit run RECIPE ARGS` in a session of its own and return once `checkpoints` holds a
+    complete checkpoint (the caller kills it)."""
+    import time
+
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.1)
+    return proc
+
+
+def spy_on_accelerator(monkeypatch, module) -> dict:
+    """Replace `module.make_accelerator` with one that records the accelerator it makes
+    (`seen["accelerator"]`) and where `prepare` put the first model (`seen["model_device"]`, and
+    `seen["head_device"]` for a model with a reward head)."""
+    seen: dict = {}
+
+    def spy(settings, loop):
+        acc = device.make_accelerator(settings, loop)
+        prepare = acc.prepare
+
+        def prepared(*objs):
+            out = prepare(*objs)
+            seen["model_device"] = next(out[0].parameters()).device
+            if hasattr(out[0], "head"):
+                seen["head_device"] = out[0].head.weight.device
+            return out
+
+        acc.prepare = prepared
+        seen["accelerator"] = acc
+        return acc
+
+    monkeypatch.setattr(module, "make_accelerator", spy)
+    return seen
+
+
+def mark_lines_before(metrics) -> None:
+    """Mark the complete metric lines written before a kill `before`: a resumed run keeps those up to
+    its checkpoint, a fresh start would rewrite them."""
+    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
+                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+
+
 def _losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
 
@@ -170,22 +217,7 @@ def test_sft_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path, mon
 
     data = write_jsonl(tmp_path / "sft.jsonl",
                        sft_examples(make_shapes_prompts(tmp_path, 4, seed=3), load_template("cot"), 0.5, seed=3))  # fmt: skip
-    seen = {}
-
-    def spy(settings, loop):
-        acc = device.make_accelerator(settings, loop)
-        prepare = acc.prepare
-
-        def prepared(*objs):
-            out = prepare(*objs)
-            seen["model_device"] = next(out[0].parameters()).device
-            return out
-
-        acc.prepare = prepared
-        seen["accelerator"] = acc
-        return acc
-
-    monkeypatch.setattr(sft_module, "make_accelerator", spy)
+    seen = spy_on_accelerator(monkeypatch, sft_module)
     sft_module.train_sft(data, tmp_path / "run", SftConfig(data=str(data), max_steps=1, batch_size=2),
                          model=str(tiny_qwen_dir))  # fmt: skip
     acc = seen["accelerator"]
@@ -304,18 +336,9 @@ def test_train_as_two_processes_trains_like_one_with_the_same_global_batch(metho
 @pytest.mark.slow
 def test_a_killed_two_process_train_run_resumes_from_its_checkpoint(tmp_path):
     import signal
-    import time
 
     recipe, run = _train_run(tmp_path, "killed", "dpo", batch=1, steps=12, save=2, pairs=24)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "train",
-                             "launch.num_processes=2"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    checkpoints = run / "train" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
+    proc = run_until_checkpoint(recipe, run / "train" / "checkpoints", "--stages", "train", "launch.num_processes=2")
     import psutil
 
     # torchrun killed alone (as the OOM killer would): it cannot stop its workers, the kernel does
@@ -330,8 +353,7 @@ def test_a_killed_two_process_train_run_resumes_from_its_checkpoint(tmp_path):
     # killed in the middle of training: orphaned workers would have trained on to the end
     assert not (run / "train" / "adapter").exists(), "the workers went on training after their launcher died"
     metrics = run / "train" / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
-                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+    mark_lines_before(metrics)
 
     done = _train_cli(recipe, "launch.num_processes=2")
     assert done.returncode == 0, done.stdout + done.stderr

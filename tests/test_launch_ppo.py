@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from alignkit.models import device
 from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
 from alignkit.train import ppo as ppo_module
-from tests.test_launch import _check_adapter_generates
+from tests.test_launch import _check_adapter_generates, mark_lines_before, run_until_checkpoint
 
 # Same global batch, other split. The rollouts are the same tokens (the transformers engine generates
 # groups of sample.batch_size=2 prompts at fixed places of the step, each seeded by its place: both
@@ -102,22 +101,12 @@ def test_ppo_as_two_processes_trains_like_one_with_the_same_global_batch(one_pro
 @pytest.mark.slow
 def test_a_killed_two_process_ppo_run_resumes_from_its_checkpoint(one_process, tmp_path):
     recipe = _recipe(tmp_path, "killed", prompts=2, save=1)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "launch.num_processes=2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
     train = tmp_path / "killed" / "train"
-    deadline = time.monotonic() + 300
-    while not list((train / "checkpoints").glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
+    proc = run_until_checkpoint(recipe, train / "checkpoints", "launch.num_processes=2")
     os.killpg(proc.pid, signal.SIGKILL)  # alignkit, torchrun and both workers
     proc.wait()
     assert not (train / "adapter").exists()  # killed in the middle of training
-    metrics = train / "metrics.jsonl"
-    # mark the lines before the kill: the resumed run keeps those up to its checkpoint
-    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
-                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+    mark_lines_before(train / "metrics.jsonl")
 
     done = _cli(recipe, "launch.num_processes=2")
     assert done.returncode == 0, done.stdout + done.stderr

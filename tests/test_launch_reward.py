@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from alignkit.recipe import load_recipe
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.runner import Runner
+from tests.test_launch import mark_lines_before, run_until_checkpoint, spy_on_accelerator
 from tests.test_reward import shapes_pairs
 
 # Same global batch, other split: each process pads its own half of the batch and the gradients are
@@ -73,23 +73,14 @@ def two_processes(tmp_path_factory):
     kill are marked `before`: a resumed run keeps them, a fresh start would rewrite them."""
     tmp = tmp_path_factory.mktemp("rm-two")
     recipe, run = _run(tmp, "two", batch=2, save=2)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "reward_model",
-                             "launch.num_processes=2"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    checkpoints = run / "reward_model" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.1)
+    proc = run_until_checkpoint(recipe, run / "reward_model" / "checkpoints", "--stages", "reward_model",
+                                "launch.num_processes=2")  # fmt: skip
     # alignkit, torchrun and both workers (torchrun starts each worker in a session of its own)
     for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
         p.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "reward_model" / "model").exists()  # killed in the middle of training
-    metrics = run / "reward_model" / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(json.loads(line) | {"before": True}) + "\n"
-                               for line in metrics.read_text().splitlines(keepends=True) if line.endswith("\n")))  # fmt: skip
+    mark_lines_before(run / "reward_model" / "metrics.jsonl")
 
     done = _cli(recipe, "reward_model,score", "launch.num_processes=2")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -165,23 +156,7 @@ def test_the_loop_asks_accelerate_where_to_put_its_model(tiny_qwen_dir, tmp_path
     from alignkit.reward.config import RewardModelConfig
 
     pairs = shapes_pairs(tmp_path / "data", 4, seed=5)
-    seen = {}
-
-    def spy(settings, loop):
-        acc = device.make_accelerator(settings, loop)
-        prepare = acc.prepare
-
-        def prepared(*objs):
-            out = prepare(*objs)
-            seen["model_device"] = next(out[0].parameters()).device
-            seen["head_device"] = out[0].head.weight.device
-            return out
-
-        acc.prepare = prepared
-        seen["accelerator"] = acc
-        return acc
-
-    monkeypatch.setattr(rm_train, "make_accelerator", spy)
+    seen = spy_on_accelerator(monkeypatch, rm_train)
     cfg = RewardModelConfig(max_steps=1, batch_size=2, eval_fraction=0)
     rm_train.train_reward_model(pairs, tmp_path / "rm", cfg, model=str(tiny_qwen_dir))
     acc = seen["accelerator"]
