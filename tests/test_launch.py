@@ -44,10 +44,15 @@ def _recipe(tmp_path, name: str, batch: int, save: int = 100):
     return path
 
 
-def _cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
+def alignkit_run(recipe, *args: str) -> subprocess.CompletedProcess:
+    """`alignkit run RECIPE ARGS` as its own process (one thread per process), its output captured."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", "sft", *overrides],
+    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), *args],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def _cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
+    return alignkit_run(recipe, "--stages", "sft", *overrides)
 
 
 def run_until_checkpoint(recipe, checkpoints, *args: str) -> subprocess.Popen:

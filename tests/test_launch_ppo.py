@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from alignkit.models import device
 from alignkit.recipe import load_recipe
 from alignkit.runner import Runner
 from alignkit.train import ppo as ppo_module
-from tests.test_launch import _check_adapter_generates, mark_lines_before, run_until_checkpoint
+from tests.test_launch import _check_adapter_generates, alignkit_run, mark_lines_before, run_until_checkpoint
 
 # Same global batch, other split. The rollouts are the same tokens (the transformers engine generates
 # groups of sample.batch_size=2 prompts at fixed places of the step, each seeded by its place: both
@@ -55,9 +54,7 @@ def _recipe(tmp_path, name: str, prompts: int, save: int = 100):
 
 
 def _cli(recipe, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    return alignkit_run(recipe, *overrides)
 
 
 def _metrics(run) -> list[dict]:

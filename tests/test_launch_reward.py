@@ -6,10 +6,8 @@ asks accelerate where to put its model, and gradient accumulation takes the whol
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 
 import psutil
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from alignkit.recipe import load_recipe
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.runner import Runner
-from tests.test_launch import mark_lines_before, run_until_checkpoint, spy_on_accelerator
+from tests.test_launch import alignkit_run, mark_lines_before, run_until_checkpoint, spy_on_accelerator
 from tests.test_reward import shapes_pairs
 
 # Same global batch, other split: each process pads its own half of the batch and the gradients are
@@ -44,9 +42,7 @@ def _run(tmp_path, name: str, batch: int, save: int = 100):
 
 
 def _cli(recipe, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), "--stages", *args],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    return alignkit_run(recipe, "--stages", *args)
 
 
 def _metrics(run) -> list[dict]:
