@@ -197,6 +197,41 @@ def ppo(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     _run(recipe, [*(overrides or []), "train.method=ppo"], ["train"])
 
 
+@app.command("judge-eval")
+def judge_eval(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    labels: Annotated[
+        Optional[Path], typer.Option(help="Labelled preference file (jsonl, json, parquet); default judge.calibration.")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Where to write the figures (default RUN_DIR/judge_eval.json).")
+    ] = None,
+) -> None:
+    """Measure the recipe's judge on labelled preference data before paying for a run: accuracy with a 95%
+    interval, tie rate, position consistency (pairwise judges), agreement with the reference judge (records
+    with gold `objects`), requests and cost per 1,000 verdicts. Records hold image(s), question and
+    answer_a / answer_b / label (a, b or tie), or chosen / rejected (label implied, or a `label` column:
+    alignkit's pairs.jsonl works); see alignkit/judge/calibration.py. Verdicts are cached with the judge
+    stage's (RUN_DIR/judge_cache.sqlite): a re-run pays for nothing it already asked."""
+    from alignkit.judge.calibration import figures_table
+    from alignkit.judge.calibration import judge_eval as measure
+    from alignkit.lock import run_lock
+    from alignkit.recipe import load_recipe
+    from alignkit.stage import RunPaths
+
+    cfg = load_recipe(_recipe_path(recipe), overrides or [])
+    source = labels or (Path(cfg.judge.calibration) if cfg.judge.calibration else None)
+    if source is None:
+        raise RecipeError("judge-eval needs a labelled file: --labels FILE, or judge.calibration in the recipe")
+    root = Path(cfg.output_dir).resolve()
+    with run_lock(root):
+        result = measure(source, cfg.judge, out or root / "judge_eval.json", RunPaths(root).judge_cache,
+                         template=cfg.sample.template, allow_outside_paths=cfg.data.allow_outside_paths)  # fmt: skip
+    console.print(figures_table(result))
+    console.print(Text(f"wrote {shown_path(Path(result['output']))}"), soft_wrap=True)
+
+
 @app.command()
 def compare(
     before: Annotated[Path, typer.Argument(help="the first results.json, or its folder (RUN/eval/base).")],

@@ -56,7 +56,7 @@ class Recipe(Section):
     """Rounds of sample -> judge -> pairs -> train; each round samples with the previous round's policy."""
 
 
-DATA_PATH_KEYS = (("data", "prompts"), ("data", "pairs"), ("sft", "data"), ("eval", "prompts"))
+DATA_PATH_KEYS = (("data", "prompts"), ("data", "pairs"), ("sft", "data"), ("eval", "prompts"), ("judge", "calibration"))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

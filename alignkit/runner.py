@@ -116,6 +116,7 @@ class Runner:
             raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
         with run_lock(self.root):
             write_atomic(RunPaths(self.root).recipe, resolved_yaml(self.recipe))
+            self.calibrate()
             stages = [s for s in STAGES if s.name in wanted]
             results = {s.name: self.run_stage(s) for s in stages if not s.per_round}
             per_round = [s for s in stages if s.per_round]
@@ -127,6 +128,37 @@ class Runner:
                     results[stage_key(s.name, r)] = self.run_stage(s, r)
             self._write_report()
         return results
+
+    def calibrate(self) -> dict[str, Any] | None:
+        """The judge's calibration gate (`judge.min_accuracy`): measure the judge on `judge.calibration`
+        before any stage runs, and stop if its accuracy falls below. Recorded like a stage (`calibration`
+        in stages.json, RUN_DIR/calibration.json): a re-run with the same judge and labels asks nothing."""
+        from alignkit.judge.calibration import judge_eval
+        from alignkit.judge.rubric import JudgeError
+        from alignkit.judge.stage import UNCHANGING, judge_files
+
+        judge = self.recipe.judge
+        if judge.min_accuracy is None:
+            return None
+        labels, out = Path(judge.calibration), self.root / "calibration.json"
+        if not labels.is_file():
+            raise JudgeError(f"judge.calibration: {labels}: labelled file not found (judge.min_accuracy needs it)")
+        data = self.recipe.data
+        settings = {"judge": judge.model_dump(mode="json", exclude={k.split(".", 1)[1] for k in UNCHANGING}),
+                    "template": self.recipe.sample.template, "allow_outside_paths": data.allow_outside_paths}  # fmt: skip
+        summary = self.step("calibration", settings, [labels, *judge_files(judge)], out, lambda fp: judge_eval(
+            labels, judge, out, RunPaths(self.root).judge_cache, template=self.recipe.sample.template,
+            allow_outside_paths=data.allow_outside_paths))  # fmt: skip
+        accuracy = summary["accuracy"]
+        if accuracy is None or accuracy < judge.min_accuracy:
+            lo, hi = summary["accuracy_ci"]
+            shown = "unknown (no verdict)" if accuracy is None else f"{accuracy:.3f} (95% CI [{lo:.3f}, {hi:.3f}])"
+            raise JudgeError(
+                f"the judge's accuracy on {labels} is {shown} over {summary['verdicts']} labelled records, below "
+                f"judge.min_accuracy={judge.min_accuracy:g}: stopping before any stage runs (nothing sampled or "
+                f"trained). Figures in {out}; change the judge (judge.rubric, judge.model) or judge.min_accuracy"
+            )
+        return summary
 
     def _write_report(self) -> None:
         """Refresh RUN_DIR/report.html (`alignkit.report`). The stages' work is done and recorded by now,

@@ -37,9 +37,17 @@ class JudgeConfig(Section):
     `price` (which it then needs). Null: no cap."""
     num_judgments: int = Field(1, ge=1)
     """Judgments per sample; > 1 averages them (self-consistency) and reports their agreement."""
+    calibration: str | None = None
+    """Labelled preference data to measure the judge on (`alignkit judge-eval`; the file formats are in
+    `alignkit.judge.calibration`); relative to the recipe file."""
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    """When set, `alignkit run` first measures the judge on `calibration` and stops, before any stage
+    runs, if its accuracy is below this. Null: no gate."""
 
     @model_validator(mode="after")
     def _openai_needs_model(self) -> "JudgeConfig":
         if self.backend == "openai" and not self.model:
             raise ValueError("judge.model is required when judge.backend is 'openai'")
+        if self.min_accuracy is not None and not self.calibration:
+            raise ValueError("judge.min_accuracy needs judge.calibration (the labelled file to measure the judge on)")
         return self

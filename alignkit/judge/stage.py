@@ -8,9 +8,10 @@ from typing import Any
 from alignkit.records import Prompt, Sample, read_records
 from alignkit.stage import Context
 
-# Keys of the judge section that cannot change a verdict (how it is reached, not what it says).
+# Keys of the judge section that cannot change a verdict (how it is reached, not what it says; the
+# calibration gate's keys are the runner's, checked before any stage).
 UNCHANGING = frozenset({"judge.concurrency", "judge.api_key_env", "judge.rpm", "judge.tpm", "judge.max_requests",
-                        "judge.max_cost"})  # fmt: skip
+                        "judge.max_cost", "judge.calibration", "judge.min_accuracy"})  # fmt: skip
 
 
 def rubric_file(rubric: str) -> Path:
