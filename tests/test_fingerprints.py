@@ -24,8 +24,10 @@ from alignkit.stages import STAGES
 # Keys that choose where things are, not what is computed, or that name the prompts' source (the
 # file itself is covered by the file-bytes test): no stage fingerprints them. A benchmark's keys
 # name its files and cannot change alone (eval.benchmark needs eval.path and no eval.synthetic).
+# judge.min_accuracy is the calibration gate's threshold, checked by the runner before any stage (and it
+# cannot be set without judge.calibration, which ALTERNATIVES changes).
 NOT_SETTINGS = {"output_dir", "stages", "data.prompts", "data.pairs", "sft.data", "eval.prompts", "eval.benchmark",
-                "eval.path", "eval.images"}  # fmt: skip
+                "eval.path", "eval.images", "judge.min_accuracy"}  # fmt: skip
 
 
 def _recipe_text(tmp_path: Path, method: str) -> str:
@@ -96,7 +98,7 @@ ALTERNATIVES = {
     "sample.vllm.kv_cache_memory": 1.0, "judge.max_requests": 100, "judge.max_cost": 5.0,
     "eval.vocabulary": "coco", "train.gradient_checkpointing": True, "train.attn_implementation": "eager",
     "tracking.project": "other", "tracking.run_name": "named", "pairs.min_length_ratio": 0.5,
-    "judge.vocabulary": "coco", "eval.max_questions": 3,
+    "judge.vocabulary": "coco", "eval.max_questions": 3, "judge.calibration": "labels.jsonl",
     "levels.model": "some/clip",
 }  # fmt: skip
 

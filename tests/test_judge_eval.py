@@ -206,7 +206,8 @@ def test_the_calibration_gate_stops_a_run_before_any_stage_and_lets_a_good_judge
                                           "judge": judge}))  # fmt: skip
         stopped = CliRunner().invoke(app, ["run", str(recipe)])
         assert stopped.exit_code == 2, stopped.output
-        assert "accuracy on" in stopped.output and "0.500" in stopped.output and "judge.min_accuracy=0.9" in stopped.output
+        assert "accuracy on" in stopped.output and "0.500" in stopped.output
+        assert "below judge.min_accuracy=0.9: stopping before any stage runs" in stopped.output
         assert not (run / "prompts.jsonl").exists() and not (run / "samples.jsonl").exists()  # nothing ran
         assert len(srv.chat_requests) == 8
         assert json.loads((run / "calibration.json").read_text())["accuracy"] == 0.5
