@@ -126,6 +126,25 @@ def test_pairwise_judge_position_consistency_and_tie_rate(tmp_path, image, monke
     assert records["p2"]["positions"] == ["A", "A"] and records["p2"]["consistent"] is False
 
 
+def test_a_transient_failure_stops_it_and_the_rerun_asks_only_for_that(tmp_path, image, monkeypatch):
+    from alignkit.errors import StageIncomplete
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, [row("r0", "good-0", "bad-0", "a", image), row("r1", "bad-1", "good-1", "b", image)])
+    cfg = JudgeConfig(backend="openai", model="m", api_key_env=KEY_ENV, max_retries=0)
+    with ChatServer(pointwise_reply) as srv:
+        cfg.base_url = srv.url
+        srv.inject("server_error", when="bad-1")
+        with pytest.raises(StageIncomplete, match=r"1 of 2 records failed for a transient reason \(the first: server"):
+            judge_eval(labels, cfg, tmp_path / "out.json", tmp_path / "cache.sqlite")
+        assert len(srv.chat_requests) == 4 and not (tmp_path / "out.json").exists()
+        result = judge_eval(labels, cfg, tmp_path / "out.json", tmp_path / "cache.sqlite")
+        assert len(srv.chat_requests) == 5  # the failed judgment only: the other three come from the cache
+    assert (result["accuracy"], result["usage"]["requests"], result["usage"]["cached"]) == (1.0, 1, 3)
+    assert result["per_1000_verdicts"]["requests"] == pytest.approx(2000)  # 1 request for half a verdict
+
+
 def _pair(pid, chosen, rejected, image, **extra):
     """A record as alignkit's pairs.jsonl holds it (TRL conversations), with extra columns."""
     user = [{"type": "image"}, {"type": "text", "text": "Describe the image.\nThink step by step, then give the "

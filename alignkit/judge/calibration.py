@@ -108,7 +108,7 @@ def _labelled(row: dict[str, Any], rid: str, where: str, base: Path, image_dir: 
             full = text(k)
             _, answer, parsed = tmpl.parse(full)
             answers.append((answer if parsed else full, full))
-        label = row.get("label", "a")
+        label = row["label"] if row.get("label") is not None else "a"
     else:
         raise RecordError(f"{where}: a labelled record needs answer_a, answer_b and label, or chosen and rejected "
                           f"(its keys: {sorted(row)})")  # fmt: skip
