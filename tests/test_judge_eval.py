@@ -100,7 +100,7 @@ def test_pointwise_llm_judge_figures_match_a_hand_count(tmp_path, image, monkeyp
     assert again["accuracy"] == result["accuracy"] and again["usage"]["requests"] == 0
     assert again["usage"]["cached"] == 12 and again["per_1000_verdicts"]["requests"] is None  # nothing measured
     written = json.loads((tmp_path / "out.json").read_text())
-    assert [r["verdict"] for r in written["records"]] == ["a", "b", "tie", "b", "tie", "a"]
+    assert [r["verdict"] for r in written["per_record"]] == ["a", "b", "tie", "b", "tie", "a"]
 
 
 def test_pairwise_judge_position_consistency_and_tie_rate(tmp_path, image, monkeypatch):
@@ -122,7 +122,7 @@ def test_pairwise_judge_position_consistency_and_tie_rate(tmp_path, image, monke
     assert result["tie_rate"] == 0.5 and result["position_consistency"] == 0.75
     assert result["per_1000_verdicts"]["requests"] == pytest.approx(2000)
     assert result["per_1000_verdicts"]["cost"] == pytest.approx(1000 * prompt_tokens(sent) / 4)
-    records = {r["id"]: r for r in json.loads((tmp_path / "out.json").read_text())["records"]}
+    records = {r["id"]: r for r in json.loads((tmp_path / "out.json").read_text())["per_record"]}
     assert records["p2"]["positions"] == ["A", "A"] and records["p2"]["consistent"] is False
 
 
@@ -176,7 +176,7 @@ def test_reference_judge_on_a_pairs_file_through_the_cli(tmp_path, image):
     assert figures["failed_reasons"] == {"no_reference": 1} and figures["tie_rate"] == 0.25
     assert figures["per_1000_verdicts"] == {"requests": 0.0, "cost": 0.0}  # the reference judge is free
     assert figures["reference_agreement"] is None  # the judge is the reference
-    assert [r["verdict"] for r in figures["records"]] == ["a", "a", "a", "tie", None]
+    assert [r["verdict"] for r in figures["per_record"]] == ["a", "a", "a", "tie", None]
 
 
 @pytest.mark.parametrize(

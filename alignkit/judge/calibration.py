@@ -47,6 +47,7 @@ from alignkit.judge.reference import judge_reference, reference_verdicts
 from alignkit.judge.rubric import Rubric, load_rubric
 from alignkit.objects import load_vocabulary
 from alignkit.records import Prompt, Sample, image_files, iter_rows, to_dict, write_atomic
+from alignkit.sample.templates import Template, load_template
 from alignkit.stats import wilson_interval
 
 LABELS = {"a": "a", "b": "b", "tie": "tie", "chosen": "a", "rejected": "b"}
@@ -68,8 +69,6 @@ def read_labels(
 ) -> list[Labelled]:
     """The records of a labelled file (see the module docstring); a bad record is an error naming
     the file, the line (or row) and the key."""
-    from alignkit.sample.templates import load_template
-
     path, tmpl = Path(path), load_template(template)
     base, rows = iter_rows(path, "labels")
     out: list[Labelled] = []
@@ -85,20 +84,24 @@ def read_labels(
     return out
 
 
-def _labelled(row: dict[str, Any], rid: str, where: str, base: Path, image_dir: Path, tmpl, outside: bool) -> Labelled:
+def _labelled(
+    row: dict[str, Any], rid: str, where: str, base: Path, image_dir: Path, tmpl: Template, outside: bool
+) -> Labelled:
     from alignkit.data.formats import _first_exchange, _text, _turns
 
     def text(key: str) -> str:
         value = row.get(key)
         if isinstance(value, list):  # a conversation: its assistant turns
-            return "\n".join(t for role, t in _turns(value, f"{where}: {key}") if role == "assistant").strip()
+            value = "\n".join(t for role, t in _turns(value, f"{where}: {key}") if role == "assistant")
         if not isinstance(value, str) or not value.strip():
             raise RecordError(f"{where}: {key}: expected a non-empty string, got {value!r}")
         return value.strip()
 
     if "answer_a" in row or "answer_b" in row:
-        answers = [(text(f"answer_{s}"), text(f"response_{s}") if row.get(f"response_{s}") is not None else text(f"answer_{s}"))
-                   for s in "ab"]  # fmt: skip
+        answers = []
+        for s in "ab":
+            answer = text(f"answer_{s}")
+            answers.append((answer, text(f"response_{s}") if row.get(f"response_{s}") is not None else answer))
         label = row.get("label")
         if label is None:
             raise RecordError(f"{where}: label: required key missing (a, b or tie)")
@@ -179,7 +182,7 @@ def judge_eval(
     # the reference judge agrees with itself: compared only for an LLM judge
     agreement, compared = _agreement(records, outcomes, rub, vocab) if judge is not None else (None, 0)
     result.update(reference_agreement=agreement, reference_compared=compared)
-    write_atomic(out_path, json.dumps({**result, "records": outcomes}, indent=2))
+    write_atomic(out_path, json.dumps({**result, "per_record": outcomes}, indent=2))
     return {**result, "output": str(out_path)}
 
 
