@@ -133,7 +133,7 @@ class Runner:
         """The judge's calibration gate (`judge.min_accuracy`): measure the judge on `judge.calibration`
         before any stage runs, and stop if its accuracy falls below. Recorded like a stage (`calibration`
         in stages.json, RUN_DIR/calibration.json): a re-run with the same judge and labels asks nothing."""
-        from alignkit.judge.calibration import judge_eval
+        from alignkit.judge.calibration import figures_table, judge_eval
         from alignkit.judge.rubric import JudgeError
         from alignkit.judge.stage import UNCHANGING, judge_files
 
@@ -149,6 +149,7 @@ class Runner:
         summary = self.step("calibration", settings, [labels, *judge_files(judge)], out, lambda fp: judge_eval(
             labels, judge, out, RunPaths(self.root).judge_cache, template=self.recipe.sample.template,
             allow_outside_paths=data.allow_outside_paths))  # fmt: skip
+        self.console.print(figures_table(summary))
         accuracy = summary["accuracy"]
         if accuracy is None or accuracy < judge.min_accuracy:
             lo, hi = summary["accuracy_ci"]

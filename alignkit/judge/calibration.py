@@ -237,15 +237,14 @@ def _figures(records: list[Labelled], outcomes: list[dict[str, Any]], rub: Rubri
     judged = [o for o in outcomes if o["verdict"] is not None]
     correct = sum(o["verdict"] == o["label"] for o in judged)
     both_orders = [o["consistent"] for o in judged if o["consistent"] is not None]
+    cost = rub.price.cost(tally.prompt_tokens, tally.completion_tokens) if rub.price else None if asked else 0.0
     usage = {"requests": tally.requests, "cached": tally.cached, "prompt_tokens": tally.prompt_tokens,
-             "completion_tokens": tally.completion_tokens,
-             "cost": rub.price.cost(tally.prompt_tokens, tally.completion_tokens) if rub.price else None}  # fmt: skip
+             "completion_tokens": tally.completion_tokens, "cost": cost}  # fmt: skip
     per_verdict = 2 if rub.mode == "pairwise" else 2 * num_judgments  # judgments one verdict takes
     sent = (tally.ok + tally.failed - tally.cached) / per_verdict  # verdicts' worth of judgments sent now
     if not asked:  # the reference judge sends nothing
         per_1000 = {"requests": 0.0, "cost": 0.0}
     elif sent:
-        cost = usage["cost"]
         per_1000 = {"requests": 1000 * tally.requests / sent, "cost": None if cost is None else 1000 * cost / sent}
     else:  # every judgment came from the cache: nothing was measured in this run
         per_1000 = {"requests": None, "cost": None}
