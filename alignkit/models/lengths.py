@@ -35,6 +35,8 @@ from alignkit.models.inputs import placeholder_ids
 from alignkit.records import write_atomic
 
 Overlong = Literal["stop", "skip"]
+CONTEXT = "the model's context (max_position_embeddings)"
+"""How errors name the limit of the stages that never truncate."""
 SHOWN = 10
 """Ids an error or warning lists before it says how many more there are."""
 

@@ -134,6 +134,7 @@ def _train_ppo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
     )  # fmt: skip
     steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
     prompts = ppo.prompts_per_step * processes
-    return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"],
+    return {out.name: str(out), **skipped_summary(ctx.paths.train),
+            "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"],
             "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes,
             "global_prompts_per_step": prompts, "global_batch_size": prompts * sample.num_samples}  # fmt: skip
