@@ -97,9 +97,14 @@ def over_limit(lengths: Sequence[Length], limit: int | None, overlong: Overlong,
         for x in over[:SHOWN]
     )
     more = f" and {len(over) - SHOWN} more" if len(over) > SHOWN else ""
-    message = f"{len(over)} of {len(lengths)} examples are longer than {what} ({limit} tokens, image tokens counted): {listed}{more}"
+    message = (
+        f"{len(over)} of {len(lengths)} examples are longer than {what} ({limit} tokens, image tokens counted): "
+        f"{listed}{more}"
+    )
     if overlong == "stop":
-        raise StageInputError(f"{message}. Raise the limit, use smaller images, or set overlong: skip to leave them out.")
+        raise StageInputError(
+            f"{message}. Raise the limit, use smaller images, or set overlong: skip to leave them out."
+        )
     if len(over) == len(lengths):
         raise StageInputError(f"{message}: nothing is left to run on.")
     warnings.warn(f"{message}; skipped (overlong: skip).", stacklevel=2)

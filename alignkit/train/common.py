@@ -128,7 +128,9 @@ def pair_ids(pairs_path: Path) -> list[str]:
     return [str(obj.get("pair_id", f"{path.name}:{lineno}")) for lineno, obj in iter_jsonl(path)]
 
 
-def drop_overlong(dataset: Dataset, ids: list[str], processor: Any, config: Any, cfg: TrainConfig, out_dir: Path) -> Dataset:
+def drop_overlong(
+    dataset: Dataset, ids: list[str], processor: Any, config: Any, cfg: TrainConfig, out_dir: Path
+) -> Dataset:
     """`dataset` without its pairs longer than `cfg.max_length` (image tokens counted as TRL's collator
     counts them), which `train.overlong: skip` leaves out (their ids go to `out_dir/overlong.json`);
     under `stop` a `StageInputError` names them. `ids` name the dataset's rows, `config` is the

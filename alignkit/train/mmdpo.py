@@ -153,7 +153,8 @@ def train_mmdpo(
     per-pair beta (paper defaults 0.1, 0.5, 0.5); `gamma` weighs an NLL term on the chosen answer
     (0: off); `margin_key` names the numeric margin column (`margin` from the judge, or a reward
     model's, e.g. `rm_margin`). `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or
-    `full`. The other settings are those of `train_dpo` (pairs over `max_length`: `cfg.overlong`). Every pair needs a `pair_id` (the reference cache key).
+    `full`. The other settings are those of `train_dpo` (pairs over `max_length`: `cfg.overlong`).
+    Every pair needs a `pair_id` (the reference cache key).
     `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
     keeps it outside `out_dir`, which it clears when a training setting changes. `tracking` is the
     tracker run the logged steps also go to (`alignkit.tracking`).

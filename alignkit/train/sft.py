@@ -48,7 +48,8 @@ from alignkit.train.config import SftConfig
 def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[str, Any]]:
     """Read SFT examples: `prompt` and `completion` conversations (TRL's prompt-completion format)
     plus `images` (paths, relative to the file and inside its directory unless
-    `allow_outside_paths`), and an `id` (`id`, else `prompt_id`, else `<file>:<line>`). Errors name the file and line."""
+    `allow_outside_paths`), and an `id` (`id`, else `prompt_id`, else `<file>:<line>`). Errors name
+    the file and line."""
     rows = []
     base = Path(path).parent.resolve()
     for lineno, obj in iter_jsonl(path):
