@@ -176,7 +176,7 @@ def train_mmdpo(
                                     **compute.load_options())
     dataset = drop_overlong(dataset, list(dataset["pair_id"]), processor, policy.config, cfg, out_dir)
     dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
-    keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+    keys = [pair_key(*(row[c] for c in ("pair_id", *COLUMNS))) for row in dataset]  # one row's images at a time
     lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, policy)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
     args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps, **nll)
