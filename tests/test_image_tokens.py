@@ -255,3 +255,24 @@ def test_reward_model_training_and_scoring_count_image_tokens(qwen, tmp_path):
     annotated = {p["pair_id"]: p for p in map(json.loads, pairs_path.read_text().splitlines())}
     assert annotated["p1"]["rm_margin"] is None and isinstance(annotated["p0"]["rm_margin"], float)
     assert accuracy["num_pairs"] == 1
+
+
+@pytest.mark.slow
+def test_train_stage_summary_counts_the_skipped_pairs(qwen, tmp_path):
+    """Through the runner: `train.overlong: skip` trains, and stages.json counts the skipped pair."""
+    from alignkit.recipe import Recipe
+    from alignkit.runner import Runner
+
+    model_dir, _ = qwen
+    pairs = _pairs(tmp_path, {"p0": SMALL, "p1": LARGE})
+    limit = _lengths(model_dir, pairs)["p1"].image_end - 2
+    recipe = Recipe.model_validate({
+        "output_dir": str(tmp_path / "run"), "stages": ["pairs", "train"], "policy": {"model": model_dir},
+        "data": {"pairs": str(pairs)},
+        "train": {"max_length": limit, "overlong": "skip", "max_steps": 1, "batch_size": 1},
+    })  # fmt: skip
+    with pytest.warns(UserWarning, match="1 of 2 examples"):
+        summary = Runner(recipe).run()["train"]
+    assert summary["overlong_skipped"] == 1 and len(summary["overlong_ids"]) == 1
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert json.dumps(summary["overlong_ids"]) in json.dumps(stages)
