@@ -176,8 +176,9 @@ def train_reward_model(
     The settings are the `reward_model` section's, and `compute` the `train` section's precision and
     memory keys; `tracking` the tracker run the steps also go to. Pair rationales are the critiques
     (`cfg.use_critiques`); pairs without one train the score only. Pairs longer than the model's
-    context stop the run or are left out (`cfg.overlong`, see `fitting_pairs`). The held-out evaluation scores as
-    `score_options(cfg)` says. Run it in every process of a launch; it returns when all are done.
+    context stop the run or are left out (`cfg.overlong`, see `fitting_pairs`). The held-out
+    evaluation scores as `score_options(cfg)` says. Run it in every process of a launch; it returns
+    when all are done.
     """
     from accelerate.utils import broadcast_object_list
 

@@ -39,7 +39,7 @@ def train_dpo(
     `model` is a hub id, a local directory or a tiny test model name ("tiny:qwen2-vl").
     `cfg.beta` is the DPO temperature (0.1 as in the DPO paper); `max_steps` > 0 overrides
     `num_epochs`; a pair whose prompt + answer tokens (image tokens included) exceed `max_length`
-stops the run or is skipped, as `cfg.overlong` says (the skipped ids go to `out_dir/overlong.json`).
+    stops the run or is skipped, as `cfg.overlong` says (the skipped ids go to `out_dir/overlong.json`).
     `target_modules` are projection names inside the language model (see `lora_config`). `tracking`
     is the tracker run the logged steps also go to (`alignkit.tracking`).
     """

@@ -4,7 +4,8 @@ TRL refuses `precompute_ref_log_probs` for vision datasets, so alignkit computes
 log-probs of every pair once, before training, and appends them to a jsonl file in the run
 directory. The file name is a fingerprint of the reference model (weights, dtype, 4-bit loading,
 truncation), and each line is keyed by the pair's id plus a digest of its text and images, so a
-pairs file regenerated under the same ids never reuses a stale value. A torn last line (a kill) is ignored.
+pairs file regenerated under the same ids never reuses a stale value. A torn last line (a kill)
+is ignored.
 """
 
 from __future__ import annotations
