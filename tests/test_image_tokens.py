@@ -226,15 +226,19 @@ def test_reward_model_training_and_scoring_count_image_tokens(qwen, tmp_path):
     from alignkit.reward.score import annotate_pairs_file, score_samples
     from alignkit.reward.train import fitting_pairs
 
-    model_dir, _ = qwen
+    model_dir, context = qwen
     pairs_path = _pairs(tmp_path, {"p0": SMALL, "p1": LARGE})
     rm = build_reward_model(model_dir, dtype=torch.float32)
-    cfg = RewardModelConfig(use_critiques=False, overlong="skip")
+    cfg = RewardModelConfig(use_critiques=False, num_critiques=0, overlong="skip")
     with pytest.warns(UserWarning, match="p1"):
         kept, skipped = fitting_pairs(rm, read_rm_pairs(pairs_path), cfg)
     assert [p.pair_id for p in kept] == ["p0"] and skipped == {"p1"}
     with pytest.raises(StageInputError, match=r"p1 \("):
         fitting_pairs(rm, read_rm_pairs(pairs_path), cfg.model_copy(update={"overlong": "stop"}))
+    # the held-out evaluation's critiques count too: with room for a context's worth, p0 is too long
+    with pytest.raises(StageInputError, match=r"2 of 2 examples .*p0 \("):
+        fitting_pairs(rm, read_rm_pairs(pairs_path), cfg.model_copy(update={"overlong": "stop", "num_critiques": 1,
+                                                                          "max_critique_tokens": context}))  # fmt: skip
 
     rm.save(tmp_path / "rm")
     prompts = [Prompt(p, QUESTION, [str(tmp_path / f"{p}.png")]) for p in ("p0", "p1")]

@@ -237,8 +237,8 @@ def score_samples(
         p = by_id[s.prompt_id]
         prompt = _conversation("user", user_text[p.prompt_id], len(p.images))
         answers.append(Answer(prompt, _conversation("assistant", s.text), images[p.prompt_id]))
-    extra = score_options.get("max_new_tokens", 64) + 1 if score_options.get("num_critiques", 1) else None
-    lengths = [answer_length(rm, a, s.sample_id, extra) for a, s in zip(answers, samples)]
+    budget = {k: score_options[k] for k in ("num_critiques", "max_new_tokens") if k in score_options}
+    lengths = [answer_length(rm, a, s.sample_id, **budget) for a, s in zip(answers, samples)]
     skipped = over_limit(lengths, context_length(rm.lm.config), overlong, CONTEXT)
     kept = [i for i, s in enumerate(samples) if s.sample_id not in skipped]
     by_index = dict(zip(kept, score_shared(rm, [answers[i] for i in kept], seed=seed, **score_options)))
@@ -254,13 +254,13 @@ def score_samples(
             "num_processes": state.num_processes, **skipped_summary(skipped)}  # fmt: skip
 
 
-def answer_length(rm: RewardModel, answer: Answer, id_: str, critique_tokens: int | None) -> Length:
-    """An answer's length as the reward model reads it (image tokens counted): the chat up to the
-    critique plus `critique_tokens` (at most the critique and its end), or, when None (no critique),
-    the chat up to the answer's end."""
-    text = render(rm.processor, answer.prompt, answer.answer, critique_tokens is not None)
+def answer_length(rm: RewardModel, answer: Answer, id_: str, num_critiques: int = 1, max_new_tokens: int = 64) -> Length:
+    """An answer's length as `score_answers` reads it (image tokens counted): the chat up to the
+    critique plus `max_new_tokens` and the critique's end, or without critiques the chat up to the
+    answer's end."""
+    text = render(rm.processor, answer.prompt, answer.answer, num_critiques > 0)
     ids = encode(rm.processor, text, answer.images)["input_ids"]
-    return example_length(id_, ids, rm.lm.config, critique_tokens or 0)
+    return example_length(id_, ids, rm.lm.config, max_new_tokens + 1 if num_critiques else 0)
 
 
 def annotate_pairs_file(pairs_path: Path, scores_path: Path) -> dict[str, float]:

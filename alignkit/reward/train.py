@@ -36,11 +36,12 @@ from alignkit.models.checkpoint import load_checkpoint, resume_point, save_check
 from alignkit.models.device import ComputeSettings, make_accelerator, process_state
 from alignkit.models.inputs import IGNORE, collate
 from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, skipped_summary
+from alignkit.records import load_image
 from alignkit.reward.config import RewardModelConfig, score_options
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossCounts, LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
-from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
+from alignkit.reward.score import Answer, answer_length, evaluate_pairs, rm_pairs_digest
 from alignkit.tracking import StepLog, Tracking
 
 
@@ -148,15 +149,19 @@ def fit(
 
 
 def fitting_pairs(rm: RewardModel, pairs: list[RMPair], cfg: RewardModelConfig) -> tuple[list[RMPair], set[str]]:
-    """The pairs whose two encoded answers (with their critiques when `cfg.use_critiques`, image
-    tokens counted) fit the model's context, and the ids of those left out under
+    """The pairs whose answers fit the model's context (image tokens counted) both as they train
+    (with their critiques when `cfg.use_critiques`) and as the held-out evaluation scores them
+    (`alignkit.reward.score.answer_length`), and the ids of those left out under
     `reward_model.overlong: skip`; under `stop` a `StageInputError` names them."""
-    config = rm.lm.config
+    config, budget = rm.lm.config, {"num_critiques": cfg.num_critiques, "max_new_tokens": cfg.max_critique_tokens}
     lengths = []
     for pair in pairs:
-        chosen, rejected = pair_features(rm.processor, pair, cfg.use_critiques)
-        longer = max((chosen, rejected), key=lambda f: len(f["input_ids"]))
-        lengths.append(example_length(pair.pair_id, longer["input_ids"], config))
+        trained = [example_length(pair.pair_id, f["input_ids"], config)
+                   for f in pair_features(rm.processor, pair, cfg.use_critiques)]  # fmt: skip
+        images = [load_image(p) for p in pair.images]
+        scored = [answer_length(rm, Answer(pair.prompt, a, images), pair.pair_id, **budget)
+                  for a in (pair.chosen, pair.rejected)]  # fmt: skip
+        lengths.append(max(trained + scored, key=lambda x: x.tokens))
     skipped = over_limit(lengths, context_length(config), cfg.overlong, CONTEXT)
     return [p for p in pairs if p.pair_id not in skipped], skipped
 
