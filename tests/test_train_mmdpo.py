@@ -144,7 +144,7 @@ def test_loss_equals_trl_at_w0_and_the_hand_formula(tmp_path, tiny_qwen_dir, mon
     )
     _perturb_adapter(stock.model)
     _perturb_adapter(ours.model)
-    keys = [pair_key(*r) for r in zip(ds["pair_id"], ds["prompt"], ds["chosen"], ds["rejected"])]
+    keys = [pair_key(*r) for r in zip(*(ds[c] for c in ("pair_id", *COLUMNS)))]
     cache = tmp_path / "ref.jsonl"
     ours.cache_reference_logps(cache, keys)
 

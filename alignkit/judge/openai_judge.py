@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,13 +31,22 @@ from alignkit.records import Prompt, Sample, Verdict, load_image, to_dict
 from alignkit.throttle import estimate_tokens
 
 
-@lru_cache(maxsize=64)  # K samples of one prompt share its images
 def image_data_url(path: str, max_side: int = 512) -> str:
     """An image as a base64 data URL, downscaled so its longest side is at most `max_side`.
 
     JPEG files stay JPEG (photos); everything else is sent as lossless PNG. Encoding is
-    deterministic, so the same file always yields the same URL (and cache key).
+    deterministic, so the same file always yields the same URL (and cache key). The encoding is
+    remembered by path and file stats: a file rewritten under the same name is encoded anew.
     """
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise JudgeError(f"cannot read image {path}: {e}") from None
+    return _encoded(path, max_side, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)  # K samples of one prompt share its images
+def _encoded(path: str, max_side: int, mtime_ns: int, size: int) -> str:
     try:
         img = load_image(path)
     except OSError as e:

@@ -45,6 +45,10 @@ class RewardModelConfig(Section):
     score_batch_size: int = Field(8, ge=1)
     save_steps: int = Field(50, ge=1)
     """Checkpoint training every this many steps (a killed run resumes from the last one)."""
+    overlong: Literal["stop", "skip"] = "stop"
+    """A pair (training: with its critiques) or an answer (scoring: with the critique request and
+    max_critique_tokens) longer than the model's context, image tokens counted, is never cut: `stop`
+    stops the stage naming every such id, `skip` leaves them out (counted in the stage summary)."""
     checkpoint: str | None = None
     """Score with this reward model directory instead of the one the `reward_model` stage trains."""
 

@@ -26,6 +26,15 @@ from PIL import Image
 from alignkit.console import progress
 from alignkit.models.device import ComputeSettings, process_state
 from alignkit.models.inputs import collate, encode
+from alignkit.models.lengths import (
+    CONTEXT,
+    Length,
+    Overlong,
+    context_length,
+    example_length,
+    over_limit,
+    skipped_summary,
+)
 from alignkit.pairs import _conversation
 from alignkit.records import Prompt, RecordError, Sample, iter_jsonl, load_image, write_jsonl
 from alignkit.reward.data import Messages, RMPair, encode_answer, render
@@ -180,14 +189,16 @@ def evaluate_pairs(rm: RewardModel, pairs: Sequence[RMPair], **score_options) ->
 
 
 def add_rm_columns(pairs: list[dict[str, Any]], scores: dict[str, float], where: str) -> list[dict[str, Any]]:
-    """Pairs with `rm_chosen_score`, `rm_rejected_score` and `rm_margin` (chosen minus rejected) added."""
+    """Pairs with `rm_chosen_score`, `rm_rejected_score` and `rm_margin` (chosen minus rejected) added;
+    a score of None (an answer skipped as overlong) makes the margin None."""
     out = []
     for p in pairs:
         missing = [sid for sid in (p.get("chosen_id"), p.get("rejected_id")) if sid not in scores]
         if missing:
             raise RecordError(f"{where}: pair {p.get('pair_id')!r}: no reward-model score for sample(s) {missing}")
         c, r = scores[p["chosen_id"]], scores[p["rejected_id"]]
-        out.append({**p, "rm_chosen_score": c, "rm_rejected_score": r, "rm_margin": c - r})
+        margin = None if c is None or r is None else c - r
+        out.append({**p, "rm_chosen_score": c, "rm_rejected_score": r, "rm_margin": margin})
     return out
 
 
@@ -203,12 +214,15 @@ def score_samples(
     *,
     seed: int = 0,
     compute: ComputeSettings = ComputeSettings(),
+    overlong: Overlong = "stop",
     **score_options: Any,
 ) -> dict[str, Any]:
     """Score every sample's full text, as the pairs present it; writes `output` (jsonl) and returns a summary.
 
     `compute` gives the dtype (bf16 where the compute is bf16) and attention kernel the model loads
     with. Call it in every process of a launch: they share the answers (`score_shared`), the main one writes.
+    An answer longer than the model's context (`answer_length`) stops it, or under `overlong="skip"`
+    is not scored: its line has `rm_score` null, and the pairs it is in get null rm_* columns.
     """
     from alignkit.models import place
 
@@ -223,16 +237,30 @@ def score_samples(
         p = by_id[s.prompt_id]
         prompt = _conversation("user", user_text[p.prompt_id], len(p.images))
         answers.append(Answer(prompt, _conversation("assistant", s.text), images[p.prompt_id]))
-    scored = score_shared(rm, answers, seed=seed, **score_options)
+    budget = {k: score_options[k] for k in ("num_critiques", "max_new_tokens") if k in score_options}
+    lengths = [answer_length(rm, a, s.sample_id, **budget) for a, s in zip(answers, samples)]
+    skipped = over_limit(lengths, context_length(rm.lm.config), overlong, CONTEXT)
+    kept = [i for i, s in enumerate(samples) if s.sample_id not in skipped]
+    by_index = dict(zip(kept, score_shared(rm, [answers[i] for i in kept], seed=seed, **score_options)))
     if state.is_main_process:
         write_jsonl(output, [
-            {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "rm_score": r.score, "rm_critiques": r.critiques}
-            for s, r in zip(samples, scored)
+            {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "rm_score": r.score if r else None,
+             "rm_critiques": r.critiques if r else []}
+            for s, r in ((s, by_index.get(i)) for i, s in enumerate(samples))
         ])  # fmt: skip
     state.wait_for_everyone()
-    values = [r.score for r in scored]
+    values = [r.score for r in by_index.values()]
     return {"num_scored": len(values), "mean_rm_score": sum(values) / len(values) if values else None,
-            "num_processes": state.num_processes}  # fmt: skip
+            "num_processes": state.num_processes, **skipped_summary(skipped)}  # fmt: skip
+
+
+def answer_length(rm: RewardModel, answer: Answer, id_: str, num_critiques: int = 1, max_new_tokens: int = 64) -> Length:
+    """An answer's length as `score_answers` reads it (image tokens counted): the chat up to the
+    critique plus `max_new_tokens` and the critique's end, or without critiques the chat up to the
+    answer's end."""
+    text = render(rm.processor, answer.prompt, answer.answer, num_critiques > 0)
+    ids = encode(rm.processor, text, answer.images)["input_ids"]
+    return example_length(id_, ids, rm.lm.config, max_new_tokens + 1 if num_critiques else 0)
 
 
 def annotate_pairs_file(pairs_path: Path, scores_path: Path) -> dict[str, float]:
@@ -242,7 +270,7 @@ def annotate_pairs_file(pairs_path: Path, scores_path: Path) -> dict[str, float]
     annotated = add_rm_columns(pairs, scores, str(pairs_path))
     if annotated != pairs:
         write_jsonl(pairs_path, annotated)
-    ranked = [p for p in annotated if p.get("margin", 1.0) != 0]
+    ranked = [p for p in annotated if p.get("margin", 1.0) != 0 and p["rm_margin"] is not None]
     return pairwise_accuracy(
         [p["prompt_id"] for p in ranked], [p["rm_chosen_score"] for p in ranked], [p["rm_rejected_score"] for p in ranked]
     )

@@ -26,7 +26,7 @@ class ScoreStage:
         return True  # runs as launch.num_processes processes (alignkit.launch)
 
     def config(self, recipe) -> tuple[str, ...]:
-        return (*SCORE_KEYS, "reward_model.checkpoint", "sample.template", "seed", "launch", *COMPUTE_KEYS)
+        return (*SCORE_KEYS, "reward_model.overlong", "reward_model.checkpoint", "sample.template", "seed", "launch", *COMPUTE_KEYS)
 
     def _rm_dir(self, ctx: Context) -> Path:
         checkpoint = ctx.config.reward_model.checkpoint
@@ -58,7 +58,7 @@ class ScoreStage:
                 self._rm_dir(ctx), prompts, read_records(ctx.paths.samples, Sample),
                 {p.prompt_id: template.render(p.question) for p in prompts}, ctx.paths.rm_scores,
                 seed=ctx.config.seed, compute=ComputeSettings.of(ctx.config.train),
-                **score_options(ctx.config.reward_model),
+                overlong=ctx.config.reward_model.overlong, **score_options(ctx.config.reward_model),
             )  # fmt: skip
 
         # Scoring is cached apart from the pairs, so re-made pairs are annotated without re-scoring.

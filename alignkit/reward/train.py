@@ -35,11 +35,13 @@ from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator, process_state
 from alignkit.models.inputs import IGNORE, collate
+from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, skipped_summary
+from alignkit.records import load_image
 from alignkit.reward.config import RewardModelConfig, score_options
 from alignkit.reward.data import RMPair, pair_features, read_rm_pairs
 from alignkit.reward.losses import LossCounts, LossWeights, reward_loss
 from alignkit.reward.model import RewardModel, build_reward_model
-from alignkit.reward.score import evaluate_pairs, rm_pairs_digest
+from alignkit.reward.score import Answer, answer_length, evaluate_pairs, rm_pairs_digest
 from alignkit.tracking import StepLog, Tracking
 
 
@@ -146,6 +148,24 @@ def fit(
     return history
 
 
+def fitting_pairs(rm: RewardModel, pairs: list[RMPair], cfg: RewardModelConfig) -> tuple[list[RMPair], set[str]]:
+    """The pairs whose answers fit the model's context (image tokens counted) both as they train
+    (with their critiques when `cfg.use_critiques`) and as the held-out evaluation scores them
+    (`alignkit.reward.score.answer_length`), and the ids of those left out under
+    `reward_model.overlong: skip`; under `stop` a `StageInputError` names them."""
+    config, budget = rm.lm.config, {"num_critiques": cfg.num_critiques, "max_new_tokens": cfg.max_critique_tokens}
+    lengths = []
+    for pair in pairs:
+        trained = [example_length(pair.pair_id, f["input_ids"], config)
+                   for f in pair_features(rm.processor, pair, cfg.use_critiques)]  # fmt: skip
+        images = [load_image(p) for p in pair.images]
+        scored = [answer_length(rm, Answer(pair.prompt, a, images), pair.pair_id, **budget)
+                  for a in (pair.chosen, pair.rejected)]  # fmt: skip
+        lengths.append(max(trained + scored, key=lambda x: x.tokens))
+    skipped = over_limit(lengths, context_length(config), cfg.overlong, CONTEXT)
+    return [p for p in pairs if p.pair_id not in skipped], skipped
+
+
 def train_reward_model(
     pairs_path: Path,
     out_dir: Path,
@@ -160,8 +180,10 @@ def train_reward_model(
 
     The settings are the `reward_model` section's, and `compute` the `train` section's precision and
     memory keys; `tracking` the tracker run the steps also go to. Pair rationales are the critiques
-    (`cfg.use_critiques`); pairs without one train the score only. The held-out evaluation scores as
-    `score_options(cfg)` says. Run it in every process of a launch; it returns when all are done.
+    (`cfg.use_critiques`); pairs without one train the score only. Pairs longer than the model's
+    context stop the run or are left out (`cfg.overlong`, see `fitting_pairs`). The held-out
+    evaluation scores as `score_options(cfg)` says. Run it in every process of a launch; it returns
+    when all are done.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -172,12 +194,13 @@ def train_reward_model(
     global_batch = cfg.batch_size * cfg.grad_accum * state.num_processes
 
     # set-up (the same pairs, split and initialisation in every process)
-    train_pairs, held_out = split_by_prompt(read_rm_pairs(pairs_path), cfg.eval_fraction, seed)
     torch.manual_seed(seed)
     # float32 weights; accelerate places the model and runs the compute in its mixed precision
     rm = build_reward_model(model, cfg.finetune, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules, dtype=torch.float32,
                             attn_implementation=compute.attn_implementation)  # fmt: skip
+    pairs, skipped = fitting_pairs(rm, read_rm_pairs(pairs_path), cfg)
+    train_pairs, held_out = split_by_prompt(pairs, cfg.eval_fraction, seed)
 
     # resume: the last complete checkpoint of a run with these pairs and settings (more steps extend a
     # run; the global batch counts, not its split). The main process decides.
@@ -206,7 +229,7 @@ def train_reward_model(
     state.wait_for_everyone()
     summary: dict[str, Any] = {"model": str(out_dir / "model"), "train_pairs": len(train_pairs),
                                "final": history[-1] if history else {}, "num_processes": state.num_processes,
-                               "global_batch_size": global_batch}  # fmt: skip
+                               "global_batch_size": global_batch, **skipped_summary(skipped)}  # fmt: skip
     if held_out:
         summary["held_out"] = evaluate_pairs(rm, held_out, seed=seed, **score_options(cfg))
     return summary

@@ -31,9 +31,12 @@ from alignkit.console import progress, verbose
 from alignkit.errors import finite
 from alignkit.models import checkpoint
 from alignkit.models.device import ComputeSettings, process_state
+from alignkit.models.lengths import over_limit, preference_lengths, write_skipped
+from alignkit.records import iter_jsonl
 from alignkit.tracking import StepLog, Tracking
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import Trainer
     from trl import DPOConfig
 
@@ -117,6 +120,26 @@ def dpo_config(
         report_to="none",
         **extra,
     )
+
+
+def pair_ids(pairs_path: Path) -> list[str]:
+    """Each pair's `pair_id` in file order (`<file>:<line>` where it has none)."""
+    path = Path(pairs_path)
+    return [str(obj.get("pair_id", f"{path.name}:{lineno}")) for lineno, obj in iter_jsonl(path)]
+
+
+def drop_overlong(
+    dataset: Dataset, ids: list[str], processor: Any, config: Any, cfg: TrainConfig, out_dir: Path
+) -> Dataset:
+    """`dataset` without its pairs longer than `cfg.max_length` (image tokens counted as TRL's collator
+    counts them), which `train.overlong: skip` leaves out (their ids go to `out_dir/overlong.json`);
+    under `stop` a `StageInputError` names them. `ids` name the dataset's rows, `config` is the
+    policy's (its image-token ids). See `alignkit.models.lengths`."""
+    lengths = preference_lengths(processor, dataset, ids, config) if cfg.max_length is not None else []
+    skipped = over_limit(lengths, cfg.max_length, cfg.overlong, "train.max_length")
+    if process_state().is_main_process:
+        write_skipped(out_dir, skipped)
+    return dataset.select([i for i, id_ in enumerate(ids) if id_ not in skipped]) if skipped else dataset
 
 
 def resume_point(out_dir: Path, settings: Any) -> str | None:

@@ -37,6 +37,12 @@ class TrainConfig(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
     max_length: int | None = 512
+    """dpo, mmdpo: the most tokens of prompt + answer, image tokens included (TRL keeps the first
+    max_length); null: no limit. See `train.overlong` for pairs that are longer."""
+    overlong: Literal["stop", "skip"] = "stop"
+    """A pair longer than max_length (dpo, mmdpo), or a PPO prompt + sample.max_new_tokens longer than
+    the model's context, is never cut: `stop` stops the stage naming every such id, `skip` leaves them
+    out (counted in the stage summary). See `alignkit.models.lengths`."""
     save_steps: int = Field(50, ge=1)
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """Compute precision of every stage that trains or scores a model (sft, train, reward_model,
@@ -166,6 +172,9 @@ class SftConfig(Section):
     save_steps: int = Field(250, ge=1)
     logging_steps: int = Field(25, ge=1)
     """Steps per line of metrics.jsonl (the mean loss over them)."""
+    overlong: Literal["stop", "skip"] = "stop"
+    """An example longer than the model's context (image tokens counted) is never cut: `stop` stops
+    the stage naming every such id, `skip` leaves them out (counted in the stage summary)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "SftConfig":

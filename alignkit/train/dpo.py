@@ -12,7 +12,15 @@ from alignkit.data.preference import load_preference_dataset
 from alignkit.models import load_policy, lora_config
 from alignkit.records import file_digest
 from alignkit.tracking import Tracking
-from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final, show_progress
+from alignkit.train.common import (
+    MetricsJsonl,
+    dpo_config,
+    drop_overlong,
+    pair_ids,
+    resume_point,
+    save_final,
+    show_progress,
+)
 from alignkit.train.config import TrainConfig
 
 
@@ -30,7 +38,8 @@ def train_dpo(
 
     `model` is a hub id, a local directory or a tiny test model name ("tiny:qwen2-vl").
     `cfg.beta` is the DPO temperature (0.1 as in the DPO paper); `max_steps` > 0 overrides
-    `num_epochs`; `max_length` truncates prompt+answer tokens (image tokens included).
+    `num_epochs`; a pair whose prompt + answer tokens (image tokens included) exceed `max_length`
+    stops the run or is skipped, as `cfg.overlong` says (the skipped ids go to `out_dir/overlong.json`).
     `target_modules` are projection names inside the language model (see `lora_config`). `tracking`
     is the tracker run the logged steps also go to (`alignkit.tracking`).
     """
@@ -45,6 +54,7 @@ def train_dpo(
     # set-up
     dataset = load_preference_dataset(pairs_path)
     policy, processor = load_policy(model_path, dtype=compute.dtype(), **compute.load_options())
+    dataset = drop_overlong(dataset, pair_ids(pairs_path), processor, policy.config, cfg, out_dir)
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, model=policy)
     args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps)
 

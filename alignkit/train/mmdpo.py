@@ -31,7 +31,7 @@ from alignkit.errors import finite
 from alignkit.models import load_policy, lora_config, quantization_4bit
 from alignkit.records import file_digest
 from alignkit.tracking import Tracking
-from alignkit.train.common import MetricsJsonl, dpo_config, resume_point, save_final, show_progress
+from alignkit.train.common import MetricsJsonl, dpo_config, drop_overlong, resume_point, save_final, show_progress
 from alignkit.train.config import TrainConfig
 from alignkit.train.reference import append_cache, pair_key, read_cache, reference_fingerprint
 
@@ -153,7 +153,8 @@ def train_mmdpo(
     per-pair beta (paper defaults 0.1, 0.5, 0.5); `gamma` weighs an NLL term on the chosen answer
     (0: off); `margin_key` names the numeric margin column (`margin` from the judge, or a reward
     model's, e.g. `rm_margin`). `finetune` is `lora`, `qlora` (4-bit base, CUDA + bitsandbytes) or
-    `full`. The other settings are those of `train_dpo`. Every pair needs a `pair_id` (the reference cache key).
+    `full`. The other settings are those of `train_dpo` (pairs over `max_length`: `cfg.overlong`).
+    Every pair needs a `pair_id` (the reference cache key).
     `ref_cache_dir` holds the reference log-prob cache (default `out_dir/ref_logps`); the runner
     keeps it outside `out_dir`, which it clears when a training setting changes. `tracking` is the
     tracker run the logged steps also go to (`alignkit.tracking`).
@@ -171,10 +172,11 @@ def train_mmdpo(
     dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
     for pair_id, m in zip(dataset["pair_id"], dataset[margin_key]):  # a NaN margin would make beta NaN
         finite(float(m), f"{pairs_path}: pair {pair_id}: {margin_key}")
-    dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
-    keys = [pair_key(*r) for r in zip(dataset["pair_id"], dataset["prompt"], dataset["chosen"], dataset["rejected"])]
     policy, processor = load_policy(model_path, dtype=compute.dtype(), load_in_4bit=finetune == "qlora",
                                     **compute.load_options())
+    dataset = drop_overlong(dataset, list(dataset["pair_id"]), processor, policy.config, cfg, out_dir)
+    dataset = dataset.add_column("beta", [dynamic_beta(m, cfg.beta, cfg.w, cfg.k) for m in dataset[margin_key]])
+    keys = [pair_key(*(row[c] for c in ("pair_id", *COLUMNS))) for row in dataset]  # one row's images at a time
     lora = None if finetune == "full" else lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, policy)
     nll = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.gamma]} if cfg.gamma else {}
     args = dpo_config(out_dir, cfg, seed=seed, logging_steps=logging_steps, **nll)

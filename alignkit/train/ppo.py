@@ -81,6 +81,7 @@ from torch import nn
 from alignkit.console import progress
 from alignkit.errors import ModelError, RecipeError, finite
 from alignkit.models.inputs import collate, encode, extend, placeholder_ids
+from alignkit.models.lengths import CONTEXT, Overlong, context_length, example_length, over_limit, write_skipped
 from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
 from alignkit.sample.config import SampleConfig
@@ -428,6 +429,22 @@ def check_minibatches(answers: int, num_minibatches: int, world: int) -> int:
     return size
 
 
+def fitting_prompts(
+    prompts: Sequence[Prompt], processor: Any, config: Any, template: Any, max_new_tokens: int, overlong: Overlong
+) -> tuple[list[Prompt], set[str]]:
+    """The prompts whose request (image tokens counted) plus `max_new_tokens` fits the model's context,
+    and the ids of those left out under `overlong: skip`; under `stop` a `StageInputError` names them."""
+    from alignkit.sample import to_request
+
+    lengths = []
+    for p in prompts:
+        request = to_request(p, template)
+        ids = encode(processor, request.messages, request.images)["input_ids"]
+        lengths.append(example_length(p.prompt_id, ids, config, max_new_tokens))
+    skipped = over_limit(lengths, context_length(config), overlong, f"{CONTEXT}, with sample.max_new_tokens")
+    return [p for p in prompts if p.prompt_id not in skipped], skipped
+
+
 def train_ppo(
     prompts: Sequence[Prompt],
     out_dir: Path,
@@ -452,8 +469,9 @@ def train_ppo(
     `cfg.rollout` picks the engine: the policy itself through transformers, or vLLM with the
     current adapter loaded every step (LoRA, one process); `engine_options` adds vLLM engine
     arguments beyond `sample.vllm` (tests run it in-process); `tracking` is the tracker run the
-    steps also go to. Run it in every process of a launch (see the module docstring); it returns
-    when all are done.
+    steps also go to. A prompt whose request plus `sample.max_new_tokens` exceeds the model's
+    context stops the run or is left out (`train.overlong`; the ids go to `out_dir/overlong.json`).
+    Run it in every process of a launch (see the module docstring); it returns when all are done.
     """
     from accelerate.utils import broadcast_object_list, gather_object
 
@@ -481,6 +499,9 @@ def train_ppo(
     # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine; float32 weights,
     # placed by accelerate, which also runs the forward passes in its mixed precision
     policy, processor = load_policy(model_path, dtype=torch.float32, **compute.load_options())
+    prompts, skipped = fitting_prompts(prompts, processor, policy.config, tmpl, sample.max_new_tokens, t.overlong)
+    if main:
+        write_skipped(out_dir, skipped)
     pad_id = processor.tokenizer.pad_token_id
     reference = None
     lora = lora_config(t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules, model=policy)

@@ -3,16 +3,20 @@
 TRL refuses `precompute_ref_log_probs` for vision datasets, so alignkit computes the reference
 log-probs of every pair once, before training, and appends them to a jsonl file in the run
 directory. The file name is a fingerprint of the reference model (weights, dtype, 4-bit loading,
-truncation), and each line is keyed by the pair's id plus a digest of its text, so a pairs file
-regenerated under the same ids never reuses a stale value. A torn last line (a kill) is ignored.
+truncation), and each line is keyed by the pair's id plus a digest of its text and images, so a
+pairs file regenerated under the same ids never reuses a stale value. A torn last line (a kill)
+is ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 
 def reference_fingerprint(model_path: str, **settings: Any) -> str:
@@ -28,10 +32,14 @@ def reference_fingerprint(model_path: str, **settings: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pair_key(pair_id: str, prompt: Any, chosen: Any, rejected: Any) -> str:
-    """`pair_id` plus a digest of the pair's conversations."""
-    digest = hashlib.sha256(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{pair_id}:{digest}"
+def pair_key(pair_id: str, prompt: Any, chosen: Any, rejected: Any, images: Sequence[Image.Image]) -> str:
+    """`pair_id` plus a digest of the pair's conversations and its images' pixels: a pairs file
+    regenerated with other images under the same ids and file names gets new keys."""
+    h = hashlib.sha256(json.dumps([prompt, chosen, rejected], sort_keys=True).encode())
+    for image in images:
+        h.update(f"{image.mode}:{image.size}".encode())
+        h.update(image.tobytes())
+    return f"{pair_id}:{h.hexdigest()[:16]}"
 
 
 def read_cache(path: Path) -> dict[str, tuple[float, float]]:

@@ -39,6 +39,7 @@ from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator
 from alignkit.models.inputs import IGNORE, collate, encode
+from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, write_skipped
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
 from alignkit.tracking import StepLog, Tracking
 from alignkit.train.config import SftConfig
@@ -47,7 +48,8 @@ from alignkit.train.config import SftConfig
 def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[str, Any]]:
     """Read SFT examples: `prompt` and `completion` conversations (TRL's prompt-completion format)
     plus `images` (paths, relative to the file and inside its directory unless
-    `allow_outside_paths`). Errors name the file and line."""
+    `allow_outside_paths`), and an `id` (`id`, else `prompt_id`, else `<file>:<line>`). Errors name
+    the file and line."""
     rows = []
     base = Path(path).parent.resolve()
     for lineno, obj in iter_jsonl(path):
@@ -61,7 +63,8 @@ def read_sft_file(path: Path, allow_outside_paths: bool = False) -> list[dict[st
                                   "sft.allow_outside_paths: true to allow it")  # fmt: skip
             if not Path(p).is_file():
                 raise RecordError(f"{path}:{lineno}: image not found: {p}")
-        rows.append({"prompt": obj["prompt"], "completion": obj["completion"], "images": images})
+        id_ = obj.get("id", obj.get("prompt_id", f"{Path(path).name}:{lineno}"))
+        rows.append({"id": str(id_), "prompt": obj["prompt"], "completion": obj["completion"], "images": images})
     if not rows:
         raise RecordError(f"{path}: no SFT examples")
     return rows
@@ -86,6 +89,8 @@ def train_sft(
     tracking: Tracking | None = None,
 ) -> Path:
     """Fine-tune `model` on an SFT file; returns `out_dir/model` (full weights or a LoRA adapter).
+    Examples longer than the model's context stop the run or are skipped (`cfg.overlong`; the
+    skipped ids go to `out_dir/overlong.json`).
 
     The settings are the `sft` section's (`cfg.data` / `cfg.synthetic` are the caller's business:
     `data_path` is the file to train on). Its defaults suit training a tiny model from scratch
@@ -111,6 +116,10 @@ def train_sft(
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32, **compute.load_options())
     examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
                 for r in progress(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
+    # never cut: an example over the model's context stops the run or is skipped (`sft.overlong`)
+    lengths = [example_length(r["id"], e["input_ids"], policy.config) for r, e in zip(rows, examples)]
+    skipped = over_limit(lengths, context_length(policy.config), cfg.overlong, CONTEXT)
+    examples = [e for r, e in zip(rows, examples) if r["id"] not in skipped]
     targets = [int((e["labels"][1:] != IGNORE).sum()) for e in examples]  # tokens the loss counts
     pad_id = processor.tokenizer.pad_token_id
 
@@ -135,6 +144,7 @@ def train_sft(
     metrics = out_dir / "metrics.jsonl"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_skipped(out_dir, skipped)
     box = [resume_point(out_dir, settings, ckpt, metrics) if main else None]
     broadcast_object_list(box)
     log = StepLog(metrics, tracking) if main else None

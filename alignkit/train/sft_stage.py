@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.models.device import COMPUTE_KEYS
+from alignkit.models.lengths import skipped_summary
 from alignkit.records import write_jsonl
 from alignkit.stage import Context, launch_files, model_identity, template_files
 from alignkit.tracking import TRACKING_KEYS
@@ -65,6 +66,6 @@ class SftStage:
         model_dir = train_sft(data_file, sft_dir, cfg, model=ctx.config.policy.model, seed=ctx.config.seed,
                               logging_steps=cfg.logging_steps, compute=compute,
                               tracking=ctx.tracking(self.name))  # fmt: skip
-        return summary | {"model": str(model_dir), "num_processes": state.num_processes,
+        return summary | {"model": str(model_dir), **skipped_summary(sft_dir), "num_processes": state.num_processes,
                           "mixed_precision": compute.precision(),
                           "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes}  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any
 from alignkit.errors import RecipeError, StageInputError
 from alignkit.judge.stage import UNCHANGING as JUDGE_UNCHANGING
 from alignkit.judge.stage import judge_files
+from alignkit.models.lengths import skipped_summary
 from alignkit.records import Prompt, read_records
 from alignkit.reward.config import score_options
 from alignkit.reward.stage import SCORE_KEYS
@@ -93,6 +94,7 @@ class TrainStage:
             out = train_dpo(ctx.paths.pairs, ctx.paths.train, cfg, model=model, seed=ctx.config.seed,
                             tracking=ctx.tracking(self.name))  # fmt: skip
         return {Path(out).name: str(out),  # "adapter", or "model" (full fine-tuning)
+                **skipped_summary(ctx.paths.train),
                 "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
 
 
@@ -132,6 +134,7 @@ def _train_ppo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
     )  # fmt: skip
     steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
     prompts = ppo.prompts_per_step * processes
-    return {out.name: str(out), "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"],
+    return {out.name: str(out), **skipped_summary(ctx.paths.train),
+            "reward_first": steps[0]["reward/raw"], "reward_last": steps[-1]["reward/raw"],
             "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes,
             "global_prompts_per_step": prompts, "global_batch_size": prompts * sample.num_samples}  # fmt: skip
