@@ -1,0 +1,219 @@
+"""GRPO and RLOO (TRL's trainers with alignkit's rewards): advantages against hand computation, failed
+verdicts left out of their group, the judge reward over HTTP, and short runs on the tiny Qwen2-VL."""
+
+import base64
+import io
+import json
+import statistics
+
+import pytest
+from PIL import Image
+
+from alignkit.judge.config import JudgeConfig
+from alignkit.records import Prompt, Sample, load_image
+from alignkit.sample.config import SampleConfig
+from alignkit.sample.templates import load_template
+from alignkit.train.config import GrpoConfig, TrainConfig
+from alignkit.train.grpo import GroupReward, grpo_trainer, train_grpo
+from alignkit.train.rewards import RewardFn, judge_reward
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from alignkit.worlds.shapes import make_shapes_prompts
+
+    return make_shapes_prompts(tmp_path_factory.mktemp("grpo"), 8, seed=0)
+
+
+def _scripted(values: list[float | None]) -> RewardFn:
+    """A reward giving the i-th answer of a step `values[i]` (None: a failed verdict)."""
+    return RewardFn("scripted", lambda ps, ss: values[: len(ss)])
+
+
+def _settings(method: str, **overrides):
+    """The grpo, sample and train sections of a short run; `overrides` go to whichever has the key."""
+    settings = dict(prompts_per_step=2, num_samples=4, max_new_tokens=8, learning_rate=1e-3) | overrides
+    sections = {}
+    for cls in (GrpoConfig, SampleConfig, TrainConfig):
+        sections[cls] = {k: settings.pop(k) for k in list(settings) if k in cls.model_fields}
+    assert not settings, f"not a grpo, sample or train key: {settings}"
+    return (GrpoConfig(**sections[GrpoConfig]), SampleConfig(template="plain", **sections[SampleConfig]),
+            TrainConfig(method=method, **sections[TrainConfig]))  # fmt: skip
+
+
+# Two groups of K = 4: the first has a failed verdict (None), the second none.
+REWARDS = [1.0, None, 3.0, 5.0, 0.0, 0.0, 4.0, 2.0]
+
+
+def _grpo_by_hand(group: list[float | None]) -> list[float]:
+    """(r − mean) / (std + 1e-4) over the group's scored answers (sample std, as TRL); 0 for a failed one."""
+    scored = [r for r in group if r is not None]
+    mean, std = statistics.fmean(scored), statistics.stdev(scored)
+    return [0.0 if r is None else (r - mean) / (std + 1e-4) for r in group]
+
+
+def _rloo_by_hand(group: list[float | None]) -> list[float]:
+    """r − the mean of the group's *other* scored answers; 0 for a failed one."""
+    scored = [r for r in group if r is not None]
+    return [0.0 if r is None else r - (sum(scored) - r) / (len(scored) - 1) for r in group]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_advantages_by_hand_with_a_failed_verdict_left_out(method, tiny_qwen_dir, shapes, tmp_path):
+    cfg, sample, train = _settings(method)
+    trainer, _ = grpo_trainer(shapes[:2], tmp_path, cfg, model=str(tiny_qwen_dir), reward=_scripted(REWARDS),
+                              sample=sample, train=train)  # fmt: skip
+    trainer.model.train()
+    batch = [trainer.train_dataset[i] for i in (0, 0, 0, 0, 1, 1, 1, 1)]  # K copies of each prompt, as TRL's sampler
+    out = trainer._generate_and_score_completions(batch)
+    assert "pixel_values" in out and "image_grid_thw" in out  # the policy saw each prompt's image
+
+    by_hand = _grpo_by_hand if method == "grpo" else _rloo_by_hand
+    expected = by_hand(REWARDS[:4]) + by_hand(REWARDS[4:])
+    assert out["advantages"].tolist() == pytest.approx(expected, abs=1e-5)
+    # by hand: GRPO's first group is {1, 3, 5}: mean 3, std 2; RLOO's baselines are (3+5)/2, (1+5)/2, (1+3)/2
+    first = [-2 / 2.0001, 0.0, 0.0, 2 / 2.0001] if method == "grpo" else [-3.0, 0.0, 0.0, 3.0]
+    assert out["advantages"][:4].tolist() == pytest.approx(first, abs=1e-5)
+    # scoring the failed answer 0 instead would have moved the others' baseline
+    as_zero = by_hand([0.0 if r is None else r for r in REWARDS[:4]])
+    assert as_zero[0] != pytest.approx(expected[0], abs=1e-3)
+
+
+def _trl_completions(texts: list[str]) -> list[list[dict]]:
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+JUDGE_KEY_ENV = "ALIGNKIT_TEST_JUDGE_KEY"
+
+
+def _judge_reply(body: dict) -> dict:
+    """Grades that are a function of the answer's length, so each answer has its own score."""
+    from alignkit.testing.chat_server import RecordedRequest
+
+    answer = RecordedRequest("POST", "", {}, body).text().rsplit("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    return {"rationale": "test verdict", "hallucination": len(answer) % 11, "correctness": len(answer.split()) % 11}
+
+
+def test_judge_reward_sends_images_caches_and_leaves_a_failed_verdict_out(shapes, tmp_path, monkeypatch):
+    from alignkit.testing.chat_server import ChatServer
+
+    monkeypatch.setenv(JUDGE_KEY_ENV, "test")
+    texts = ["A red square.", "Two blue circles.", "Nothing at all here.", "A green triangle."]
+    ids = [shapes[0].prompt_id] * 2 + [shapes[1].prompt_id] * 2
+    logged = {}
+    with ChatServer(_judge_reply) as server:
+        judge = judge_reward(JudgeConfig(rubric="overall", backend="openai", model=server.model, base_url=server.url,
+                                         api_key_env=JUDGE_KEY_ENV, concurrency=4, timeout=30.0, max_retries=1),
+                             tmp_path / "cache.sqlite")  # fmt: skip
+        reward = GroupReward(judge, shapes, load_template("plain"), max_new_tokens=32)
+        server.inject("bad_request", when="Nothing at all here.")  # this answer's verdict fails
+        scores = reward(prompts=None, completions=_trl_completions(texts), completion_ids=[[0] * 4] * 4,
+                        prompt_id=ids, log_metric=logged.__setitem__)  # fmt: skip
+
+        # one request per answer, each carrying its prompt's image (the same pixels) and question
+        assert len(server.chat_requests) == 4
+        for request in server.chat_requests:
+            answer = request.text().rsplit("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+            prompt = next(p for p in shapes if p.prompt_id == ids[texts.index(answer)])
+            (url,) = request.image_urls()
+            sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+            assert sent.tobytes() == load_image(prompt.images[0]).convert("RGB").tobytes()
+            assert prompt.question in request.text()
+        # the `overall` score, 0.6·(1 − hallucination/10) + 0.4·correctness/10, by hand for "A red square."
+        assert scores[0] == pytest.approx(0.6 * (1 - 2 / 10) + 0.4 * 3 / 10)
+        assert scores[2] is None and None not in scores[:2] + scores[3:]  # failed: left out, not scored 0
+        assert logged == {"reward/failures": 1}
+
+        # the same answers again (a repeat in a later group, or a resumed run): scored answers come from the
+        # cache; only the failed one is asked again
+        again = reward(prompts=None, completions=_trl_completions(texts), completion_ids=[[0] * 4] * 4,
+                       prompt_id=ids, log_metric=logged.__setitem__)  # fmt: skip
+        assert len(server.chat_requests) == 5 and "Nothing at all here." in server.chat_requests[-1].text()
+        assert again[:2] + again[3:] == scores[:2] + scores[3:] and again[2] is not None
+        assert logged == {"reward/failures": 0}
+
+
+def _length(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
+    """The number of words: a dense reward the random-weight policy can raise in a few steps."""
+    return [float(len(s.text.split())) for s in samples]
+
+
+def _metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_a_fixed_seed_run_raises_the_reward(method, tiny_qwen_dir, shapes, tmp_path):
+    cfg, sample, train = _settings(method, steps=12, prompts_per_step=4, max_new_tokens=16, learning_rate=1e-2,
+                                   save_steps=100)  # fmt: skip
+    adapter = train_grpo(shapes, tmp_path, cfg, model=str(tiny_qwen_dir), reward=RewardFn("words", _length),
+                         sample=sample, train=train)  # fmt: skip
+    steps = _metrics(tmp_path)
+    first, last = [s["reward"] for s in steps[:3]], [s["reward"] for s in steps[-3:]]
+    assert statistics.fmean(last) > statistics.fmean(first) + 1.0, (first, last)
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    assert {"loss", "reward", "reward_std", "kl", "entropy", "reward/failures"} <= steps[-1].keys()
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_last_checkpoint(tiny_qwen_dir, shapes, tmp_path):
+    calls = []
+
+    def counted(prompts, samples):
+        calls.append(len(samples))
+        return _length(prompts, samples)
+
+    reward = RewardFn("words", counted)
+    cfg, sample, train = _settings("grpo", steps=2, save_steps=1)
+    train_grpo(shapes, tmp_path, cfg, model=str(tiny_qwen_dir), reward=reward, sample=sample, train=train)
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    before = _metrics(tmp_path)
+    calls.clear()
+    cfg, sample, train = _settings("grpo", steps=3, save_steps=1)  # more steps extend the finished run
+    train_grpo(shapes, tmp_path, cfg, model=str(tiny_qwen_dir), reward=reward, sample=sample, train=train)
+    assert calls == [8]  # one step sampled and scored: steps 1 and 2 were not redone
+    after = _metrics(tmp_path)
+    assert [s["step"] for s in after] == [1, 2, 3] and after[:2] == before
+
+
+def test_vllm_generation_is_a_clear_error(tiny_qwen_dir, shapes, tmp_path):
+    from alignkit.errors import RecipeError
+
+    cfg, sample, train = _settings("grpo", rollout="vllm")
+    with pytest.raises(RecipeError, match="grpo.rollout: vllm .* not supported yet"):
+        grpo_trainer(shapes, tmp_path, cfg, model=str(tiny_qwen_dir), reward=None, sample=sample, train=train)
+    cfg, sample, train = _settings("rloo", num_samples=1)
+    with pytest.raises(RecipeError, match="sample.num_samples=1: rloo .* at least 2"):
+        grpo_trainer(shapes, tmp_path, cfg, model=str(tiny_qwen_dir), reward=None, sample=sample, train=train)
+
+
+@pytest.mark.slow
+def test_cli_run_trains_with_grpo_and_eval_finds_the_adapter(tiny_qwen_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(f"""
+output_dir: {tmp_path / "run"}
+stages: [prompts, train, eval]
+policy: {{model: {tiny_qwen_dir}}}
+data: {{synthetic: {{world: shapes, num_prompts: 4, seed: 2}}}}
+sample: {{num_samples: 2, max_new_tokens: 8, template: plain}}
+judge: {{backend: reference, rubric: overall}}
+train: {{method: grpo, learning_rate: 1.0e-3, save_steps: 1}}
+grpo: {{steps: 2, prompts_per_step: 2, rewards: [{{source: reference, weight: 1.0}}]}}
+eval: {{synthetic: {{world: shapes, num_prompts: 4, seed: 99}}, max_new_tokens: 8}}
+""")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe)], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    steps = _metrics(run / "train")
+    assert [s["step"] for s in steps] == [1, 2] and all("reward" in s for s in steps)
+    assert (run / "train" / "adapter" / "adapter_config.json").is_file()
+    comparison = (run / "eval" / "comparison.txt").read_text()
+    assert str(run / "train" / "adapter") in comparison or "adapter" in comparison
