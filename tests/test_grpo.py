@@ -215,5 +215,6 @@ eval: {{synthetic: {{world: shapes, num_prompts: 4, seed: 99}}, max_new_tokens: 
     steps = _metrics(run / "train")
     assert [s["step"] for s in steps] == [1, 2] and all("reward" in s for s in steps)
     assert (run / "train" / "adapter" / "adapter_config.json").is_file()
-    comparison = (run / "eval" / "comparison.txt").read_text()
-    assert str(run / "train" / "adapter") in comparison or "adapter" in comparison
+    assert (run / "eval" / "comparison.txt").is_file()
+    evaluated = json.loads((run / "eval" / "round-1" / "results.json").read_text())["policy"]
+    assert evaluated == f"{tiny_qwen_dir}+{run / 'train' / 'adapter'}"  # eval sampled from the GRPO adapter
