@@ -155,7 +155,8 @@ class GrpoConfig(Section):
     epsilon: float = Field(0.2, gt=0)
     """Clip range of the policy ratio (GRPO paper, TRL)."""
     num_iterations: int = Field(1, ge=1)
-    """μ: optimisation passes over each group of answers (1, as TRL: the ratio is then exactly 1)."""
+    """μ: optimizer steps on each sampled batch (1, as TRL: the ratio is then exactly 1). Each counts
+    in `steps`; only the steps that sample log the reward in metrics.jsonl."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """grpo only: how token losses are averaged (TRL's default `dapo`: over all tokens of the batch;
     `grpo`: per answer, then over answers, as the paper; `dr_grpo`: by a constant, Liu et al. 2025)."""

@@ -143,7 +143,8 @@ def _train_grpo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
         reward=_reward(ctx) if process_state().is_main_process else None, seed=ctx.config.seed,
         tracking=ctx.tracking("train"),
     )  # fmt: skip
-    steps = [json.loads(line) for line in (ctx.paths.train / "metrics.jsonl").read_text().splitlines()]
+    lines = (ctx.paths.train / "metrics.jsonl").read_text().splitlines()
+    steps = [s for s in map(json.loads, lines) if "reward" in s]  # steps that sampled (see grpo.num_iterations)
     prompts = grpo.prompts_per_step * processes
     return {out.name: str(out), "reward_first": steps[0]["reward"], "reward_last": steps[-1]["reward"],
             "mixed_precision": ComputeSettings.of(cfg).precision(), "num_processes": processes,
