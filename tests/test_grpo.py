@@ -133,6 +133,46 @@ def test_judge_reward_sends_images_caches_and_leaves_a_failed_verdict_out(shapes
         assert logged == {"reward/failures": 0}
 
 
+def _judge_score(text: str) -> float:
+    """The `overall` score of `_judge_reply`'s grades of `text` as the judge saw it (tags defused)."""
+    from alignkit.judge.rubric import neutralise
+
+    answer = neutralise(text).strip()
+    return 0.6 * (1 - (len(answer) % 11) / 10) + 0.4 * (len(answer.split()) % 11) / 10
+
+
+@pytest.mark.slow
+def test_a_grpo_step_scores_its_groups_with_the_openai_judge(tiny_qwen_dir, shapes, tmp_path, monkeypatch):
+    from alignkit.testing.chat_server import ChatServer
+
+    monkeypatch.setenv(JUDGE_KEY_ENV, "test")
+    scored = []
+    with ChatServer(_judge_reply) as server:
+        judge = judge_reward(JudgeConfig(rubric="overall", backend="openai", model=server.model, base_url=server.url,
+                                         api_key_env=JUDGE_KEY_ENV, concurrency=4, timeout=30.0, max_retries=1),
+                             tmp_path / "cache.sqlite")  # fmt: skip
+
+        def recorded(prompts, samples):
+            scored.append(samples)
+            return judge.scores(prompts, samples)
+
+        cfg, sample, train = _settings("grpo", steps=1, num_samples=3)
+        train_grpo(shapes[:2], tmp_path / "run", cfg, model=str(tiny_qwen_dir), reward=RewardFn(judge.name, recorded),
+                   sample=sample, train=train)  # fmt: skip
+        ((samples,),) = [scored]
+        texts = [s.text for s in samples]
+        assert len(samples) == 6 and sorted({s.prompt_id for s in samples}) == sorted(p.prompt_id for p in shapes[:2])
+        (step,) = _metrics(tmp_path / "run")
+        assert step["reward"] == pytest.approx(statistics.fmean(map(_judge_score, texts)), abs=1e-5)
+        assert step["reward/failures"] == 0
+        # one request per answer (six different texts), each with its prompt's image
+        assert len(set(texts)) == 6 and len(server.chat_requests) == 6
+        assert all(len(r.image_urls()) == 1 for r in server.chat_requests)
+        prompts = [next(p for p in shapes if p.prompt_id == s.prompt_id) for s in samples]
+        assert judge(prompts, samples) == pytest.approx([_judge_score(t) for t in texts])
+        assert len(server.chat_requests) == 6  # the same answers again: from the cache
+
+
 def _says_red(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
     """+1 when the answer says "red": a word the random-weight policy samples about 1 time in 10."""
     return [float("red" in s.text) for s in samples]
