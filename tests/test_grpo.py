@@ -235,10 +235,11 @@ def test_vllm_generation_is_a_clear_error(tiny_qwen_dir, shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_run_trains_with_grpo_and_eval_finds_the_adapter(tiny_qwen_dir, tmp_path):
+def test_cli_run_killed_mid_grpo_resumes_and_eval_finds_the_adapter(tiny_qwen_dir, tmp_path):
     import os
-    import subprocess
-    import sys
+    import signal
+
+    from tests.test_launch import alignkit_run, mark_lines_before, run_until_checkpoint
 
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(f"""
@@ -249,17 +250,24 @@ data: {{synthetic: {{world: shapes, num_prompts: 4, seed: 2}}}}
 sample: {{num_samples: 2, max_new_tokens: 8, template: plain}}
 judge: {{backend: reference, rubric: overall}}
 train: {{method: grpo, learning_rate: 1.0e-3, save_steps: 1}}
-grpo: {{steps: 2, prompts_per_step: 2, rewards: [{{source: reference, weight: 1.0}}]}}
+grpo: {{steps: 6, prompts_per_step: 2, rewards: [{{source: reference, weight: 1.0}}]}}
 eval: {{synthetic: {{world: shapes, num_prompts: 4, seed: 99}}, max_new_tokens: 8}}
 """)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe)], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    train = tmp_path / "run" / "train"
+    proc = run_until_checkpoint(recipe, train / "checkpoints")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (train / "adapter").exists()  # killed in the middle of training
+    mark_lines_before(train / "metrics.jsonl")
+
+    done = alignkit_run(recipe)
     assert done.returncode == 0, done.stderr[-3000:]
+    steps = _metrics(train)
+    resumed_from = max(s["step"] for s in steps if s.get("before"))
+    assert 1 <= resumed_from < 6  # the steps up to the checkpoint were kept, not redone
+    assert [(s["step"], s.get("before", False)) for s in steps] == [(i, i <= resumed_from) for i in range(1, 7)]
+    assert all("reward" in s for s in steps) and (train / "adapter" / "adapter_config.json").is_file()
     run = tmp_path / "run"
-    steps = _metrics(run / "train")
-    assert [s["step"] for s in steps] == [1, 2] and all("reward" in s for s in steps)
-    assert (run / "train" / "adapter" / "adapter_config.json").is_file()
     assert (run / "eval" / "comparison.txt").is_file()
     evaluated = json.loads((run / "eval" / "round-1" / "results.json").read_text())["policy"]
-    assert evaluated == f"{tiny_qwen_dir}+{run / 'train' / 'adapter'}"  # eval sampled from the GRPO adapter
+    assert evaluated == f"{tiny_qwen_dir}+{train / 'adapter'}"  # eval sampled from the GRPO adapter
