@@ -271,3 +271,14 @@ eval: {{synthetic: {{world: shapes, num_prompts: 4, seed: 99}}, max_new_tokens: 
     assert (run / "eval" / "comparison.txt").is_file()
     evaluated = json.loads((run / "eval" / "round-1" / "results.json").read_text())["policy"]
     assert evaluated == f"{tiny_qwen_dir}+{train / 'adapter'}"  # eval sampled from the GRPO adapter
+
+
+def test_bad_grpo_reward_specs_name_the_grpo_key(tmp_path):
+    from alignkit.errors import RecipeError
+    from alignkit.recipe import Recipe
+    from alignkit.train.rewards import function_reward
+
+    with pytest.raises(ValueError, match="grpo.rewards.0"):
+        Recipe.model_validate({"train": {"method": "grpo"}, "grpo": {"rewards": [{"source": "function", "path": "x"}]}})
+    with pytest.raises(RecipeError, match="grpo.rewards: .*no module named 'alignkit_no_such_module'"):
+        function_reward("alignkit_no_such_module:score", "grpo.rewards")

@@ -106,9 +106,10 @@ def reward_model_reward(path: str | Path, template: str, **score_options: Any) -
     return RewardFn(f"reward_model/{Path(path).name}", score)
 
 
-def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
-    """The function a "module:function" or "path/to/file.py:function" spec names."""
-    where = f"ppo.rewards: function {spec!r}"
+def load_function(spec: str, key: str = "ppo.rewards") -> Callable[[Prompt, Sample], float]:
+    """The function a "module:function" or "path/to/file.py:function" spec names (`key`: the recipe
+    key it came from, for errors)."""
+    where = f"{key}: function {spec!r}"
     module_name, sep, name = spec.rpartition(":")
     if not sep or not module_name or not name:
         raise RecipeError(f"{where}: expected 'module:function' or 'file.py:function'")
@@ -135,9 +136,9 @@ def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
     return fn
 
 
-def function_reward(spec: str) -> RewardFn:
-    """A Python function `(prompt, sample) -> float` as a reward."""
-    fn = load_function(spec)
+def function_reward(spec: str, key: str = "ppo.rewards") -> RewardFn:
+    """A Python function `(prompt, sample) -> float` as a reward (`key`: the recipe key it came from)."""
+    fn = load_function(spec, key)
     return RewardFn(spec, lambda ps, ss: [fn(p, s) for p, s in zip(ps, ss)])
 
 

@@ -18,12 +18,12 @@ from alignkit.stage import Context, launch_files, template_files
 from alignkit.tracking import TRACKING_KEYS
 
 
-def function_file(spec: str) -> Path | None:
+def function_file(spec: str, key: str = "ppo.rewards") -> Path | None:
     """The source file of a `module:function` or `path/file.py:function` reward (its bytes count)."""
     target = spec.rsplit(":", 1)[0]
     if target.endswith(".py"):
         if not Path(target).is_file():
-            raise RecipeError(f"rewards: reward function {spec!r}: file {target} not found")
+            raise RecipeError(f"{key}: reward function {spec!r}: file {target} not found")
         return Path(target)
     found = importlib.util.find_spec(target) if target else None
     return Path(found.origin) if found and found.origin else None
@@ -69,7 +69,7 @@ class TrainStage:
                 files += judge_files(ctx.config.judge)
             elif spec.source == "reward_model":
                 files.append(Path(spec.path or ctx.paths.reward_model / "model") / "head.safetensors")
-            elif (source := function_file(spec.path)) is not None:
+            elif (source := function_file(spec.path, _rewards_key(ctx))) is not None:
                 files.append(source)
         return list(dict.fromkeys(files))
 
@@ -151,6 +151,10 @@ def _train_grpo(ctx: Context, model: str, processes: int) -> dict[str, Any]:
             "global_prompts_per_step": prompts, "global_batch_size": prompts * sample.num_samples}  # fmt: skip
 
 
+def _rewards_key(ctx: Context) -> str:
+    return "ppo.rewards" if ctx.config.train.method == "ppo" else "grpo.rewards"
+
+
 def _reward_specs(ctx: Context) -> list:
     """The reward sources of the online method: `ppo.rewards` or `grpo.rewards`."""
     return ctx.config.ppo.rewards if ctx.config.train.method == "ppo" else ctx.config.grpo.rewards
@@ -170,6 +174,6 @@ def _reward(ctx: Context):
             rm_dir = spec.path or ctx.paths.reward_model / "model"
             return rewards.reward_model_reward(rm_dir, ctx.config.sample.template,
                                                **score_options(ctx.config.reward_model))  # fmt: skip
-        return rewards.function_reward(spec.path)
+        return rewards.function_reward(spec.path, _rewards_key(ctx))
 
     return rewards.combine([(spec.weight, reward(spec)) for spec in _reward_specs(ctx)])
