@@ -24,7 +24,9 @@ it. A re-run with the same settings resumes from the last complete checkpoint; m
 extend a finished run (the learning rate is constant, as PPO's).
 
 Generation through vLLM (TRL's `use_vllm` colocate mode) is not supported yet: `grpo.rollout: vllm`
-is a `RecipeError`.
+is a `RecipeError`. Tried on the CPU with the tiny Qwen2-VL and LoRA: TRL 1.16 starts the colocated
+engine, then its weight copy before the first rollout fails inside vLLM 0.32's Qwen2-VL
+`load_weights` (a [384, 128] weight into an empty parameter); TRL supports vLLM up to 0.31.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def grpo_trainer(
     if train.method not in ("grpo", "rloo"):
         raise RecipeError(f"train.method: {train.method!r} is not grpo or rloo")
     if cfg.rollout == "vllm":
-        raise RecipeError("grpo.rollout: vllm (TRL's colocate mode) is not supported yet; use grpo.rollout=transformers")
+        raise RecipeError("grpo.rollout: vllm (TRL's colocate mode) is not supported yet: TRL 1.16 starts the engine "
+                          "but its per-step weight copy into vLLM 0.32's Qwen2-VL fails; use grpo.rollout=transformers")  # fmt: skip
     if train.finetune == "qlora":
         raise RecipeError(f"train.method {train.method} supports train.finetune lora or full, not qlora")
     if sample.num_samples < 2:
