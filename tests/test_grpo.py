@@ -282,3 +282,39 @@ def test_bad_grpo_reward_specs_name_the_grpo_key(tmp_path):
         Recipe.model_validate({"train": {"method": "grpo"}, "grpo": {"rewards": [{"source": "function", "path": "x"}]}})
     with pytest.raises(RecipeError, match="grpo.rewards: .*no module named 'alignkit_no_such_module'"):
         function_reward("alignkit_no_such_module:score", "grpo.rewards")
+
+
+@pytest.mark.slow
+def test_two_processes_score_on_the_main_one_and_each_trains_on_its_own_scores(tiny_qwen_dir, tmp_path, monkeypatch):
+    from tests.test_launch import alignkit_run
+
+    # the reward function appends every batch it scores: only the main process calls it, for the whole step
+    (tmp_path / "chars.py").write_text(
+        "import json, os\n"
+        "def chars(prompt, sample):\n"
+        "    with open(os.environ['GRPO_TEST_SCORED'], 'a') as f:\n"
+        "        f.write(json.dumps([os.environ.get('RANK', '0'), sample.prompt_id, len(sample.text)]) + '\\n')\n"
+        "    return float(len(sample.text))\n"
+    )  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+output_dir: {tmp_path / "run"}
+stages: [prompts, train]
+policy: {{model: {tiny_qwen_dir}}}
+data: {{synthetic: {{world: shapes, num_prompts: 4, seed: 2}}}}
+sample: {{num_samples: 2, max_new_tokens: 8, template: plain}}
+train: {{method: grpo, learning_rate: 1.0e-3}}
+grpo: {{steps: 2, prompts_per_step: 1, rewards: [{{source: function, path: "{tmp_path / "chars.py"}:chars"}}]}}
+launch: {{num_processes: 2}}
+""")
+    monkeypatch.setenv("GRPO_TEST_SCORED", str(tmp_path / "scored.jsonl"))
+    done = alignkit_run(recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 2 * 4 and {rank for rank, _, _ in scored} == {"0"}  # 2 steps x 2 prompts x K=2, rank 0
+    steps = _metrics(tmp_path / "run" / "train")
+    # TRL gathers each process's returned slice: the step's mean is over all four answers only when
+    # each process got the scores of its own answers back
+    for step, batch in zip(steps, (scored[:4], scored[4:])):
+        assert step["reward"] == pytest.approx(statistics.fmean(n for _, _, n in batch))
+        assert len({pid for _, pid, _ in batch}) == 2  # one prompt from each process
