@@ -27,7 +27,7 @@ from alignkit.reward.config import RewardModelConfig
 from alignkit.sample.config import SampleConfig
 from alignkit.stages import DEFAULT_STAGES, STAGE_NAMES
 from alignkit.tracking import TrackingConfig
-from alignkit.train.config import PpoConfig, SftConfig, TrainConfig
+from alignkit.train.config import GrpoConfig, PpoConfig, SftConfig, TrainConfig
 
 
 class Recipe(Section):
@@ -45,6 +45,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PpoConfig = PpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
     sft: SftConfig | None = None
     eval: EvalConfig | None = None
     tracking: TrackingConfig = TrackingConfig()

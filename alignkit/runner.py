@@ -215,6 +215,6 @@ class Runner:
         """(model, adapter) of the policy round `round`'s train stage wrote, or None before it has:
         the round's starting model with train/adapter (LoRA, QLoRA), or train/model alone (full)."""
         paths, train = RunPaths(self.root, round), self.recipe.train
-        if train.method in ("mmdpo", "ppo") and train.finetune == "full":
+        if train.method in ("mmdpo", "ppo", "grpo", "rloo") and train.finetune == "full":
             return (str(paths.model), None) if paths.model.exists() else None
         return (self.policy(round), str(paths.adapter)) if paths.adapter.exists() else None

@@ -280,3 +280,20 @@ def test_train_stage_summary_counts_the_skipped_pairs(qwen, tmp_path):
     assert summary["overlong_skipped"] == 1 and len(summary["overlong_ids"]) == 1
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert json.dumps(summary["overlong_ids"]) in json.dumps(stages)
+
+
+def test_grpo_leaves_out_the_prompt_whose_image_overruns_the_context(qwen, tmp_path):
+    """GRPO and RLOO check their prompts as PPO does: under `skip` the LARGE image's prompt never
+    reaches TRL's dataset and its id is recorded for the stage summary."""
+    from alignkit.sample.config import SampleConfig
+    from alignkit.train.config import GrpoConfig, TrainConfig
+    from alignkit.train.grpo import grpo_trainer
+
+    model_dir, _ = qwen
+    prompts = [Prompt(f"q{s}", QUESTION, [_image(tmp_path / f"q{s}.png", "green", s)]) for s in (SMALL, LARGE)]
+    train = TrainConfig(method="grpo", overlong="skip")
+    with pytest.warns(UserWarning, match="q224"):
+        trainer, _ = grpo_trainer(prompts, tmp_path / "run", GrpoConfig(steps=1, prompts_per_step=1), model=model_dir,
+                                  reward=None, sample=SampleConfig(num_samples=2, max_new_tokens=4), train=train)  # fmt: skip
+    assert trainer.train_dataset["prompt_id"] == ["q56"]
+    assert skipped_summary(tmp_path / "run") == {"overlong_skipped": 1, "overlong_ids": ["q224"]}

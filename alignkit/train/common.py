@@ -94,21 +94,30 @@ def dpo_config(
     `alignkit.models.device` resolves them); `extra` passes further `DPOConfig` fields (loss types)."""
     from trl import DPOConfig
 
-    on_gpu, compute = torch.cuda.is_available(), ComputeSettings.of(cfg)
-    precision = compute.precision()
     return DPOConfig(
-        output_dir=str(out_dir / "checkpoints"),
         beta=cfg.beta,
-        learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
+        logging_steps=logging_steps,
+        **trainer_args(out_dir, cfg, seed=seed),
+        **extra,
+    )
+
+
+def trainer_args(out_dir: Path, cfg: TrainConfig, *, seed: int) -> dict[str, Any]:
+    """The `TrainingArguments` every TRL-based stage shares: checkpoints in `out_dir/checkpoints`
+    every `save_steps`, the learning rate, seed, precision and memory keys of the `train` section."""
+    on_gpu, compute = torch.cuda.is_available(), ComputeSettings.of(cfg)
+    precision = compute.precision()
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=cfg.learning_rate,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
-        logging_steps=logging_steps,
         seed=seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -118,7 +127,6 @@ def dpo_config(
         gradient_checkpointing=compute.checkpointing(),
         dataloader_pin_memory=on_gpu,
         report_to="none",
-        **extra,
     )
 
 

@@ -1,4 +1,4 @@
-"""The `train`, `ppo` and `sft` sections: preference training, online RL and supervised fine-tuning."""
+"""The `train`, `ppo`, `grpo` and `sft` sections: preference training, online RL and supervised fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from alignkit.config import Section
 
 
 class TrainConfig(Section):
-    method: Literal["dpo", "mmdpo", "ppo"] = "dpo"
-    """`dpo` (TRL's DPO), `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference) or
+    method: Literal["dpo", "mmdpo", "ppo", "grpo", "rloo"] = "dpo"
+    """`dpo` (TRL's DPO), `mmdpo` (MM-RLHF: a per-pair beta from the reward margin, cached reference),
     `ppo` (online RL on the prompts with the `ppo` section's rewards; uses learning_rate, finetune
-    (lora or full), lora_*, target_modules and save_steps from here)."""
+    (lora or full), lora_*, target_modules and save_steps from here), or `grpo` / `rloo` (TRL's
+    group-relative online RL on the prompts with the `grpo` section; the same keys from here)."""
     beta: float = Field(0.1, gt=0)
     """DPO temperature (0.1, as in the DPO paper and TRL); β_ori for `mmdpo`."""
     w: float = Field(0.5, ge=0)
@@ -40,7 +41,7 @@ class TrainConfig(Section):
     """dpo, mmdpo: the most tokens of prompt + answer, image tokens included (TRL keeps the first
     max_length); null: no limit. See `train.overlong` for pairs that are longer."""
     overlong: Literal["stop", "skip"] = "stop"
-    """A pair longer than max_length (dpo, mmdpo), or a PPO prompt + sample.max_new_tokens longer than
+    """A pair longer than max_length (dpo, mmdpo), or a PPO, GRPO or RLOO prompt + sample.max_new_tokens longer than
     the model's context, is never cut: `stop` stops the stage naming every such id, `skip` leaves them
     out (counted in the stage summary). See `alignkit.models.lengths`."""
     save_steps: int = Field(50, ge=1)
@@ -57,7 +58,7 @@ class TrainConfig(Section):
 
 
 class RewardSpec(Section):
-    """One reward source of PPO; several are summed with their weights."""
+    """One reward source of PPO, GRPO or RLOO; several are summed with their weights."""
 
     source: Literal["reference", "judge", "reward_model", "function"] = "reference"
     """`reference`: the reference judge with judge.rubric; `judge`: the recipe's judge section as set
@@ -134,6 +135,40 @@ class PpoConfig(Section):
     value_model: Literal["shared", "separate"] = "shared"
     """`shared`: the value head reads the policy's hidden states (one forward, as TRL's value-head
     model); `separate`: a second backbone (same base, own LoRA) for the value, as in InstructGPT."""
+
+
+class GrpoConfig(Section):
+    """GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024) through TRL's
+    `GRPOTrainer` / `RLOOTrainer` (train.method: grpo or rloo). Each step samples
+    `sample.num_samples` answers (TRL's num_generations, the group) for each of `prompts_per_step`
+    prompts with the `sample` section's max_new_tokens, temperature and top_p; the learning rate,
+    LoRA, fine-tuning mode and checkpoint interval come from `train`. An answer whose reward failed
+    (a judge verdict that never came) is left out of its group's baseline and gets advantage 0."""
+
+    rollout: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine: `transformers` (TRL's own generate on the policy in training); `vllm` (TRL's
+    colocate mode) is not supported yet (a clear error)."""
+    rewards: list[RewardSpec] = [RewardSpec()]
+    """The reward sources, summed with their weights (as `ppo.rewards`)."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps; each samples a fresh group of answers per prompt."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts per step per process (per device): a step trains on prompts_per_step x
+    launch.num_processes x sample.num_samples answers."""
+    beta: float = Field(0.04, ge=0)
+    """Weight of the KL term to the reference policy (the LoRA adapter disabled; a frozen copy with
+    full fine-tuning): 0.04 as in the GRPO paper (TRL's defaults are 0 for GRPO, 0.05 for RLOO)."""
+    epsilon: float = Field(0.2, gt=0)
+    """Clip range of the policy ratio (GRPO paper, TRL)."""
+    num_iterations: int = Field(1, ge=1)
+    """μ: optimizer steps on each sampled batch (1, as TRL: the ratio is then exactly 1). Each counts
+    in `steps`; only the steps that sample log the reward in metrics.jsonl."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """grpo only: how token losses are averaged (TRL's default `dapo`: over all tokens of the batch;
+    `grpo`: per answer, then over answers, as the paper; `dr_grpo`: by a constant, Liu et al. 2025)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo only: divide advantages by the group's reward std (the paper), the batch's, or not at all
+    (Dr. GRPO). RLOO's advantage is the reward minus the mean of the other answers of its group."""
 
 
 class SftSyntheticConfig(Section):

@@ -1,4 +1,4 @@
-"""Online rewards for RL (PPO): one score per sampled answer, from the same scorers the RLAIF loop uses.
+"""Online rewards for RL (PPO, GRPO, RLOO): one score per sampled answer, from the same scorers the RLAIF loop uses.
 
 A reward function takes aligned lists of prompts and samples and returns one float per sample,
 so a scorer can batch (the critique reward model) or run concurrently (the LLM judge). Sources:
@@ -11,7 +11,8 @@ so a scorer can batch (the critique reward model) or run concurrently (the LLM j
   called as `function(prompt, sample) -> float`.
 
 `combine` sums several with weights. A verdict that failed (the judge gave no valid answer after
-its retries) scores 0 and is counted in `failures`, so training goes on and the log shows it.
+its retries) is counted in `failures`, so training goes on and the log shows it; PPO scores it 0
+(`RewardFn.__call__`), GRPO and RLOO leave it out of its group (`RewardFn.scores` gives None).
 """
 
 from __future__ import annotations
@@ -36,11 +37,16 @@ class RewardFn:
     def __init__(self, name: str, fn: Callable[[Sequence[Prompt], Sequence[Sample]], list[float | None]]):
         self.name, self.fn, self.failures = name, fn, 0
 
-    def __call__(self, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float]:
+    def scores(self, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
+        """The scores, None where scoring failed (GRPO and RLOO leave those answers out of their group)."""
         # A NaN or infinite score is a failure like a missing one: counted, never a number to learn from.
         scores = [None if s is None or not math.isfinite(float(s)) else float(s) for s in self.fn(prompts, samples)]
         self.failures += sum(s is None for s in scores)
-        return [0.0 if s is None else s for s in scores]
+        return scores
+
+    def __call__(self, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float]:
+        """The scores with a failed one as 0 (PPO's rule)."""
+        return [0.0 if s is None else s for s in self.scores(prompts, samples)]
 
 
 def judge_reward(cfg: JudgeConfig, cache_path: Path) -> RewardFn:
@@ -100,9 +106,10 @@ def reward_model_reward(path: str | Path, template: str, **score_options: Any) -
     return RewardFn(f"reward_model/{Path(path).name}", score)
 
 
-def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
-    """The function a "module:function" or "path/to/file.py:function" spec names."""
-    where = f"ppo.rewards: function {spec!r}"
+def load_function(spec: str, key: str = "ppo.rewards") -> Callable[[Prompt, Sample], float]:
+    """The function a "module:function" or "path/to/file.py:function" spec names (`key`: the recipe
+    key it came from, for errors)."""
+    where = f"{key}: function {spec!r}"
     module_name, sep, name = spec.rpartition(":")
     if not sep or not module_name or not name:
         raise RecipeError(f"{where}: expected 'module:function' or 'file.py:function'")
@@ -129,9 +136,9 @@ def load_function(spec: str) -> Callable[[Prompt, Sample], float]:
     return fn
 
 
-def function_reward(spec: str) -> RewardFn:
-    """A Python function `(prompt, sample) -> float` as a reward."""
-    fn = load_function(spec)
+def function_reward(spec: str, key: str = "ppo.rewards") -> RewardFn:
+    """A Python function `(prompt, sample) -> float` as a reward (`key`: the recipe key it came from)."""
+    fn = load_function(spec, key)
     return RewardFn(spec, lambda ps, ss: [fn(p, s) for p, s in zip(ps, ss)])
 
 
@@ -141,9 +148,9 @@ def combine(weighted: Sequence[tuple[float, RewardFn]]) -> RewardFn:
         return weighted[0][1]
 
     def score(prompts: Sequence[Prompt], samples: Sequence[Sample]) -> list[float | None]:
-        parts = [(w, fn(prompts, samples)) for w, fn in weighted]
-        combined.failures = sum(fn.failures for _, fn in weighted)  # a failed part scored 0
-        return [sum(w * scores[i] for w, scores in parts) for i in range(len(samples))]
+        parts = [(w, fn.scores(prompts, samples)) for w, fn in weighted]
+        # an answer with a failed part has no score (counted once in the sum's `failures`)
+        return [None if any(p[i] is None for _, p in parts) else sum(w * p[i] for w, p in parts)
+                for i in range(len(samples))]  # fmt: skip
 
-    combined = RewardFn(" + ".join(f"{w:g}*{fn.name}" for w, fn in weighted), score)
-    return combined
+    return RewardFn(" + ".join(f"{w:g}*{fn.name}" for w, fn in weighted), score)
