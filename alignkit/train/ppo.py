@@ -305,6 +305,9 @@ class VllmRollouts:
     def sync(self, policy: nn.Module, step: int) -> None:
         self.backend.use_adapter(str(self._save(policy, step)))
 
+    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+        return self.backend.generate(requests, num_samples, seed)
+
 
 def save_rollout_adapter(policy: nn.Module, adapter_dir: Path, step: int) -> Path:
     """The policy's LoRA adapter as `adapter_dir/step-N`, the only one there: the engine has loaded
@@ -313,9 +316,6 @@ def save_rollout_adapter(policy: nn.Module, adapter_dir: Path, step: int) -> Pat
     path = adapter_dir / f"step-{step}"
     policy.save_pretrained(path)
     return path
-
-    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
-        return self.backend.generate(requests, num_samples, seed)
 
 
 # ---------------------------------------------------------------------------------------------
