@@ -8,6 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import torch
 from alignkit.records import Prompt, Sample
 from alignkit.sample import openai_backend
 from alignkit.sample.config import SampleConfig
-from alignkit.train.config import PpoConfig, TrainConfig, VllmServerConfig
+from alignkit.train.config import PpoConfig, TrainConfig
 from tests.test_launch import alignkit_run
 
 ENGINE = {"max_model_len": 512, "kv_cache_memory": 0.25}  # sample.vllm: a small KV cache on CPU
@@ -161,24 +165,47 @@ ppo:
 """
 
 
+# A process that starts a vLLM server as alignkit does, prints its address, and sleeps until killed.
+STARTER = """
+import json, sys
+from pathlib import Path
+from alignkit.train.config import VllmServerConfig
+from alignkit.train.vllm_server import start_server
+server, root, key = start_server(sys.argv[1], VllmServerConfig(), json.loads(sys.argv[2]), 8, Path(sys.argv[3]))
+server.wait_healthy(root, 600)
+print(json.dumps([root, key, server.proc.pid]), flush=True)
+sys.stdin.read()
+"""
+
+
 @pytest.fixture
 def server(tiny_qwen_dir, tmp_path, monkeypatch):
-    """A vLLM server of the tiny model with runtime LoRA loading, as a user would start it."""
-    from alignkit.train.vllm_server import start_server
-
+    """A vLLM server of the tiny model with runtime LoRA loading, started by another process as
+    alignkit starts one; at the end that process is killed (SIGKILL), which must take the server
+    and its engine processes with it."""
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    srv, root, key = start_server(str(tiny_qwen_dir), VllmServerConfig(), ENGINE, 8, tmp_path / "server.log")
+    log = tmp_path / "server.log"
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tiny_qwen_dir), json.dumps(ENGINE), str(log)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    root, key, pgid = json.loads(starter.stdout.readline() or "null") or pytest.fail(log.read_text())
     monkeypatch.setenv("VLLM_API_KEY", key)
     try:
-        srv.wait_healthy(root, 600)
-        yield srv, root
+        yield root, log
     finally:
-        srv.stop()
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while not _group_gone(pgid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        gone = _group_gone(pgid)
+        if not gone:
+            os.killpg(pgid, signal.SIGKILL)
+    assert gone, "the server outlived the process that started it"
 
 
 @pytest.mark.slow
 def test_two_processes_sample_from_one_server(tiny_qwen_dir, tmp_path, server):
-    srv, root = server
+    root, log = server
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(out=tmp_path / "run", model=tiny_qwen_dir, url=root + "/v1"))
     done = alignkit_run(recipe, "launch.num_processes=2")
@@ -190,7 +217,7 @@ def test_two_processes_sample_from_one_server(tiny_qwen_dir, tmp_path, server):
     assert [s["step"] for s in steps] == [1, 2] and (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     # the main process loaded each step's adapter once and unloaded the one before; both processes
     # sampled from it: 4 prompts a step, one request each, plus one prompt-rendering check per process
-    log = srv.log.read_text()
+    log = log.read_text()
     loaded = re.findall(r"Loaded new LoRA adapter: name '(ppo-\w+-step-\d)'", log)
     assert [n[-6:] for n in loaded] == ["step-0", "step-1"] and len({n[:-7] for n in loaded}) == 1
     assert re.findall(r"Removed LoRA adapter: name '([\w-]+)'", log) == loaded[:1]

