@@ -83,6 +83,36 @@ def recorded(monkeypatch, tmp_path):
     return engines, kept
 
 
+def test_engine_settings_become_server_flags():
+    from alignkit.train.vllm_server import engine_flags, server_root
+
+    flags = engine_flags({"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": 268435456,
+                          "max_model_len": None, "use_tqdm_on_load": False, "dtype": "auto"})  # fmt: skip
+    assert flags == ["--enforce-eager", "--no-enable-chunked-prefill", "--kv-cache-memory-bytes", "268435456",
+                     "--dtype", "auto"]  # fmt: skip
+    assert server_root("http://h:8000/v1/") == server_root("http://h:8000") == "http://h:8000"
+
+
+def test_server_rollouts_are_clear_errors_before_any_training(tmp_path, monkeypatch):
+    from alignkit.errors import RecipeError, SetupError
+    from alignkit.train.ppo import train_ppo
+    from alignkit.worlds.shapes import make_shapes_prompts
+
+    def run(finetune="lora", **server):
+        ppo = PpoConfig(rollout="vllm_server", vllm_server=server, prompts_per_step=1, num_minibatches=1)
+        train_ppo(make_shapes_prompts(tmp_path / "prompts", 1), tmp_path / "run", ppo, model="tiny:qwen2-vl",
+                  reward=None, sample=SampleConfig(num_samples=1), train=TrainConfig(method="ppo", finetune=finetune))  # fmt: skip
+
+    with pytest.raises(RecipeError, match="ppo.rollout: vllm_server needs train.finetune lora, not full"):
+        run(finetune="full")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    with pytest.raises(RecipeError, match="ppo.vllm_server.url needs an API key in the environment variable VLLM_API_KEY"):
+        run(url="http://127.0.0.1:9")
+    monkeypatch.setenv("VLLM_API_KEY", "unused")
+    with pytest.raises(SetupError, match=r"cannot reach the vLLM server at http://127.0.0.1:9 .*check ppo.vllm_server.url"):
+        run(url="http://127.0.0.1:9/v1")  # nothing listens on port 9
+
+
 def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[float]:
     """log π(token) of each sampled token under transformers + peft (the trainer's model), temperature 1."""
     from peft import PeftModel
