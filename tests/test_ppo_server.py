@@ -83,7 +83,7 @@ def recorded(monkeypatch, tmp_path):
     return engines, kept
 
 
-def test_engine_settings_become_server_flags():
+def test_server_settings():
     from alignkit.train.vllm_server import engine_flags, server_root
 
     flags = engine_flags({"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": 268435456,
@@ -91,6 +91,7 @@ def test_engine_settings_become_server_flags():
     assert flags == ["--enforce-eager", "--no-enable-chunked-prefill", "--kv-cache-memory-bytes", "268435456",
                      "--dtype", "auto"]  # fmt: skip
     assert server_root("http://h:8000/v1/") == server_root("http://h:8000") == "http://h:8000"
+    assert PpoConfig.model_validate({"vllm_server": {"gpus": 7}}).vllm_server.gpus == "7"  # ppo.vllm_server.gpus=7
 
 
 def test_server_rollouts_are_clear_errors_before_any_training(tmp_path, monkeypatch):

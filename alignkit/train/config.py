@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Section
 
@@ -79,7 +79,8 @@ class VllmServerConfig(Section):
     url: str | None = None
     """A running vLLM server to use (e.g. http://10.0.0.7:8000; started with `--enable-lora
     --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, able to read this run directory);
-    null: alignkit starts one for the stage (`python -m vllm.entrypoints.openai.api_server`) and stops it after."""
+    null: alignkit starts one for the stage (`python -m vllm.entrypoints.openai.api_server`; its
+    output goes to vllm_server.log in the stage's directory) and stops it after."""
     gpus: str | None = None
     """The started server's CUDA_VISIBLE_DEVICES (e.g. "7", or "6,7" with sample.vllm.tensor_parallel_size 2);
     null: the environment's. Start the trainer on the other GPUs (CUDA_VISIBLE_DEVICES=0-5 alignkit run ...)."""
@@ -91,6 +92,11 @@ class VllmServerConfig(Section):
     """The environment variable holding the server's API key; for a started server, unset means a new random key."""
     start_timeout: float = Field(600.0, gt=0)
     """Seconds to wait for a started server's /health (loading a 7B model takes a minute or two)."""
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # `gpus=7` on the command line is a number
 
 
 # `ppo.vllm_server` keys that say where the server runs, not what it samples: no re-run when they change
