@@ -17,7 +17,10 @@ Each rollout (`ServerRollouts.sync`, then `generate`):
   with `POST /v1/load_lora_adapter` under a new name (a new name gives a new LoRA id, so no KV
   block computed under an older adapter is reused from the prefix cache), unloads the previous
   one, and all processes wait at a barrier: none samples before the server holds the new adapter.
-  Full weights are not sent (TRL's server mode broadcasts them over NCCL); only LoRA is supported.
+  Only LoRA is supported: TRL's server mode (trl 1.16) instead merges the adapter and sends the
+  full weights over NCCL to a server started with `--weight-transfer-config`, which needs CUDA on
+  both sides; an adapter file works on any platform and is small, at the cost of a disk write and
+  a load per step.
 - sampling: each process sends its own prompts to the server as chat completions with their
   images as data URLs (`alignkit.sample.openai_backend`), K answers per request, seeded by the
   request's place in the step's global batch (as the in-process engine), so any split of the
