@@ -116,6 +116,61 @@ def test_server_rollouts_are_clear_errors_before_any_training(tmp_path, monkeypa
         run(url="http://127.0.0.1:9/v1")  # nothing listens on port 9
 
 
+# A stand-in for vLLM's server: a process whose child (its "engine") would outlive it.
+FAKE_SERVER = [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"]
+SERVER_STARTER = """
+import os, sys
+from pathlib import Path
+from alignkit.train.vllm_server import Server
+server = Server(sys.argv[2:], dict(os.environ), Path(sys.argv[1]))
+print(server.proc.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def _wait_gone(pgid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _group_gone(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _group_gone(pgid)
+
+
+def _group_size(pgid: int) -> int:
+    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_a_started_server_stops_with_its_engine_processes(tmp_path):
+    """Stopped, or its starter killed: the server's whole process group goes (vLLM's engine processes
+    outlive a killed API server, so the supervisor stops the group)."""
+    from alignkit.train.vllm_server import Server
+
+    server = Server(FAKE_SERVER, dict(os.environ), tmp_path / "a.log")
+    deadline = time.monotonic() + 30
+    while _group_size(server.proc.pid) < 3 and time.monotonic() < deadline:  # supervisor, server, its child
+        time.sleep(0.1)
+    assert _group_size(server.proc.pid) == 3
+    server.stop()
+    assert _group_gone(server.proc.pid)
+
+    starter = subprocess.Popen([sys.executable, "-c", SERVER_STARTER, str(tmp_path / "b.log"), *FAKE_SERVER],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pgid = int(starter.stdout.readline())
+    deadline = time.monotonic() + 30
+    while _group_size(pgid) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_size(pgid) == 3
+    starter.kill()
+    starter.wait()
+    assert _wait_gone(pgid), "the server outlived the process that started it"
+
+
 def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[float]:
     """log π(token) of each sampled token under transformers + peft (the trainer's model), temperature 1."""
     from peft import PeftModel
@@ -178,10 +233,7 @@ def server(tiny_qwen_dir, tmp_path, monkeypatch):
     finally:
         starter.kill()
         starter.wait()
-        deadline = time.monotonic() + 60
-        while not _group_gone(pgid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        gone = _group_gone(pgid)
+        gone = _wait_gone(pgid, 60)
         if not gone:
             os.killpg(pgid, signal.SIGKILL)
     assert gone, "the server outlived the process that started it"

@@ -86,21 +86,24 @@ def supervise(command: list[str], grace: float = 30.0) -> int:
     measured with vLLM 0.32), so killing the server alone is not enough."""
     import ctypes
 
+    stopping = False
+
+    def stop(*_: object) -> None:  # SIGTERM: from `Server.stop`, or the trainer died
+        nonlocal stopping
+        stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGALRM, lambda *_: os.killpg(0, signal.SIGKILL))  # the server hangs: all of it
+        signal.alarm(int(grace))
+        os.killpg(0, signal.SIGTERM)  # the API server shuts its engine down; the wait below returns
+
+    signal.signal(signal.SIGTERM, stop)  # before the server starts: no moment when it could be left behind
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the trainer dies
     if os.getppid() == 1:  # the trainer died before the call
         return 1
-    server = subprocess.Popen(command)
-
-    def stop(*_: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.killpg(0, signal.SIGTERM)  # the API server shuts its engine down
-        try:
-            server.wait(grace)
-        finally:
-            os.killpg(0, signal.SIGKILL)  # whatever is left, this process included
-
-    signal.signal(signal.SIGTERM, stop)
-    return server.wait()
+    code = subprocess.Popen(command).wait()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGKILL if stopping else signal.SIGTERM)  # what the server left (SIGKILL: this one too)
+    return code
 
 
 class Server:
