@@ -48,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignkit.console import QUIET
 from alignkit.errors import ModelError, RecipeError, SetupError
 from alignkit.openai_client import api_key_from_env
 from alignkit.sample.base import Generation, Request
@@ -190,6 +191,8 @@ def start_server(model_path: str, cfg: VllmServerConfig, engine_options: dict[st
                "--max-lora-rank", str(_max_lora_rank(lora_rank) or lora_rank),
                *engine_flags(_engine_options(engine_options)), *cfg.args]  # fmt: skip
     env = os.environ | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": key}
+    if env.get("VLLM_LOGGING_LEVEL") == QUIET["VLLM_LOGGING_LEVEL"]:  # quiet on the console, but this is a log file:
+        env["VLLM_LOGGING_LEVEL"] = "INFO"  # its requests and adapter loads belong there
     if cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = cfg.gpus
     return Server(command, env, log), f"http://127.0.0.1:{port}", key
