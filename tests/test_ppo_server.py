@@ -21,7 +21,7 @@ import torch
 from alignkit.records import Prompt, Sample
 from alignkit.sample import openai_backend
 from alignkit.sample.config import SampleConfig
-from alignkit.train.config import PpoConfig, TrainConfig
+from alignkit.train.config import PpoConfig, TrainConfig, VllmServerConfig
 from tests.test_launch import alignkit_run
 
 ENGINE = {"max_model_len": 512, "kv_cache_memory": 0.25}  # sample.vllm: a small KV cache on CPU
@@ -114,6 +114,26 @@ def test_server_rollouts_are_clear_errors_before_any_training(tmp_path, monkeypa
     monkeypatch.setenv("VLLM_API_KEY", "unused")
     with pytest.raises(SetupError, match=r"cannot reach the vLLM server at http://127.0.0.1:9 .*check ppo.vllm_server.url"):
         run(url="http://127.0.0.1:9/v1")  # nothing listens on port 9
+
+
+def test_a_server_that_returns_no_token_ids_is_a_clear_error(tiny_qwen_dir, tmp_path, monkeypatch):
+    """Any OpenAI-compatible server samples text; PPO needs the sampled ids, which only vLLM's returns."""
+    from alignkit.errors import SetupError
+    from alignkit.models import load_processor
+    from alignkit.sample.base import Request
+    from alignkit.testing.chat_server import ChatServer
+    from alignkit.train.vllm_server import ServerRollouts, server_root
+
+    monkeypatch.setenv("VLLM_API_KEY", "unused")
+    with ChatServer(lambda body: ["an answer"]) as chat:
+        engine = ServerRollouts(server_root(chat.url), "s", load_processor(str(tiny_qwen_dir)), tmp_path, main=False,
+                                barrier=lambda: None, server=None, cfg=VllmServerConfig(),
+                                sample=SampleConfig(num_samples=1), save=None)  # fmt: skip
+        engine.sync(None, 0)  # not the main process: nothing to load, the model name is the step's adapter
+        request = Request("0:p", [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+        with pytest.raises(SetupError, match="returned answers without their token ids"):
+            engine.generate([request], 1, seed=0)
+        assert [r.body["model"] for r in chat.chat_requests] == ["s-step-0"]
 
 
 # A stand-in for vLLM's server: a process whose child (its "engine") would outlive it.
