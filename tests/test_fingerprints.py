@@ -100,6 +100,8 @@ ALTERNATIVES = {
     "tracking.project": "other", "tracking.run_name": "named", "pairs.min_length_ratio": 0.5,
     "judge.vocabulary": "coco", "eval.max_questions": 3, "judge.calibration": "labels.jsonl",
     "levels.model": "some/clip",
+    "ppo.vllm_server.url": "http://127.0.0.1:9", "ppo.vllm_server.gpus": "1", "ppo.vllm_server.port": 8123,
+    "ppo.vllm_server.args": ["--max-num-seqs", "4"], "ppo.vllm_server.api_key_env": "OTHER_KEY",
 }  # fmt: skip
 
 

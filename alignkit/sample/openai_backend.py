@@ -8,7 +8,8 @@ them. The client, its retries, the concurrency limit and rate caps are the judge
 (`alignkit.openai_client`). A LoRA adapter cannot be loaded from here: the server must serve it
 (`vllm serve BASE --enable-lora --lora-modules NAME=PATH`) and `model_name` must be NAME.
 With `logprobs`, each request also asks for per-token logprobs, only to count each answer's
-tokens exactly (usage counts the K answers together). A prompt the server refuses for its input
+tokens exactly (usage counts the K answers together). With `token_ids` (vLLM's servers only), each
+answer carries the ids of its sampled tokens (vLLM's `return_token_ids`), for RL. A prompt the server refuses for its input
 (HTTP 400/413/422, e.g. longer than the model's context) is skipped and listed in the stage summary.
 """
 
@@ -50,9 +51,11 @@ class OpenAIBackend:
         rpm: float | None = None,
         tpm: float | None = None,
         logprobs: bool = False,
+        token_ids: bool = False,
     ):
         """`adapter` only labels the samples' policy: the server must already serve it as `model_name`.
-        `logprobs` asks for per-token logprobs (exact per-answer token counts; not every server has them)."""
+        `logprobs` asks for per-token logprobs (exact per-answer token counts; not every server has them);
+        `token_ids` for the sampled token ids (vLLM's `return_token_ids`)."""
         self.conn = ChatClient(
             base_url, api_key_env, setting="sample.backend=openai", concurrency=concurrency, timeout=timeout,
             max_retries=max_retries, rpm=rpm, tpm=tpm, error=SampleError,
@@ -61,6 +64,8 @@ class OpenAIBackend:
         self.sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         if logprobs:
             self.sampling["logprobs"] = True
+        if token_ids:
+            self.sampling["return_token_ids"] = True
 
     def generate(
         self, requests: list[Request], num_samples: int, seed: int,
@@ -132,7 +137,7 @@ def _messages(request: Request) -> list[dict[str, Any]]:
 
 
 def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
-    """One Generation per choice, with token counts from its logprobs or else the reply's usage.
+    """One Generation per choice, with token counts from its token ids or logprobs, or else the reply's usage.
 
     A choice's per-token logprobs (asked for with `logprobs`) give its exact count. Otherwise:
     `usage` counts all choices together. With one choice that is its count; with several, a
@@ -143,7 +148,10 @@ def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
     texts = [c.message.content or "" for c in choices]
     cut = [c.finish_reason == "length" for c in choices]
     total = reply.usage.completion_tokens if reply.usage else 0
-    if all(c.logprobs and c.logprobs.content is not None for c in choices):
+    ids = [getattr(c, "token_ids", None) or [] for c in choices]  # vLLM's `return_token_ids`
+    if all(ids):
+        counts = [len(i) for i in ids]
+    elif all(c.logprobs and c.logprobs.content is not None for c in choices):
         counts = [len(c.logprobs.content) for c in choices]
     elif len(choices) == 1:
         counts = [total]
@@ -151,4 +159,4 @@ def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
         rest = max(total - max_tokens * sum(cut), 0)
         chars = sum(len(t) for t, c in zip(texts, cut) if not c) or 1
         counts = [max_tokens if c else round(rest * len(t) / chars) for t, c in zip(texts, cut)]
-    return [Generation(t, n, "length" if c else "stop") for t, n, c in zip(texts, counts, cut)]
+    return [Generation(t, n, "length" if c else "stop", i) for t, n, c, i in zip(texts, counts, cut, ids)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Section
 
@@ -78,6 +78,38 @@ class RewardSpec(Section):
         return self
 
 
+class VllmServerConfig(Section):
+    """Where `ppo.rollout: vllm_server` samples: a vLLM server on GPUs of its own (see
+    `alignkit.train.vllm_server`). Its engine settings are `sample.vllm`'s (gpu_memory_utilization
+    or kv_cache_memory, max_model_len, tensor_parallel_size, ...)."""
+
+    url: str | None = None
+    """A running vLLM server to use (e.g. http://10.0.0.7:8000; started with `--enable-lora
+    --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, able to read this run directory);
+    null: alignkit starts one for the stage (`python -m vllm.entrypoints.openai.api_server`; its
+    output goes to vllm_server.log in the stage's directory) and stops it after."""
+    gpus: str | None = None
+    """The started server's CUDA_VISIBLE_DEVICES (e.g. "7", or "6,7" with sample.vllm.tensor_parallel_size 2);
+    null: the environment's. Start the trainer on the other GPUs (CUDA_VISIBLE_DEVICES=0-5 alignkit run ...)."""
+    port: int | None = Field(None, ge=1, le=65535)
+    """The started server's port on 127.0.0.1; null: a free one."""
+    args: list[str] = []
+    """More command-line arguments for the started server (e.g. ["--max-num-seqs", "64"])."""
+    api_key_env: str = "VLLM_API_KEY"
+    """The environment variable holding the server's API key; for a started server, unset means a new random key."""
+    start_timeout: float = Field(600.0, gt=0)
+    """Seconds to wait for a started server's /health (loading a 7B model takes a minute or two)."""
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # `gpus=7` on the command line is a number
+
+
+# `ppo.vllm_server` keys that say where the server runs, not what it samples: no re-run when they change
+VLLM_SERVER_PLACEMENT = frozenset({"url", "gpus", "port", "api_key_env", "start_timeout"})
+
+
 class PpoConfig(Section):
     """PPO (train.method: ppo). Answers are sampled as the `sample` section says (num_samples,
     max_new_tokens, temperature, top_p, template, vllm); the learning rate, LoRA, fine-tuning mode
@@ -85,11 +117,15 @@ class PpoConfig(Section):
     ppo.py for the optimisation, and Ziegler et al. 2019 / TRL's PPOTrainer (removed in TRL 1.13)
     for the language-model parts (γ = 1, the KL penalty, a small value-loss weight)."""
 
-    rollout: Literal["transformers", "vllm"] = "transformers"
+    rollout: Literal["transformers", "vllm", "vllm_server"] = "transformers"
     """Rollout engine: `transformers` generates with the policy in training, `sample.batch_size`
     prompts per call (a divisor of prompts_per_step: then any process count samples the same
     answers, see `alignkit.train.ppo`); `vllm` loads the current LoRA adapter into a vLLM engine
-    before every rollout batch (LoRA only, launch.num_processes 1)."""
+    beside the trainer, on its GPU, before every rollout batch (LoRA only, launch.num_processes 1);
+    `vllm_server` loads it into a vLLM server on GPUs of its own (`vllm_server`; LoRA only, any
+    number of processes)."""
+    vllm_server: VllmServerConfig = VllmServerConfig()
+    """The server of `rollout: vllm_server`."""
     rewards: list[RewardSpec] = [RewardSpec()]
     """The reward sources, summed with their weights."""
     steps: int = Field(100, ge=1)

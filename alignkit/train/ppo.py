@@ -57,19 +57,24 @@ the same loop runs as one process or as N (`alignkit run RECIPE launch.num_proce
   there a change of process count starts the stage over (as for DPO); a killed run re-run with
   the same count resumes. Checkpoints hold the whole state; only the main process writes metrics,
   checkpoints and the adapter.
-- vLLM rollouts (`ppo.rollout: vllm`) run in one process only (a `RecipeError` under N > 1): an
-  engine per trainer process would need each engine pinned to its process's GPU and the trainer's
-  memory left free (`sample.vllm.gpu_memory_utilization` or `kv_cache_memory`), which is not built
-  or tested yet.
+- vLLM rollouts beside the trainer (`ppo.rollout: vllm`) run in one process only (a `RecipeError`
+  under N > 1): an engine per trainer process would need each engine pinned to its process's GPU
+  and the trainer's memory left free (`sample.vllm.gpu_memory_utilization` or `kv_cache_memory`),
+  which is not built or tested yet. A vLLM server on GPUs of its own (`ppo.rollout: vllm_server`,
+  `alignkit.train.vllm_server`) serves any number of processes: the main process loads each
+  step's adapter into it, and every process sends its own prompts.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -86,7 +91,7 @@ from alignkit.records import Prompt, Sample, atomic_output
 from alignkit.sample.base import Generation, Request, derive_seed
 from alignkit.sample.config import SampleConfig
 from alignkit.tracking import StepLog, Tracking
-from alignkit.train.config import PpoConfig, TrainConfig
+from alignkit.train.config import VLLM_SERVER_PLACEMENT, PpoConfig, TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # math on [answers, response tokens] grids; `mask` is 1 on real response tokens, 0 on padding
@@ -296,16 +301,22 @@ class VllmRollouts:
         self.backend = make_vllm_backend(model_path, adapter, options=vllm_options, **settings)
 
     def _save(self, policy: nn.Module, step: int) -> Path:
-        shutil.rmtree(self.dir, ignore_errors=True)  # the engine has loaded the previous step's adapter
-        path = self.dir / f"step-{step}"
-        policy.save_pretrained(path)
-        return path
+        return save_rollout_adapter(policy, self.dir, step)
 
     def sync(self, policy: nn.Module, step: int) -> None:
         self.backend.use_adapter(str(self._save(policy, step)))
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
         return self.backend.generate(requests, num_samples, seed)
+
+
+def save_rollout_adapter(policy: nn.Module, adapter_dir: Path, step: int) -> Path:
+    """The policy's LoRA adapter as `adapter_dir/step-N`, the only one there: the engine has loaded
+    the previous step's adapter, which is removed."""
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    path = adapter_dir / f"step-{step}"
+    policy.save_pretrained(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,12 +478,21 @@ def train_ppo(
     may pass None). The `train` section's precision, attention and gradient-checkpointing keys apply
     (`alignkit.models.device.ComputeSettings`).
     `cfg.rollout` picks the engine: the policy itself through transformers, or vLLM with the
-    current adapter loaded every step (LoRA, one process); `engine_options` adds vLLM engine
+    current adapter loaded every step (LoRA; in this process, or a server: `cfg.vllm_server`,
+    which a stage that starts it stops when it ends or fails); `engine_options` adds vLLM engine
     arguments beyond `sample.vllm` (tests run it in-process); `tracking` is the tracker run the
     steps also go to. A prompt whose request plus `sample.max_new_tokens` exceeds the model's
     context stops the run or is left out (`train.overlong`; the ids go to `out_dir/overlong.json`).
     Run it in every process of a launch (see the module docstring); it returns when all are done.
     """
+    with ExitStack() as stack:
+        return _train_ppo(prompts, out_dir, cfg, model, reward, sample, train, seed, engine_options, tracking, stack)
+
+
+def _train_ppo(prompts: Sequence[Prompt], out_dir: Path, cfg: PpoConfig, model: str, reward: Any,
+               sample: SampleConfig, train: TrainConfig, seed: int, engine_options: dict | None,
+               tracking: Tracking | None, stack: ExitStack) -> Path:  # fmt: skip
+    """`train_ppo`; what must be cleaned up when it returns or fails (a started vLLM server) goes on `stack`."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     from alignkit.models import load_policy, lora_config, resolve_model
@@ -488,6 +508,9 @@ def train_ppo(
     if c.rollout == "vllm" and world > 1:
         raise RecipeError(f"ppo.rollout: vllm runs in one process, not launch.num_processes={world}: use "
                           "ppo.rollout=transformers, or launch.num_processes=1")  # fmt: skip
+    if c.rollout == "vllm_server" and t.finetune != "lora":
+        raise RecipeError(f"ppo.rollout: vllm_server needs train.finetune lora, not {t.finetune}: it loads the "
+                          "policy's LoRA adapter into the server each step")  # fmt: skip
     global_prompts = c.prompts_per_step * world
     n = global_prompts * sample.num_samples  # answers per step, over all processes
     minibatch = check_minibatches(n, c.num_minibatches, world)
@@ -495,6 +518,19 @@ def train_ppo(
     model_path = resolve_model(model)
     tmpl = load_template(sample.template)
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
+    vllm_options = sample.vllm.model_dump(exclude_none=True) | (engine_options or {})
+    if c.rollout == "vllm_server":  # started first: the server loads the model while the trainer does
+        from alignkit.train.vllm_server import open_server
+
+        server, root, key = (open_server(c.vllm_server, model_path, vllm_options, t.lora_r, out_dir / "vllm_server.log")
+                             if main else (None, None, None))  # fmt: skip
+        if server is not None:
+            stack.callback(server.stop)
+        box = [(root, key, f"ppo-{secrets.token_hex(4)}")]  # one adapter name prefix per run of the stage
+        broadcast_object_list(box)
+        root, key, session = box[0]
+        if key is not None:
+            os.environ[c.vllm_server.api_key_env] = key
 
     # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine; float32 weights,
     # placed by accelerate, which also runs the forward passes in its mixed precision
@@ -531,14 +567,20 @@ def train_ppo(
     reward_stats, kl_ctl = RunningMeanStd(), AdaptiveKL(c.kl_coef, c.target_kl, c.kl_horizon)
     sampling = dict(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p)
     if c.rollout == "vllm":
-        options = sample.vllm.model_dump(exclude_none=True) | (engine_options or {})
-        engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", options, **sampling)
+        engine: RolloutEngine = VllmRollouts(model_path, policy, out_dir / "rollout_adapter", vllm_options, **sampling)
+    elif c.rollout == "vllm_server":
+        from alignkit.train.vllm_server import ServerRollouts
+
+        engine = ServerRollouts(root, session, processor, out_dir / "rollout_adapter", main=main,
+                                barrier=accelerator.wait_for_everyone, server=server, cfg=c.vllm_server,
+                                sample=sample, save=save_rollout_adapter)  # fmt: skip
     else:
         engine = TransformersRollouts(policy, processor, sample.batch_size, **sampling)
 
     # resume: the last complete checkpoint of a run with these settings (more steps extend a run),
     # decided by the main process; the global batch counts, not its split between processes
-    config = c.model_dump(mode="json", exclude={"steps", "rewards"}) | {"prompts_per_step": global_prompts}
+    config = c.model_dump(mode="json", exclude={"steps": True, "rewards": True, "vllm_server": VLLM_SERVER_PLACEMENT})
+    config |= {"prompts_per_step": global_prompts}
     settings = {"config": config, "model": model_path, "seed": seed,
                 "sample": sample.model_dump(include={"num_samples", "max_new_tokens", "temperature", "top_p", "template",
                                                      "batch_size"}),

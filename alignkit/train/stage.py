@@ -17,6 +17,7 @@ from alignkit.reward.stage import SCORE_KEYS
 from alignkit.sample.stage import SampleStage
 from alignkit.stage import Context, launch_files, template_files
 from alignkit.tracking import TRACKING_KEYS
+from alignkit.train.config import VLLM_SERVER_PLACEMENT
 
 
 def function_file(spec: str, key: str = "ppo.rewards") -> Path | None:
@@ -46,7 +47,7 @@ class TrainStage:
     name = command = "train"
     per_round = True
     exclude = frozenset({"train.save_steps", "train.gradient_checkpointing", *TRACKING_KEYS, *SampleStage.exclude,
-                         *JUDGE_UNCHANGING})  # fmt: skip
+                         *JUDGE_UNCHANGING, *(f"ppo.vllm_server.{k}" for k in VLLM_SERVER_PLACEMENT)})  # fmt: skip
 
     def distributed(self, recipe) -> bool:
         return True
