@@ -194,6 +194,7 @@ def test_reward_model_scores_see_the_image(models, family, images):
     assert abs(red - blue) > 1e-6
     critiqued = score_answers(rm, answers, num_critiques=1, max_new_tokens=8, batch_size=2)
     assert all(len(s.critiques) == 1 and isinstance(s.critiques[0], str) and s.score == s.score for s in critiqued)
+    assert abs(critiqued[0].score - critiqued[1].score) > 1e-6  # the critiqued answer's forward sees the image too
 
 
 def _shapes_prompts(tmp_path: Path, n: int, images: int = 1) -> list[Prompt]:
