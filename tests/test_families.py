@@ -439,3 +439,37 @@ def test_quickstart_runs_on_a_local_family_directory(models, family, tmp_path):
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 16 * 4
     assert (tmp_path / "run" / "train" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_image_prompts_through_a_recipe(models, tmp_path):
+    """A prompts file whose prompts show two images each, through the runner's stages on the tiny
+    Gemma 3 (its processor takes a batch's images as one list per prompt): transformers sampling,
+    reference judge, pairs, reward model train + score, DPO, eval before and after. The records
+    keep both images, and the pairs' prompts hold two image placeholders."""
+    from alignkit.recipe import Recipe
+    from alignkit.runner import Runner
+    from alignkit.worlds.shapes import write_prompts
+
+    prompts = write_prompts(_shapes_prompts(tmp_path, 6, images=2), tmp_path / "prompts.jsonl")
+    recipe = Recipe.model_validate({
+        "output_dir": str(tmp_path / "run"), "policy": {"model": _dir(models, "tiny:gemma3")},
+        "stages": ["prompts", "sample", "judge", "pairs", "reward_model", "score", "train", "eval"],
+        "data": {"prompts": str(prompts), "allow_outside_paths": True},
+        "sample": {"backend": "transformers", "num_samples": 4, "max_new_tokens": 24, "template": "plain"},
+        "judge": {"backend": "reference", "rubric": "overall"},
+        "reward_model": {"max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "num_critiques": 0},
+        "train": {"method": "dpo", "max_steps": 2, "batch_size": 1, "save_steps": 2},
+        "eval": {"prompts": str(prompts), "allow_outside_paths": True, "max_new_tokens": 8, "judge": False},
+    })  # fmt: skip
+    runner = Runner(recipe)
+    runner.run()
+    paths = runner.paths
+    assert all(len(json.loads(line)["images"]) == 2 for line in paths.prompts.read_text().splitlines())
+    pairs = [json.loads(line) for line in paths.pairs.read_text().splitlines()]
+    assert pairs and all(len(p["images"]) == 2 for p in pairs)
+    assert all(sum(c.get("type") == "image" for c in p["prompt"][0]["content"]) == 2 for p in pairs)
+    assert all(p["rm_chosen_score"] == p["rm_chosen_score"] and "rm_margin" in p for p in pairs)  # the score stage
+    assert (paths.adapter / "adapter_config.json").is_file()
+    for label in ("base", "round-1"):
+        assert json.loads((paths.eval / label / "results.json").read_text())["num_prompts"] == 6
