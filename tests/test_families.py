@@ -358,6 +358,7 @@ def test_reward_model_trains(models, family, images, tmp_path):
     summary = train_reward_model(pairs, tmp_path / "rm", cfg, model=_dir(models, family))
     logs = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert summary["train_pairs"] == 2 and [r["step"] for r in logs] == [1]
+    assert logs[0]["bradley_terry"] > 0 and logs[0]["critique_ce"] > 0  # the rationales were trained on as critiques
     rm = load_reward_model(summary["model"], dtype=torch.float32)
     scored = score_answers(rm, pair_answers(read_rm_pairs(pairs)[:1]), num_critiques=0, batch_size=2)
     assert len(scored) == 2 and all(s.score == s.score for s in scored)
@@ -373,6 +374,7 @@ def test_eval_answers_and_scores(models, family, images, tmp_path):
     from alignkit.records import read_records
 
     prompts = _shapes_prompts(tmp_path, 3, images)
+    # The section needs a prompt source; run_eval answers the prompts it is handed.
     cfg = EvalConfig(synthetic={"num_prompts": 3}, max_new_tokens=6, batch_size=2)
     results = run_eval(prompts, tmp_path / "eval", cfg, fingerprint="f", model=_dir(models, family), template="plain")
     answers = read_records(tmp_path / "eval" / "answers.jsonl", SampleRecord)
