@@ -6,7 +6,7 @@
 
 Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
 line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
-one image prompt (too slow for the test suite on CPU); without --vllm it is left out.
+a one-image and a two-image prompt (too slow for the test suite on CPU); without --vllm it is left out.
 """
 
 from __future__ import annotations
@@ -71,21 +71,29 @@ def run_matrix(report: Path) -> None:
 
 
 def vllm_sample(family: str) -> str:
-    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to one image prompt."""
+    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to each of two
+    prompts in one call: one with an image, one with two."""
     from PIL import Image
 
     from alignkit.models import tiny_model
     from alignkit.sample.base import Request
     from alignkit.sample.vllm_backend import make_vllm_backend
 
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    def prompt(images: int) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": "What shape?"}]}]
+
+    red, blue = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (112, 112), "blue")
+    requests = [Request("a", prompt(1), [red]), Request("b", prompt(2), [red, blue])]
     options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
     try:
         backend = make_vllm_backend(str(tiny_model(family)), max_new_tokens=8, options=options)
-        answers = backend.generate([Request("a", prompt, [Image.new("RGB", (112, 112), "red")])], 2, seed=0)[0]
+        answers = backend.generate(requests, 2, seed=0)
     except Exception as e:  # the table reports any failure
         return "no: " + " ".join(str(e).split())[-160:]
-    return "yes" if len(answers) == 2 and all(a.num_tokens for a in answers) else "no: no answers"
+    missing = [
+        name for name, a in zip(("1-image", "2-image"), answers) if len(a) != 2 or not all(g.num_tokens for g in a)
+    ]
+    return f"no: no answers to the {' and '.join(missing)} prompt" if missing else "yes"
 
 
 def vllm_column(families: list[str]) -> dict[str, str]:
@@ -138,6 +146,7 @@ def markdown(table: dict[str, dict[str, str]]) -> str:
         "rollouts, LoRA and the reference judge's reward. Two images through the stages: transformers",
         "sampling, reward model score and train, SFT, DPO, MM-DPO, PPO, PPO's value model and eval on",
         'prompts with two images (tested for the families in `SEVERAL`; "not run" for the others).',
+        "Sample (vLLM): a one-image and a two-image prompt in one call (`--vllm`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
