@@ -6,7 +6,7 @@
 
 Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
 line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
-one image prompt (too slow for the test suite on CPU); without --vllm it is left out.
+a one-image and a two-image prompt (too slow for the test suite on CPU); without --vllm it is left out.
 """
 
 from __future__ import annotations
@@ -29,18 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {
     "test_sample_with_transformers": "sample (transformers)",
     "test_image_reaches_the_policy": "image reaches the policy",
-    "test_second_image_reaches_the_policy": "two images per prompt",
+    "test_second_image_reaches_the_policy": "second image reaches the policy",
     "test_lora_targets_only_the_language_model": "default LoRA targets",
     "test_reward_model_scores_see_the_image": "reward model score",
+    "test_reward_model_trains": "reward model train",
     "test_sft_two_steps": "SFT",
     "test_dpo_two_steps": "DPO",
     "test_mmdpo_two_steps": "MM-DPO",
+    "test_ppo_two_steps": "PPO",
+    "test_ppo_value_model_sees_the_image": "image reaches PPO's value model",
+    "test_eval_answers_and_scores": "eval",
     "test_quickstart_runs_on_a_local_family_directory": "quickstart recipe (CLI)",
 }
+# The stage tests' cases with two images per prompt (id `tiny:x+2img`) make one column.
+TWO_IMAGES = "two images through the stages"
 
-# Measured outside the matrix (vLLM engines take ~30 s each on CPU; PPO is tested on Qwen2-VL).
+# Measured outside the matrix (vLLM engines take ~30 s each on CPU).
 NOTES = {
-    "tiny:qwen2-vl": "vLLM: samples, LoRA applied. PPO: tested (tests/test_ppo.py).",
+    "tiny:qwen2-vl": "vLLM: samples, LoRA applied.",
     "tiny:llava": "Saved with hub vision-tower names (`save_model`): vLLM 0.32 cannot read transformers 5.19's.",
     "tiny:llava-onevision": "vLLM has no LoRA for this architecture: the vLLM backend samples from a merged copy.",
     "tiny:gemma3": "Chat template has no system role (system text opens the first user turn). Saved with hub "
@@ -65,21 +71,29 @@ def run_matrix(report: Path) -> None:
 
 
 def vllm_sample(family: str) -> str:
-    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to one image prompt."""
+    """Start alignkit's vLLM backend on `family`'s tiny build and sample 2 answers to each of two
+    prompts in one call: one with an image, one with two."""
     from PIL import Image
 
     from alignkit.models import tiny_model
     from alignkit.sample.base import Request
     from alignkit.sample.vllm_backend import make_vllm_backend
 
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}]
+    def prompt(images: int) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": "What shape?"}]}]
+
+    red, blue = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (112, 112), "blue")
+    requests = [Request("a", prompt(1), [red]), Request("b", prompt(2), [red, blue])]
     options = {"max_model_len": 512, "distributed_executor_backend": "uni", "kv_cache_memory": 0.25}
     try:
         backend = make_vllm_backend(str(tiny_model(family)), max_new_tokens=8, options=options)
-        answers = backend.generate([Request("a", prompt, [Image.new("RGB", (112, 112), "red")])], 2, seed=0)[0]
+        answers = backend.generate(requests, 2, seed=0)
     except Exception as e:  # the table reports any failure
         return "no: " + " ".join(str(e).split())[-160:]
-    return "yes" if len(answers) == 2 and all(a.num_tokens for a in answers) else "no: no answers"
+    missing = [
+        name for name, a in zip(("1-image", "2-image"), answers) if len(a) != 2 or not all(g.num_tokens for g in a)
+    ]
+    return f"no: no answers to the {' and '.join(missing)} prompt" if missing else "yes"
 
 
 def vllm_column(families: list[str]) -> dict[str, str]:
@@ -94,10 +108,12 @@ def vllm_column(families: list[str]) -> dict[str, str]:
 
 
 def results(report: Path) -> dict[str, dict[str, str]]:
-    """family -> column -> "yes" or "no: <why>", from a JUnit report of tests/test_families.py."""
+    """family -> column -> "yes" or "no: <why>", from a JUnit report of tests/test_families.py; a
+    family's two-image cases make one cell: "yes" (and how many stages) or the stages that failed."""
     table: dict[str, dict[str, str]] = {}
+    two: dict[str, dict[str, str]] = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        m = re.fullmatch(r"(\w+)\[(tiny:[\w.-]+)\]", case.get("name", ""))
+        m = re.fullmatch(r"(\w+)\[(tiny:[\w.-]+?)(\+2img)?\]", case.get("name", ""))
         if not m or m[1] not in COLUMNS:
             continue
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
@@ -108,19 +124,29 @@ def results(report: Path) -> dict[str, dict[str, str]]:
             cell = "not run: " + (skipped.get("message") or "skipped").splitlines()[0][:120]
         else:
             cell = "yes"
-        table.setdefault(m[2], {})[COLUMNS[m[1]]] = cell
+        (two if m[3] else table).setdefault(m[2], {})[COLUMNS[m[1]]] = cell
+    for family, cells in two.items():
+        failed = [f"{column}: {cell}" for column, cell in cells.items() if cell != "yes"]
+        table.setdefault(family, {})[TWO_IMAGES] = "; ".join(failed) if failed else f"yes ({len(cells)} stages)"
     return table
 
 
 def markdown(table: dict[str, dict[str, str]]) -> str:
-    columns = [*COLUMNS.values(), *(["sample (vLLM)"] if any("sample (vLLM)" in row for row in table.values()) else [])]
+    vllm = ["sample (vLLM)"] if any("sample (vLLM)" in row for row in table.values()) else []
+    columns = [*COLUMNS.values(), TWO_IMAGES, *vllm]
     head = ["family", *columns, "notes"]
     lines = [
         "# Model families",
         "",
         "Generated by `benchmarks/families_table.py` from `tests/test_families.py` (tiny offline builds,",
         "`alignkit make-tiny-model <name> DIR`; each cell is a test that ran). Image reaches the policy: the",
-        "forward log-probs of a fixed answer change when only the image changes.",
+        "forward log-probs of a fixed answer change when only the image changes (the second image: of a",
+        "prompt with two). Image reaches PPO's value model: the value estimates of fixed answer tokens",
+        "change, for the shared value head and a separate critic. PPO: two steps with transformers",
+        "rollouts, LoRA and the reference judge's reward. Two images through the stages: transformers",
+        "sampling, reward model score and train, SFT, DPO, MM-DPO, PPO, PPO's value model and eval on",
+        'prompts with two images (tested for the families in `SEVERAL`; "not run" for the others).',
+        "Sample (vLLM): a one-image and a two-image prompt in one call (`--vllm`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
