@@ -10,7 +10,6 @@ says which stages each runs. Weights are saved with `save_model`, under the name
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -101,17 +100,13 @@ def _save_generation_config(out_dir: Path, tokenizer, stops: tuple[str, str] = (
     config.save_pretrained(out_dir)
 
 
-def build_tiny_qwen2_vl(
-    out_dir: Path, seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, image_side: int = 112
-) -> Path:
+def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2) -> Path:
     """A 2-layer Qwen2-VL (hidden 128, 2 heads of 64, 2-layer vision tower) that vLLM can load.
 
     112x112 images become 16 image tokens. Head size 64 because vLLM's CPU attention rejects
     small heads; mrope sections sum to head_dim/2 as Qwen2-VL requires. `hidden_size` (a
     multiple of 64) and `num_layers` scale the language model, e.g. for benchmarks where the
-    model's own compute, not per-step overhead, should dominate. `image_side` is the largest
-    square side the processor keeps (a multiple of 28): 56 shrinks the shapes world's 112-pixel
-    images to 4 image tokens, one per grid cell (`tiny:qwen2-vl-56`, the quickstart's).
+    model's own compute, not per-step overhead, should dominate.
     """
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -144,7 +139,7 @@ def build_tiny_qwen2_vl(
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
     model.save_pretrained(out_dir)
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_side * image_side),
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN_CHAT_TEMPLATE,
@@ -511,12 +506,8 @@ BUILDERS = {
     "tiny:internvl": build_tiny_internvl,
     "tiny:mistral3": build_tiny_mistral3,
 }
-# Tiny models outside the family matrix: the CLIP of `levels.model` (not a VLM), and the quickstart's
-# Qwen2-VL that sees the shapes world at 56x56 pixels (a family already in it; half the training step).
-OTHER_BUILDERS = {
-    "tiny:clip": build_tiny_clip,
-    "tiny:qwen2-vl-56": functools.partial(build_tiny_qwen2_vl, image_side=56),
-}
+# Tiny models that are not VLMs: the CLIP of `levels.model`.
+OTHER_BUILDERS = {"tiny:clip": build_tiny_clip}
 
 
 def default_cache_dir() -> Path:
