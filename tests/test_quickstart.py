@@ -112,6 +112,8 @@ def test_headline_is_the_tested_rates_with_intervals(tmp_path):
     p = paired_tests(before, after)["describe.chair_i"]["p"]
     assert chair_i.endswith("<0.001" if p < 0.001 else f"{p:.3f}")
     assert all(len(line) <= 80 for line in lines)
+    # no change at all: every test says so (p = 1, not significant)
+    assert all(line.endswith("1.000 n.s.") for line in headline(before, before).splitlines()[2:])
 
 
 def test_module_and_stage_help():
