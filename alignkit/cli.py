@@ -136,6 +136,28 @@ def _print_outputs(runner) -> None:
         else:
             console.print(Text(f"  {label}"), soft_wrap=True)
             console.print(Text(f"    {path}"), soft_wrap=True)  # never wrapped nor cut, even past the width
+    _print_before_after(paths)
+
+
+def _print_before_after(paths) -> None:
+    """After a run that evaluated its trained policy: the paired-tested rates before and after with
+    their 95% intervals (`alignkit.evaluate.headline`), and where the report is."""
+    import json
+
+    from alignkit.evaluate import headline
+
+    base, after = paths.eval / "base" / "results.json", paths.eval / f"round-{paths.round}" / "results.json"
+    report = paths.root / "report.html"
+    if not (base.exists() and after.exists()):
+        return
+    table = headline(json.loads(base.read_text()), json.loads(after.read_text()))
+    if not table:
+        return
+    console.rule("[bold]before -> after (p: paired test)")
+    console.print(Text(table), soft_wrap=True)
+    console.print(Text(f"every metric and its change: {shown_path(paths.eval / 'comparison.txt')}"), soft_wrap=True)
+    if report.exists():
+        console.print(Text(f"the run report (open it in a browser): {shown_path(report)}"), soft_wrap=True)
 
 
 def shown_path(path: Path) -> str:

@@ -97,4 +97,5 @@ def test_resolved_recipe_has_url_credentials_removed(tmp_path):
 def test_builtin_quickstart_recipe_is_valid():
     root = Path(__file__).resolve().parents[1]
     r = load_recipe(root / "recipes" / "quickstart.yaml")
-    assert r.sample.backend == "vllm" and r.judge.backend == "reference" and r.train.method == "dpo"
+    assert r.judge.backend == "reference" and r.train.method == "mmdpo"
+    assert r.stages[0] == "sft" and r.stages[-1] == "eval"  # it trains its own base and evaluates before/after

@@ -451,6 +451,19 @@ def compare(before: dict, after: dict) -> str:
     return _table(header, rows)
 
 
+def headline(before: dict, after: dict) -> str:
+    """The paired-tested rates only, each before and after with its 95% interval, and the paired
+    test's p ("n.s.": not significant at 0.05): the short table a run ends with, within 80 columns
+    for the shapes world's metrics (`compare` has every metric and the change's interval)."""
+    tests = paired_tests(before, after)
+    b, a, b_ci, a_ci = _flatten(before), _flatten(after), _intervals(before), _intervals(after)
+    rows = [[key, f"{b[key]:.3f} [{b_ci[key][0]:.3f}, {b_ci[key][1]:.3f}]",
+             f"{a[key]:.3f} [{a_ci[key][0]:.3f}, {a_ci[key][1]:.3f}]",
+             ("<0.001" if test["p"] < 0.001 else f"{test['p']:.3f}") + ("" if test["significant"] else " n.s.")]
+            for key, test in tests.items() if key in b and key in a and key in b_ci and key in a_ci]  # fmt: skip
+    return _table(["metric", "before [95% CI]", "after [95% CI]", "p"], rows) if rows else ""
+
+
 def run_eval(
     prompts: list[Prompt],
     out_dir: Path,
