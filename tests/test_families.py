@@ -428,19 +428,24 @@ def test_merged_copy_has_hub_vision_names_and_reloads(models, family, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny:gemma3", "tiny:llava-onevision"])
 def test_quickstart_runs_on_a_local_family_directory(models, family, tmp_path):
-    """recipes/quickstart.yaml with only policy.model changed to a family's directory (and the
-    transformers sampler), through the `alignkit` command: sample, judge, pairs, DPO, report."""
+    """recipes/quickstart.yaml with policy.model changed to a family's directory (and the transformers
+    sampler), through the `alignkit` command: every stage of it (SFT, sample, judge, pairs, MM-DPO,
+    eval before and after, report). Only the sizes are cut (SFT steps, prompts) to fit CI."""
     import subprocess
     import sys
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-    keys = [f"policy.model={_dir(models, family)}", "sample.backend=transformers", f"output_dir={tmp_path / 'run'}"]
+    keys = [f"policy.model={_dir(models, family)}", "sample.backend=transformers", f"output_dir={tmp_path / 'run'}",
+            "sft.max_steps=4", "sft.synthetic.num_examples=32", "data.synthetic.num_prompts=8",
+            "eval.synthetic.num_prompts=8"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), *keys],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 16 * 4
+    assert len(samples) == 8 * 8
     assert (tmp_path / "run" / "train" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "eval" / "comparison.txt").exists()
+    assert (tmp_path / "run" / "report.html").exists()
 
 
 @pytest.mark.slow

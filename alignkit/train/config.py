@@ -215,6 +215,8 @@ class SftSyntheticConfig(Section):
     error_rate: float = Field(0.6, ge=0, le=1)
     """Share of SFT answers that hallucinate one object that is not in the image (see
     `worlds.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
+    tasks: list[Literal["describe", "count", "exists", "color"]] = ["describe", "count", "exists", "color"]
+    """Question kinds of the SFT examples, in turn (as `data.synthetic.tasks`)."""
 
 
 class SftConfig(Section):

@@ -57,7 +57,7 @@ class SftStage:
                 from alignkit.worlds.shapes import make_shapes_prompts, sft_examples
 
                 syn = cfg.synthetic
-                prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed)
+                prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed, tasks=tuple(syn.tasks))
                 rows = sft_examples(prompts, load_template(ctx.config.sample.template), syn.error_rate, seed=syn.seed)
                 write_jsonl(data_file, rows)
                 summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
