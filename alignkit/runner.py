@@ -114,6 +114,7 @@ class Runner:
         unknown = [s for s in wanted if s not in STAGE_NAMES]
         if unknown:
             raise RecipeError(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
+        self._require_sft_model(wanted)
         with run_lock(self.root):
             write_atomic(RunPaths(self.root).recipe, resolved_yaml(self.recipe))
             self.calibrate()
@@ -128,6 +129,18 @@ class Runner:
                     results[stage_key(s.name, r)] = self.run_stage(s, r)
             self._write_report()
         return results
+
+    def _require_sft_model(self, wanted: list[str]) -> None:
+        """A recipe with an `sft` section starts from RUN/sft/model: stop before anything runs when a
+        stage that loads the policy is asked for, the sft stage is not, and that model is missing."""
+        model = RunPaths(self.root).sft / "model"
+        loads_policy = [s for s in wanted if s not in ("sft", "prompts", "judge", "pairs")]
+        if self.recipe.sft is not None and "sft" not in wanted and loads_policy and not model.exists():
+            raise RecipeError(
+                f"stage '{loads_policy[0]}' starts from the SFT model {model}, which does not exist yet: the "
+                f"recipe has an sft section. Add sft to the stages (or run `alignkit sft RECIPE` first), or set "
+                f"sft=null to start from policy.model ({self.recipe.policy.model})"
+            )
 
     def calibrate(self) -> dict[str, Any] | None:
         """The judge's calibration gate (`judge.min_accuracy`): measure the judge on `judge.calibration`

@@ -6,7 +6,7 @@ import pytest
 
 from alignkit.recipe import load_recipe
 from alignkit.records import Sample, read_records, write_jsonl
-from alignkit.runner import Runner, StageInputError
+from alignkit.runner import RecipeError, Runner, StageInputError
 
 RECIPE = """\
 output_dir: {out}
@@ -106,3 +106,14 @@ def test_one_process_per_run_directory_and_a_killed_owner_is_taken_over(tmp_path
         owner.wait()
     Runner(recipe(tmp_path)).run(["prompts"])
     assert (tmp_path / "run" / "prompts.jsonl").exists()
+
+
+def test_a_recipe_with_sft_but_without_its_model_stops_before_anything_runs(tmp_path):
+    """Leaving sft out of the stages keeps the SFT model as the policy: a clear error says so and how
+    to start from policy.model instead, before any stage writes anything."""
+    runner = Runner(recipe(tmp_path, "sft={synthetic: {num_examples: 4}}"))
+    with pytest.raises(RecipeError, match=r"stage 'sample' starts from the SFT model .*sft/model.*sft=null"):
+        runner.run(["prompts", "sample", "judge"])
+    assert not runner.paths.prompts.exists()
+    runner.run(["prompts"])  # stages that never load the policy still run
+    assert runner.paths.prompts.exists()
