@@ -134,7 +134,8 @@ class Runner:
         """A recipe with an `sft` section starts from RUN/sft/model: stop before anything runs when a
         stage that loads the policy is asked for, the sft stage is not, and that model is missing."""
         model = RunPaths(self.root).sft / "model"
-        loads_policy = [s for s in wanted if s not in ("sft", "prompts", "judge", "pairs")]
+        own_model = ["score"] + (["reward_model"] if self.recipe.reward_model.model else [])
+        loads_policy = [s for s in wanted if s not in ("sft", "prompts", "judge", "pairs", *own_model)]
         if self.recipe.sft is not None and "sft" not in wanted and loads_policy and not model.exists():
             raise RecipeError(
                 f"stage '{loads_policy[0]}' starts from the SFT model {model}, which does not exist yet: the "
