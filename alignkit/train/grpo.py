@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import RecipeError
-from alignkit.records import Prompt, Sample, load_image, sample_id
+from alignkit.records import Prompt, Sample, sample_id
 from alignkit.sample.config import SampleConfig
 from alignkit.tracking import Tracking
 from alignkit.train.config import GrpoConfig, TrainConfig
@@ -54,17 +54,11 @@ def prompt_dataset(prompts: Sequence[Prompt], template: Template) -> Dataset:
     TRL hands to the reward function)."""
     from datasets import Dataset
 
-    from alignkit.errors import RecordError
-
-    def images(p: Prompt) -> list:
-        try:
-            return [load_image(path) for path in p.images]
-        except Exception as e:
-            raise RecordError(f"prompt {p.prompt_id}: cannot read image: {e}") from e
+    from alignkit.sample import to_request
 
     return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": template.render(p.question)}], "images": images(p),
-         "prompt_id": p.prompt_id}
+        {"prompt": [{"role": "user", "content": template.render(p.question)}],
+         "images": to_request(p, template).images, "prompt_id": p.prompt_id}
         for p in prompts
     ])  # fmt: skip
 
