@@ -3,6 +3,7 @@
     uv run python benchmarks/families_table.py            # runs the matrix (about a minute), then writes
     uv run python benchmarks/families_table.py --junit r.xml   # from a report of an earlier run
     uv run python benchmarks/families_table.py --vllm     # also sample each family with vLLM (1-2 min each)
+    uv run python benchmarks/families_table.py --junit r.xml --keep-vllm   # the vLLM column of docs/families.md
 
 Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
 line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
@@ -131,6 +132,16 @@ def results(report: Path) -> dict[str, dict[str, str]]:
     return table
 
 
+def earlier_column(path: Path, column: str) -> dict[str, str]:
+    """family -> cell of `column` in an earlier table written by `markdown` (empty if it has none)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in path.read_text().splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    if not rows or column not in rows[0]:
+        return {}
+    at = rows[0].index(column)
+    return {row[0].strip("`"): row[at] for row in rows[1:]}
+
+
 def markdown(table: dict[str, dict[str, str]]) -> str:
     vllm = ["sample (vLLM)"] if any("sample (vLLM)" in row for row in table.values()) else []
     columns = [*COLUMNS.values(), TWO_IMAGES, *vllm]
@@ -162,6 +173,7 @@ def main() -> None:
     parser.add_argument("--junit", type=Path, help="a JUnit report of tests/test_families.py (default: run it)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
     parser.add_argument("--vllm", action="store_true", help="add the vLLM sampling column")
+    parser.add_argument("--keep-vllm", action="store_true", help="keep the vLLM column of the table at --out")
     parser.add_argument("--vllm-one", metavar="FAMILY", help=argparse.SUPPRESS)  # one family, as JSON (internal)
     args = parser.parse_args()
     if args.vllm_one:
@@ -176,6 +188,9 @@ def main() -> None:
         if args.vllm:
             for family, cell in vllm_column(sorted(table)).items():
                 table[family]["sample (vLLM)"] = cell
+        elif args.keep_vllm:
+            for family, cell in earlier_column(args.out, "sample (vLLM)").items():
+                table.setdefault(family, {})["sample (vLLM)"] = cell
         write_atomic(args.out, markdown(table))
     print(f"wrote {args.out}")
 

@@ -426,16 +426,16 @@ def test_merged_copy_has_hub_vision_names_and_reloads(models, family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiny:gemma3", "tiny:llava-onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_quickstart_runs_on_a_local_family_directory(models, family, tmp_path):
-    """recipes/quickstart.yaml with policy.model changed to a family's directory (and the transformers
-    sampler), through the `alignkit` command: every stage of it (SFT, sample, judge, pairs, MM-DPO,
-    eval before and after, report). Only the sizes are cut (SFT steps, prompts) to fit CI."""
+    """recipes/quickstart.yaml with policy.model changed to a family's directory, through the
+    `alignkit` command: every stage of it (SFT, sample, judge, pairs, MM-DPO, eval before and after,
+    report). Only the sizes are cut (SFT steps, prompts) to fit CI."""
     import subprocess
     import sys
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-    keys = [f"policy.model={_dir(models, family)}", "sample.backend=transformers", f"output_dir={tmp_path / 'run'}",
+    keys = [f"policy.model={_dir(models, family)}", f"output_dir={tmp_path / 'run'}",
             "sft.max_steps=4", "sft.synthetic.num_examples=32", "data.synthetic.num_prompts=8",
             "eval.synthetic.num_prompts=8"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(recipe), *keys],
