@@ -76,6 +76,33 @@ def test_trl_batch_to_server_requests_and_replies_back():
         gen.generate([ids_a, ids_b, ids_b, ids_b], None, 2)
 
 
+def test_requests_ask_the_policy_s_distribution_and_its_log_probs(tiny_qwen_dir, tmp_path, monkeypatch):
+    """Each request sets the sampling parameters vLLM would otherwise take from the model's
+    generation_config.json, and asks the sampled ids and their log-probs; errors name the grpo keys."""
+    from alignkit.errors import SetupError
+    from alignkit.models import load_processor
+    from alignkit.sample.base import Request
+    from alignkit.testing.chat_server import ChatServer
+    from alignkit.train.config import VllmServerConfig
+    from alignkit.train.vllm_server import ServerRollouts, server_root
+
+    monkeypatch.setenv("VLLM_API_KEY", "unused")
+    sample = SampleConfig(num_samples=2, max_new_tokens=4, temperature=0.7, top_p=0.9)
+    with ChatServer(lambda body: ["an answer", "another"]) as chat:
+        engine = ServerRollouts(server_root(chat.url), "s", load_processor(str(tiny_qwen_dir)), tmp_path, main=False,
+                                barrier=lambda: None, server=None, cfg=VllmServerConfig(), sample=sample, save=None,
+                                section="grpo", logprobs=True)  # fmt: skip
+        engine.sync(None, 3)
+        request = Request("0:p", [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+        with pytest.raises(SetupError, match="grpo.rollout vllm_server: .* without their token ids"):
+            engine.generate([request], 2, seed=0)
+    (body,) = [r.body for r in chat.chat_requests]
+    assert body["model"] == "s-step-3" and body["n"] == 2
+    assert {k: body[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 4}  # fmt: skip
+    assert body["logprobs"] is True and body["return_token_ids"] is True
+
+
 def test_server_rollouts_are_clear_errors(tiny_qwen_dir, tmp_path, monkeypatch):
     from alignkit.errors import RecipeError, SetupError
     from alignkit.train.grpo import train_grpo
@@ -91,7 +118,7 @@ def test_server_rollouts_are_clear_errors(tiny_qwen_dir, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="grpo.rollout: vllm_server needs train.finetune lora, not full"):
         run(finetune="full", method="rloo")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    with pytest.raises(RecipeError, match="grpo.vllm_server.url needs an API key in the environment variable VLLM_API_KEY"):
+    with pytest.raises(RecipeError, match="grpo.vllm_server.url needs an API key in the environment variable"):
         run(url="http://127.0.0.1:9")
     monkeypatch.setenv("VLLM_API_KEY", "unused")
     with pytest.raises(SetupError, match=r"grpo.rollout vllm_server: cannot reach .*check grpo.vllm_server.url"):

@@ -2,8 +2,9 @@
 
 Each step draws `grpo.prompts_per_step` image+question prompts per process, samples
 `sample.num_samples` answers to each (the group; TRL's `num_generations`) with TRL's own
-transformers generation, scores every answer with alignkit's reward (`alignkit.train.rewards`:
-judges, reward model, functions, summed with weights) and takes one policy-gradient step:
+transformers generation (or a vLLM server, below), scores every answer with alignkit's reward
+(`alignkit.train.rewards`: judges, reward model, functions, summed with weights) and takes one
+policy-gradient step:
 
 - GRPO (Shao et al. 2024): advantage = (r − mean of the group) / std of the group (TRL
   `scale_rewards`), clipped ratio, KL to the reference weighted by `grpo.beta`;

@@ -27,7 +27,9 @@ Each rollout (`ServerRollouts.sync`, then `generate`):
 - sampling: each process sends its own prompts to the server as chat completions with their
   images as data URLs (`alignkit.sample.openai_backend`), K answers per request, seeded by the
   request's place in the step's global batch (as the in-process engine), so any split of the
-  prompts between processes asks the same requests.
+  prompts between processes asks the same requests. Only temperature and top_p shape the
+  distribution: each request sets vLLM's top_k, min_p and repetition_penalty off, or the server
+  would apply the model's generation_config.json defaults for them.
 - token ids: vLLM's `return_token_ids` returns the sampled ids themselves, and the ids of the
   prompt it rendered (and, asked for, each sampled token's log-prob); PPO and GRPO train on the ids
   as sampled, and the rewards score their text as the policy's tokenizer decodes it (as the
@@ -262,6 +264,10 @@ class ServerRollouts:
             temperature=sample.temperature, top_p=sample.top_p, concurrency=sample.concurrency,
             timeout=sample.timeout, max_retries=sample.max_retries, token_ids=True, logprobs=logprobs,
         )  # fmt: skip
+        # the policy's own distribution at temperature/top_p, whatever defaults the server took from the
+        # model's generation_config.json (vLLM applies its top_k, min_p, repetition_penalty to requests
+        # that leave them out; some instruct models set top_k 1 or a repetition penalty there)
+        self.backend.sampling |= {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
         self.checked = False  # the server's rendering of a prompt was compared with the processor's
 
     def sync(self, policy: nn.Module, step: int) -> None:
