@@ -102,6 +102,8 @@ ALTERNATIVES = {
     "levels.model": "some/clip",
     "ppo.vllm_server.url": "http://127.0.0.1:9", "ppo.vllm_server.gpus": "1", "ppo.vllm_server.port": 8123,
     "ppo.vllm_server.args": ["--max-num-seqs", "4"], "ppo.vllm_server.api_key_env": "OTHER_KEY",
+    "grpo.vllm_server.url": "http://127.0.0.1:9", "grpo.vllm_server.gpus": "1", "grpo.vllm_server.port": 8123,
+    "grpo.vllm_server.args": ["--max-num-seqs", "4"], "grpo.vllm_server.api_key_env": "OTHER_KEY",
 }  # fmt: skip
 
 

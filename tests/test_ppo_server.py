@@ -128,7 +128,7 @@ def test_a_server_that_returns_no_token_ids_is_a_clear_error(tiny_qwen_dir, tmp_
     with ChatServer(lambda body: ["an answer"]) as chat:
         engine = ServerRollouts(server_root(chat.url), "s", load_processor(str(tiny_qwen_dir)), tmp_path, main=False,
                                 barrier=lambda: None, server=None, cfg=VllmServerConfig(),
-                                sample=SampleConfig(num_samples=1), save=None)  # fmt: skip
+                                sample=SampleConfig(num_samples=1), save=None, section="ppo")  # fmt: skip
         engine.sync(None, 0)  # not the main process: nothing to load, the model name is the step's adapter
         request = Request("0:p", [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
         with pytest.raises(SetupError, match="returned answers without their token ids"):
@@ -142,7 +142,7 @@ SERVER_STARTER = """
 import os, sys
 from pathlib import Path
 from alignkit.train.vllm_server import Server
-server = Server(sys.argv[2:], dict(os.environ), Path(sys.argv[1]))
+server = Server(sys.argv[2:], dict(os.environ), Path(sys.argv[1]), "ppo")
 print(server.proc.pid, flush=True)
 sys.stdin.read()
 """
@@ -171,7 +171,7 @@ def test_a_started_server_stops_with_its_engine_processes(tmp_path):
     outlive a killed API server, so the supervisor stops the group)."""
     from alignkit.train.vllm_server import Server
 
-    server = Server(FAKE_SERVER, dict(os.environ), tmp_path / "a.log")
+    server = Server(FAKE_SERVER, dict(os.environ), tmp_path / "a.log", "ppo")
     deadline = time.monotonic() + 30
     while _group_size(server.proc.pid) < 3 and time.monotonic() < deadline:  # supervisor, server, its child
         time.sleep(0.1)
@@ -191,8 +191,8 @@ def test_a_started_server_stops_with_its_engine_processes(tmp_path):
     assert _wait_gone(pgid), "the server outlived the process that started it"
 
 
-def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[float]:
-    """log π(token) of each sampled token under transformers + peft (the trainer's model), temperature 1."""
+def _reference_logps(model_dir, adapter, processor, request, token_ids, temperature: float = 1.0) -> list[float]:
+    """log π(token) of each sampled token under transformers + peft (the trainer's model), at `temperature`."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -202,7 +202,7 @@ def _reference_logps(model_dir, adapter, processor, request, token_ids) -> list[
     features = extend(encode(processor, request.messages, request.images), token_ids)
     inputs = {k: (v[None] if v.dim() == 1 else v) for k, v in features.items() if k != "labels"}
     with torch.no_grad():
-        logits = model(**inputs).logits[0, -len(token_ids) - 1 : -1].float()
+        logits = model(**inputs).logits[0, -len(token_ids) - 1 : -1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1).tolist()
 
 
@@ -230,7 +230,7 @@ import json, sys
 from pathlib import Path
 from alignkit.train.config import VllmServerConfig
 from alignkit.train.vllm_server import start_server
-server, root, key = start_server(sys.argv[1], VllmServerConfig(), json.loads(sys.argv[2]), 8, Path(sys.argv[3]))
+server, root, key = start_server(sys.argv[1], VllmServerConfig(), json.loads(sys.argv[2]), 8, Path(sys.argv[3]), "ppo")
 server.wait_healthy(root, 600)
 print(json.dumps([root, key, server.proc.pid]), flush=True)
 sys.stdin.read()

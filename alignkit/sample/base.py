@@ -25,6 +25,7 @@ class Generation:
     num_tokens: int
     finish_reason: str  # "stop" or "length"
     token_ids: list[int] = field(default_factory=list)  # the sampled tokens (eos included), for RL
+    logprobs: list[float] = field(default_factory=list)  # the server's log-prob of each (asked for), for RL
 
 
 class RejectedPrompts(Exception):

@@ -7,9 +7,10 @@ seeded server would otherwise repeat its one answer). Seeds reproduce only on se
 them. The client, its retries, the concurrency limit and rate caps are the judge's
 (`alignkit.openai_client`). A LoRA adapter cannot be loaded from here: the server must serve it
 (`vllm serve BASE --enable-lora --lora-modules NAME=PATH`) and `model_name` must be NAME.
-With `logprobs`, each request also asks for per-token logprobs, only to count each answer's
-tokens exactly (usage counts the K answers together). With `token_ids` (vLLM's servers only), each
-answer carries the ids of its sampled tokens (vLLM's `return_token_ids`), for RL. A prompt the server refuses for its input
+With `logprobs`, each request also asks for per-token logprobs, to count each answer's tokens
+exactly (usage counts the K answers together); each answer keeps them (`Generation.logprobs`).
+With `token_ids` (vLLM's servers only), each answer carries the ids of its sampled tokens (vLLM's
+`return_token_ids`), for RL. A prompt the server refuses for its input
 (HTTP 400/413/422, e.g. longer than the model's context) is skipped and listed in the stage summary.
 """
 
@@ -159,4 +160,6 @@ def _generations(reply: ChatCompletion, max_tokens: int) -> list[Generation]:
         rest = max(total - max_tokens * sum(cut), 0)
         chars = sum(len(t) for t, c in zip(texts, cut) if not c) or 1
         counts = [max_tokens if c else round(rest * len(t) / chars) for t, c in zip(texts, cut)]
-    return [Generation(t, n, "length" if c else "stop", i) for t, n, c, i in zip(texts, counts, cut, ids)]
+    logprobs = [[t.logprob for t in c.logprobs.content] if c.logprobs and c.logprobs.content else [] for c in choices]
+    return [Generation(t, n, "length" if c else "stop", i, lp)
+            for t, n, c, i, lp in zip(texts, counts, cut, ids, logprobs)]  # fmt: skip

@@ -79,14 +79,15 @@ class RewardSpec(Section):
 
 
 class VllmServerConfig(Section):
-    """Where `ppo.rollout: vllm_server` samples: a vLLM server on GPUs of its own (see
-    `alignkit.train.vllm_server`). Its engine settings are `sample.vllm`'s (gpu_memory_utilization
-    or kv_cache_memory, max_model_len, tensor_parallel_size, ...)."""
+    """Where `ppo.rollout` or `grpo.rollout: vllm_server` samples: a vLLM server on GPUs of its own
+    (see `alignkit.train.vllm_server`). Its engine settings are `sample.vllm`'s
+    (gpu_memory_utilization or kv_cache_memory, max_model_len, tensor_parallel_size, ...)."""
 
     url: str | None = None
     """A running vLLM server to use (e.g. http://10.0.0.7:8000; started with `--enable-lora
-    --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, able to read this run directory);
-    null: alignkit starts one for the stage (`python -m vllm.entrypoints.openai.api_server`; its
+    --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, able to read this run directory;
+    for GRPO also `--logprobs-mode processed_logprobs`, which its importance sampling correction
+    needs); null: alignkit starts one for the stage (`python -m vllm.entrypoints.openai.api_server`; its
     output goes to vllm_server.log in the stage's directory) and stops it after."""
     gpus: str | None = None
     """The started server's CUDA_VISIBLE_DEVICES (e.g. "7", or "6,7" with sample.vllm.tensor_parallel_size 2);
@@ -106,7 +107,7 @@ class VllmServerConfig(Section):
         return str(value) if isinstance(value, int) else value  # `gpus=7` on the command line is a number
 
 
-# `ppo.vllm_server` keys that say where the server runs, not what it samples: no re-run when they change
+# `ppo.vllm_server` / `grpo.vllm_server` keys that say where the server runs, not what it samples: no re-run when they change
 VLLM_SERVER_PLACEMENT = frozenset({"url", "gpus", "port", "api_key_env", "start_timeout"})
 
 
@@ -181,9 +182,13 @@ class GrpoConfig(Section):
     LoRA, fine-tuning mode and checkpoint interval come from `train`. An answer whose reward failed
     (a judge verdict that never came) is left out of its group's baseline and gets advantage 0."""
 
-    rollout: Literal["transformers", "vllm"] = "transformers"
-    """Generation engine: `transformers` (TRL's own generate on the policy in training); `vllm` (TRL's
-    colocate mode) is not supported yet (a clear error)."""
+    rollout: Literal["transformers", "vllm", "vllm_server"] = "transformers"
+    """Generation engine: `transformers` (TRL's own generate on the policy in training);
+    `vllm_server` loads the current LoRA adapter into a vLLM server on GPUs of its own before each
+    rollout (`vllm_server`; LoRA only, any number of processes; see `alignkit.train.grpo`); `vllm`
+    (TRL's colocate mode) is not supported yet (a clear error)."""
+    vllm_server: VllmServerConfig = VllmServerConfig()
+    """The server of `rollout: vllm_server` (as `ppo.vllm_server`)."""
     rewards: list[RewardSpec] = [RewardSpec()]
     """The reward sources, summed with their weights (as `ppo.rewards`)."""
     steps: int = Field(100, ge=1)

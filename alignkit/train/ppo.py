@@ -68,9 +68,7 @@ the same loop runs as one process or as N (`alignkit run RECIPE launch.num_proce
 from __future__ import annotations
 
 import copy
-import os
 import random
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -339,6 +337,13 @@ class Batch:
         return (self.starts[rows, None] - 1 + torch.arange(self.targets.shape[1])).clamp(max=width - 1)
 
 
+def answer_tokens(token_ids: list[int], placeholders: frozenset[int], eos_id: int) -> list[int]:
+    """A sampled answer's tokens up to the first of `placeholders` (see `collect`); an answer cut to
+    nothing is the end-of-sequence token alone (an empty answer still ends)."""
+    cut = next((i for i, t in enumerate(token_ids) if t in placeholders), len(token_ids))
+    return token_ids[:cut] or [eos_id]
+
+
 def collect(
     engine: RolloutEngine,
     processor: Any,
@@ -370,8 +375,7 @@ def collect(
     for prompt, request, gens in zip(prompts, requests, generations, strict=True):
         encoded = encode(processor, request.messages, request.images)
         for sample, gen in zip(to_samples(prompt.prompt_id, gens, template, "ppo", False), gens):
-            cut = next((i for i, t in enumerate(gen.token_ids) if t in placeholders), len(gen.token_ids))
-            tokens = gen.token_ids[:cut] or [processor.tokenizer.eos_token_id]  # an empty answer still ends
+            tokens = answer_tokens(gen.token_ids, placeholders, processor.tokenizer.eos_token_id)
             features.append(extend(encoded, tokens))
             rows.append(tokens)
             samples.append(sample)
@@ -520,17 +524,10 @@ def _train_ppo(prompts: Sequence[Prompt], out_dir: Path, cfg: PpoConfig, model: 
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
     vllm_options = sample.vllm.model_dump(exclude_none=True) | (engine_options or {})
     if c.rollout == "vllm_server":  # started first: the server loads the model while the trainer does
-        from alignkit.train.vllm_server import open_server
+        from alignkit.train.vllm_server import serve
 
-        server, root, key = (open_server(c.vllm_server, model_path, vllm_options, t.lora_r, out_dir / "vllm_server.log")
-                             if main else (None, None, None))  # fmt: skip
-        if server is not None:
-            stack.callback(server.stop)
-        box = [(root, key, f"ppo-{secrets.token_hex(4)}")]  # one adapter name prefix per run of the stage
-        broadcast_object_list(box)
-        root, key, session = box[0]
-        if key is not None:
-            os.environ[c.vllm_server.api_key_env] = key
+        server, root, session = serve(stack, c.vllm_server, "ppo", model_path, vllm_options, t.lora_r,
+                                      out_dir / "vllm_server.log", main)  # fmt: skip
 
     # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine; float32 weights,
     # placed by accelerate, which also runs the forward passes in its mixed precision
@@ -573,7 +570,7 @@ def _train_ppo(prompts: Sequence[Prompt], out_dir: Path, cfg: PpoConfig, model: 
 
         engine = ServerRollouts(root, session, processor, out_dir / "rollout_adapter", main=main,
                                 barrier=accelerator.wait_for_everyone, server=server, cfg=c.vllm_server,
-                                sample=sample, save=save_rollout_adapter)  # fmt: skip
+                                sample=sample, save=save_rollout_adapter, section="ppo")  # fmt: skip
     else:
         engine = TransformersRollouts(policy, processor, sample.batch_size, **sampling)
 

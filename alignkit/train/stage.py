@@ -47,7 +47,8 @@ class TrainStage:
     name = command = "train"
     per_round = True
     exclude = frozenset({"train.save_steps", "train.gradient_checkpointing", *TRACKING_KEYS, *SampleStage.exclude,
-                         *JUDGE_UNCHANGING, *(f"ppo.vllm_server.{k}" for k in VLLM_SERVER_PLACEMENT)})  # fmt: skip
+                         *JUDGE_UNCHANGING,
+                         *(f"{m}.vllm_server.{k}" for m in ("ppo", "grpo") for k in VLLM_SERVER_PLACEMENT)})  # fmt: skip
 
     def distributed(self, recipe) -> bool:
         return True

