@@ -52,6 +52,8 @@ NOTES = {
     "tiny:llava-onevision": "vLLM has no LoRA for this architecture: the vLLM backend samples from a merged copy.",
     "tiny:gemma3": "Chat template has no system role (system text opens the first user turn). Saved with hub "
     "vision-tower names, as LLaVA.",
+    "tiny:smolvlm": "SmolVLM2's own classes (`SmolVLMProcessor`, which needs `num2words`, and its video processor) "
+    "on the Idefics3 build's sizes and tokens. vLLM: samples (vLLM has LoRA for the architecture).",
 }
 
 

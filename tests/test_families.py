@@ -67,6 +67,7 @@ PROCESSORS = {
     "tiny:qwen2-vl": "Qwen2VLProcessor", "tiny:qwen2.5-vl": "Qwen2_5_VLProcessor", "tiny:qwen3-vl": "Qwen3VLProcessor",
     "tiny:llava": "LlavaProcessor", "tiny:llava-onevision": "LlavaOnevisionProcessor", "tiny:idefics3": "Idefics3Processor",
     "tiny:gemma3": "Gemma3Processor", "tiny:internvl": "InternVLProcessor", "tiny:mistral3": "PixtralProcessor",
+    "tiny:smolvlm": "SmolVLMProcessor",
 }  # fmt: skip
 
 

@@ -389,13 +389,17 @@ IDEFICS3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>",
                     "<fake_token_around_image>", "<image>", "<global-img>"]  # fmt: skip
 
 
-def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Idefics3 (SmolVLM's architecture): Llama text, a 2-layer SigLIP tower on 64x64
-    images, pixel shuffle to 4 image tokens, no image splitting."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+# Idefics3 and SmolVLM share the tokenizer, text/vision sizes and chat template; images are 64x64
+# (no splitting), pixel-shuffled to 4 image tokens.
+IDEFICS3_SIZES = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 64})
+IDEFICS3_STOPS = ("<end_of_utterance>", "<|endoftext|>")
 
+
+def _idefics3_parts(config_class):
+    """The tokenizer, config (Llama text, 2-layer SigLIP-style tower, scale factor 2) and chat template
+    of an Idefics3-style model (`Idefics3Config` or `SmolVLMConfig`)."""
     tokenizer = _train_tokenizer(IDEFICS3_SPECIAL, eos="<end_of_utterance>")
-    config = Idefics3Config(
+    config = config_class(
         text_config=_text_config(tokenizer, model_type="llama"),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=16),
@@ -403,15 +407,34 @@ def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     turns = {"system": "<|im_start|>System: ", "user": "<|im_start|>User:", "assistant": "<|im_start|>Assistant:"}
     template = chat_template(turns, dict.fromkeys(turns, "<end_of_utterance>\n"), "<image>")
+    return tokenizer, config, template
+
+
+def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Idefics3 (SmolVLM v1's architecture): Llama text, a 2-layer SigLIP tower on 64x64
+    images, pixel shuffle to 4 image tokens, no image splitting."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    tokenizer, config, template = _idefics3_parts(Idefics3Config)
     processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(
-            do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64}
-        ),
-        tokenizer=tokenizer, chat_template=template, image_seq_len=4,
+        image_processor=Idefics3ImageProcessor(do_image_splitting=False, **IDEFICS3_SIZES), tokenizer=tokenizer,
+        chat_template=template, image_seq_len=4,
     )  # fmt: skip
-    return _save(
-        out_dir, Idefics3ForConditionalGeneration, config, processor, seed, ("<end_of_utterance>", "<|endoftext|>")
-    )
+    return _save(out_dir, Idefics3ForConditionalGeneration, config, processor, seed, IDEFICS3_STOPS)
+
+
+def build_tiny_smolvlm(out_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer SmolVLM (SmolVLM2's own classes, the Idefics3 build's sizes and tokens) with its
+    image and video processors; 64x64 images, 4 image tokens. Its processor needs `num2words`."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm import SmolVLMVideoProcessor
+
+    tokenizer, config, template = _idefics3_parts(SmolVLMConfig)
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(do_image_splitting=False, **IDEFICS3_SIZES), tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(**IDEFICS3_SIZES), chat_template=template, image_seq_len=4,
+    )  # fmt: skip
+    return _save(out_dir, SmolVLMForConditionalGeneration, config, processor, seed, IDEFICS3_STOPS)
 
 
 def build_tiny_llava_onevision(out_dir: Path, seed: int = 0) -> Path:
@@ -502,6 +525,7 @@ BUILDERS = {
     "tiny:llava": build_tiny_llava,
     "tiny:llava-onevision": build_tiny_llava_onevision,
     "tiny:idefics3": build_tiny_idefics3,
+    "tiny:smolvlm": build_tiny_smolvlm,
     "tiny:gemma3": build_tiny_gemma3,
     "tiny:internvl": build_tiny_internvl,
     "tiny:mistral3": build_tiny_mistral3,
