@@ -94,6 +94,37 @@ def _judge_reply(body: dict) -> dict:
     return {"rationale": "test verdict", "hallucination": len(answer) % 11, "correctness": len(answer.split()) % 11}
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_transformers_rollout_never_samples_an_image_placeholder(method, tiny_qwen_dir, shapes, tmp_path):
+    """With the placeholders' logits raised far above every text token's, the rollout (TRL's generation
+    call) samples none of them; with TRL's own suppression (`image_token_id` alone) it samples the video pad."""
+    from alignkit.models.inputs import placeholder_ids
+
+    cfg, sample, train = _settings(method, num_samples=2, max_new_tokens=4)
+    trainer, _ = grpo_trainer(shapes[:1], tmp_path, cfg, model=str(tiny_qwen_dir), reward=_scripted([0.0] * 2),
+                              sample=sample, train=train)  # fmt: skip
+    pads = sorted(placeholder_ids(trainer.model.config))
+    image, video = trainer.model.config.image_token_id, trainer.model.config.video_token_id
+    assert pads == sorted({image, video})
+    assert trainer.generation_config.suppress_tokens == pads
+
+    def biased(module, args, logits):  # the placeholders are the argmax by far, at every position
+        logits[..., pads] += 1e4
+        return logits
+
+    trainer.model.get_output_embeddings().register_forward_hook(biased)
+    trainer.model.train()
+    batch = [trainer.train_dataset[0]] * 2
+
+    def sampled() -> set[int]:
+        out = trainer._generate_and_score_completions(batch)
+        return set(out["completion_ids"][out["completion_mask"].bool()].tolist())
+
+    assert not sampled() & set(pads)
+    trainer.generation_config.suppress_tokens = trainer.generation_kwargs["suppress_tokens"] = [image]  # TRL's default
+    assert video in sampled()
+
+
 def test_judge_reward_sends_images_caches_and_leaves_a_failed_verdict_out(shapes, tmp_path, monkeypatch):
     from alignkit.testing.chat_server import ChatServer
 

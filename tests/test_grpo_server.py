@@ -103,6 +103,43 @@ def test_requests_ask_the_policy_s_distribution_and_its_log_probs(tiny_qwen_dir,
     assert body["logprobs"] is True and body["return_token_ids"] is True
 
 
+@pytest.mark.parametrize("url", [None, "http://vllm.example:8000/v1"])
+def test_a_prompt_the_server_refuses_is_a_clear_error(url, tiny_qwen_dir, tmp_path, monkeypatch):
+    """The HTTP 400 vLLM answers a prompt over its context stops the rollout with an alignkit error naming
+    the prompt's id (not the request's), its token count, the server's reason and the key to raise."""
+    from alignkit.errors import StageInputError
+    from alignkit.models import load_processor
+    from alignkit.sample.base import Request
+    from alignkit.testing.chat_server import ChatServer
+    from alignkit.train.config import VllmServerConfig
+    from alignkit.train.vllm_server import ServerRollouts, server_root
+
+    monkeypatch.setenv("VLLM_API_KEY", "unused")
+    processor = load_processor(str(tiny_qwen_dir))
+    sample = SampleConfig(num_samples=2, max_new_tokens=4, vllm={"max_model_len": 64})
+    turn = [{"role": "user", "content": [{"type": "text", "text": "a long question " * 8}]}]
+    short = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    requests = [Request("0:short", short), Request("1:long", turn)]
+    with ChatServer(lambda body: ["an answer", "another"]) as chat:
+        chat.inject("bad_request", when="a long question")
+        engine = ServerRollouts(server_root(chat.url), "s", processor, tmp_path, main=False, barrier=lambda: None,
+                                server=None, cfg=VllmServerConfig(url=url), sample=sample, save=None, section="ppo")  # fmt: skip
+        engine.sync(None, 0)
+        with pytest.raises(StageInputError) as refused:
+            engine.generate(requests, 2, seed=0)
+    tokens = len(processor.tokenizer(processor.apply_chat_template(turn, add_generation_prompt=True))["input_ids"])
+    message = str(refused.value)
+    assert message.startswith(f"ppo.rollout vllm_server: the vLLM server refused 1 prompt(s) of this step: prompt long "
+                              f"({tokens} tokens, image tokens counted): the server refused it: api_error: HTTP 400 ")  # fmt: skip
+    assert "maximum context length is 512 tokens" in message and "prompt short" not in message
+    assert "its tokens plus sample.max_new_tokens=4" in message
+    if url is None:
+        assert "a larger sample.vllm.max_model_len (the started server's --max-model-len, now 64)" in message
+    else:
+        assert "a larger --max-model-len of the server at ppo.vllm_server.url" in message
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no raw exception in the traceback
+
+
 def test_server_rollouts_are_clear_errors(tiny_qwen_dir, tmp_path, monkeypatch):
     from alignkit.errors import RecipeError, SetupError
     from alignkit.train.grpo import train_grpo

@@ -10,6 +10,11 @@ policy-gradient step:
   `scale_rewards`), clipped ratio, KL to the reference weighted by `grpo.beta`;
 - RLOO (Ahmadian et al. 2024): advantage = r − mean of the *other* answers of the group.
 
+The transformers generation never samples an image placeholder (`alignkit.models.inputs.placeholder_ids`:
+TRL's `generation_kwargs` `suppress_tokens`): the training forward would read one as an image slot
+without pixels (TRL itself suppresses `image_token_id` alone, not e.g. Qwen2-VL's video pad), and it
+is not text to train on. The server rollouts cut answers before one instead (as PPO's).
+
 A failed reward (a judge verdict that never came: `RewardFn.scores` gives None) is handed to TRL as
 None. TRL (1.16) leaves such an answer out of its group's mean, std and leave-one-out baseline and
 gives it advantage 0: it neither teaches nor shifts the others. It is counted in `reward/failures`.
@@ -241,6 +246,7 @@ def grpo_trainer(
     if train.finetune == "lora":
         peft = lora_config(train.lora_r, train.lora_alpha, train.lora_dropout, train.target_modules, model=policy)
 
+    placeholders = frozenset(placeholder_ids(policy.config))
     common = dict(
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.prompts_per_step * sample.num_samples,  # answers, K per prompt
@@ -251,6 +257,7 @@ def grpo_trainer(
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         num_iterations=cfg.num_iterations,
+        generation_kwargs={"suppress_tokens": sorted(placeholders)} if placeholders else None,  # see the docstring
         lr_scheduler_type="constant",
         logging_steps=1,
         **trainer_args(out_dir, train, seed=seed),
@@ -279,8 +286,7 @@ def grpo_trainer(
         rollouts = ServerRollouts(root, session, processor, out_dir / "rollout_adapter", main=main,
                                   barrier=trainer.accelerator.wait_for_everyone, server=server, cfg=cfg.vllm_server,
                                   sample=sample, save=save_rollout_adapter, section="grpo", logprobs=True)  # fmt: skip
-        trainer.vllm_generation = ServerGeneration(trainer, rollouts, prompts, tmpl, seed,
-                                                   frozenset(placeholder_ids(policy.config)),
+        trainer.vllm_generation = ServerGeneration(trainer, rollouts, prompts, tmpl, seed, placeholders,
                                                    processor.tokenizer.eos_token_id)  # fmt: skip
         # `server`: no code path of TRL's colocate mode (its engine object) is taken
         trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, "server", -1

@@ -29,7 +29,9 @@ Each rollout (`ServerRollouts.sync`, then `generate`):
   request's place in the step's global batch (as the in-process engine), so any split of the
   prompts between processes asks the same requests. Only temperature and top_p shape the
   distribution: each request sets vLLM's top_k, min_p and repetition_penalty off, or the server
-  would apply the model's generation_config.json defaults for them.
+  would apply the model's generation_config.json defaults for them. A prompt the server refuses
+  (HTTP 400, e.g. longer than its `--max-model-len`: `sample.vllm.max_model_len` for a started one)
+  stops the stage with a `StageInputError` naming the prompt, its length and the server's reason.
 - token ids: vLLM's `return_token_ids` returns the sampled ids themselves, and the ids of the
   prompt it rendered (and, asked for, each sampled token's log-prob); PPO and GRPO train on the ids
   as sampled, and the rewards score their text as the policy's tokenizer decodes it (as the
@@ -56,9 +58,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignkit.console import QUIET
-from alignkit.errors import ModelError, RecipeError, SetupError
+from alignkit.errors import ModelError, RecipeError, SetupError, StageInputError
 from alignkit.openai_client import api_key_from_env
-from alignkit.sample.base import Generation, Request
+from alignkit.sample.base import Generation, RejectedPrompts, Request
 from alignkit.train.config import VllmServerConfig
 
 if TYPE_CHECKING:
@@ -257,7 +259,7 @@ class ServerRollouts:
 
         self.root, self.session, self.processor, self.dir = root, session, processor, adapter_dir
         self.main, self.barrier, self.server, self.cfg, self.save = main, barrier, server, cfg, save
-        self.section = section
+        self.section, self.sample = section, sample
         self.loaded: str | None = None
         self.backend = OpenAIBackend(
             "", root + "/v1", api_key_env=cfg.api_key_env, max_new_tokens=sample.max_new_tokens,
@@ -319,7 +321,10 @@ class ServerRollouts:
         """K answers per request (`Backend.generate`). `prompt_ids`: the token ids of each request's
         prompt that its answers will be trained after (default: the processor's encoding), compared once
         with the server's rendering."""
-        generations = self.backend.generate(requests, num_samples, seed)
+        try:
+            generations = self.backend.generate(requests, num_samples, seed)
+        except RejectedPrompts as e:  # its text is the server's, scrubbed of the API key (`ChatClient.failure`)
+            raise self._refused(e.errors, requests) from None
         if any(not g.token_ids for gens in generations for g in gens):
             raise SetupError(f"{self.section}.rollout vllm_server: the server at {self.root} returned answers without their "
                              "token ids (`return_token_ids`): it must be vLLM's OpenAI-compatible server")  # fmt: skip
@@ -333,6 +338,24 @@ class ServerRollouts:
             self._check_rendering(requests[0], prompt_ids[0] if prompt_ids else None)
             self.checked = True
         return generations
+
+    def _refused(self, errors: dict[str, str], requests: list[Request]) -> StageInputError:
+        """The error for the requests the server refused (`RejectedPrompts.errors`: request id -> the
+        server's reason), naming each prompt's id and token count and the key that sets the context."""
+        from alignkit.models.inputs import encode
+
+        by_id, listed = {r.prompt_id: r for r in requests}, []
+        for rid, reason in errors.items():
+            tokens = len(encode(self.processor, by_id[rid].messages, by_id[rid].images)["input_ids"])
+            listed.append(f"prompt {rid.partition(':')[2] or rid} ({tokens} tokens, image tokens counted): {reason}")
+        context = (f"sample.vllm.max_model_len (the started server's --max-model-len, now {self.sample.vllm.max_model_len})"
+                   if self.cfg.url is None else f"--max-model-len of the server at {self.section}.vllm_server.url")  # fmt: skip
+        return StageInputError(
+            f"{self.section}.rollout vllm_server: the vLLM server refused {len(errors)} prompt(s) of this step: "
+            f"{'; '.join(listed)}. A prompt longer than the server's context (its tokens plus "
+            f"sample.max_new_tokens={self.sample.max_new_tokens}) needs a larger {context}, or leave it out of the "
+            "prompts (a shorter question, smaller images)"
+        )
 
     def _check_rendering(self, request: Request, ours: list[int] | None) -> None:
         """The prompt's token ids as the server renders them (one token asked for) against `ours`
