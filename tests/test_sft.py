@@ -30,6 +30,24 @@ def test_perceived_answer_error_model():
     assert h and a == "3" and r.startswith("I see 3 shapes:")
     absent = Prompt("q", "Is there a green circle in the image?", [], "exists", "no", ["red square"])
     assert perceived_answer(absent, random.Random(0), 1.0)[1] == "yes"  # the yes-bias POPE measures
+    assert perceived_answer(absent, random.Random(0), 1.0, yes_bias=0.0)[1] == "no"  # another absent object
+    assert "green circle" not in perceived_answer(absent, random.Random(0), 1.0, yes_bias=0.0)[0]
+
+
+def test_yes_bias_sets_the_share_of_yes_answers(tmp_path):
+    """Existence answers say "yes" to half the questions (present objects) plus, of the absent half,
+    the hallucinated share that sees the asked object: 0.5 + 0.5 * error_rate * yes_bias. The answer
+    always follows the listed scene."""
+    prompts = make_shapes_prompts(tmp_path, 1200, seed=4, tasks=("exists",))
+    for yes_bias, expected in ((1.0, 0.5 + 0.5 * 0.6), (0.5, 0.5 + 0.5 * 0.6 * 0.5), (0.0, 0.5)):
+        rng = random.Random(yes_bias)
+        answers = [perceived_answer(p, rng, 0.6, yes_bias) for p in prompts]
+        share = sum(a == "yes" for _, a, _ in answers) / len(answers)
+        assert abs(share - expected) < 0.05, (yes_bias, share)
+        for p, (reasoning, answer, _) in zip(prompts, answers):
+            asked = p.question.removeprefix("Is there a ").removesuffix(" in the image?")
+            assert (answer == "yes") == (f"a {asked}" in reasoning)
+
 
 
 def test_sft_examples_hallucinate_at_the_configured_rate(tmp_path):

@@ -222,6 +222,11 @@ class SftSyntheticConfig(Section):
     `worlds.shapes.perceived_answer`); above 0.5 the greedy base policy hallucinates."""
     tasks: list[Literal["describe", "count", "exists", "color"]] = ["describe", "count", "exists", "color"]
     """Question kinds of the SFT examples, in turn (as `data.synthetic.tasks`)."""
+    yes_bias: float = Field(1.0, ge=0, le=1)
+    """Share of the hallucinations on an existence question about an absent object that see that very
+    object, so the answer says "yes" (1: POPE's yes-bias, 80% of existence answers "yes" at
+    error_rate 0.6); 0: another absent object, answers half "yes", half "no", each following the
+    listed scene (a base that looks the asked object up in its list; README, shapes-grpo)."""
 
 
 class SftConfig(Section):

@@ -150,21 +150,24 @@ def corpus(num: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float) -> tuple[str, str, bool]:
+def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float, yes_bias: float = 1.0) -> tuple[str, str, bool]:
     """(reasoning, answer, hallucinated) as a policy that sometimes sees an extra object would say.
 
     With probability `error_rate` the "perceived" scene gains one object that is not in the image
-    (for an existence question about an absent object, that very object: the yes-bias POPE
-    measures). Reasoning lists the perceived scene and the answer follows from it, so the error
-    is a plausible hallucination rather than noise: descriptions name the extra object, counts
-    are one too high, existence answers say "yes".
+    (for an existence question about an absent object, with probability `yes_bias` that very
+    object: the yes-bias POPE measures). Reasoning lists the perceived scene and the answer follows
+    from it, so the error is a plausible hallucination rather than noise: descriptions name the
+    extra object, counts are one too high, existence answers say "yes". With `yes_bias` 0 an
+    existence answer still follows the listed scene, but "yes" and "no" are equally common, so
+    "always yes" no longer fits the data and the answer has to look the asked object up.
     """
     objects = list(prompt.objects or [])
     hallucinated = rng.random() < error_rate
     if hallucinated:
         absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in objects]
         extra = rng.choice(absent)
-        if prompt.task == "exists" and prompt.reference_answer == "no":
+        # (yes_bias 1 draws nothing more, so the default keeps the data of earlier versions)
+        if prompt.task == "exists" and prompt.reference_answer == "no" and (yes_bias >= 1 or rng.random() < yes_bias):
             extra = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
         objects.insert(rng.randint(0, len(objects)), extra)
     reasoning = f"I see {len(objects)} shape{'s' if len(objects) != 1 else ''}: " + describe_objects(objects)[9:]
@@ -180,8 +183,9 @@ def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float) -> t
     return reasoning, answer, hallucinated
 
 
-def sft_examples(prompts: list[Prompt], template, error_rate: float, seed: int = 0) -> list[dict]:
-    """SFT examples (TRL prompt-completion format) whose answers hallucinate at `error_rate`.
+def sft_examples(prompts: list[Prompt], template, error_rate: float, seed: int = 0, yes_bias: float = 1.0) -> list[dict]:
+    """SFT examples (TRL prompt-completion format) whose answers hallucinate at `error_rate`
+    (`yes_bias`: see `perceived_answer`).
 
     `template` is a `sample.templates.Template`: the prompt is asked and the answer written the
     way the policy will later be sampled, so SFT teaches the chain-of-thought format too.
@@ -189,7 +193,7 @@ def sft_examples(prompts: list[Prompt], template, error_rate: float, seed: int =
     rng = random.Random(f"sft-{seed}")
     rows = []
     for p in prompts:
-        reasoning, answer, hallucinated = perceived_answer(p, rng, error_rate)
+        reasoning, answer, hallucinated = perceived_answer(p, rng, error_rate, yes_bias)
         rows.append({
             "prompt": template.messages(p.question, len(p.images)),
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": template.format_output(reasoning, answer)}]}],
