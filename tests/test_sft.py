@@ -49,7 +49,6 @@ def test_yes_bias_sets_the_share_of_yes_answers(tmp_path):
             assert (answer == "yes") == (f"a {asked}" in reasoning)
 
 
-
 def test_sft_examples_hallucinate_at_the_configured_rate(tmp_path):
     prompts = make_shapes_prompts(tmp_path, 400, seed=5)
     rows = sft_examples(prompts, load_template("cot"), 0.3, seed=5)

@@ -58,8 +58,13 @@ class SftStage:
 
                 syn = cfg.synthetic
                 prompts = make_shapes_prompts(sft_dir, syn.num_examples, seed=syn.seed, tasks=tuple(syn.tasks))
-                rows = sft_examples(prompts, load_template(ctx.config.sample.template), syn.error_rate, seed=syn.seed,
-                                    yes_bias=syn.yes_bias)
+                rows = sft_examples(
+                    prompts,
+                    load_template(ctx.config.sample.template),
+                    syn.error_rate,
+                    seed=syn.seed,
+                    yes_bias=syn.yes_bias,
+                )
                 write_jsonl(data_file, rows)
                 summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)
             state.wait_for_everyone()

@@ -150,7 +150,9 @@ def corpus(num: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float, yes_bias: float = 1.0) -> tuple[str, str, bool]:
+def perceived_answer(
+    prompt: Prompt, rng: random.Random, error_rate: float, yes_bias: float = 1.0
+) -> tuple[str, str, bool]:
     """(reasoning, answer, hallucinated) as a policy that sometimes sees an extra object would say.
 
     With probability `error_rate` the "perceived" scene gains one object that is not in the image
@@ -183,7 +185,9 @@ def perceived_answer(prompt: Prompt, rng: random.Random, error_rate: float, yes_
     return reasoning, answer, hallucinated
 
 
-def sft_examples(prompts: list[Prompt], template, error_rate: float, seed: int = 0, yes_bias: float = 1.0) -> list[dict]:
+def sft_examples(
+    prompts: list[Prompt], template, error_rate: float, seed: int = 0, yes_bias: float = 1.0
+) -> list[dict]:
     """SFT examples (TRL prompt-completion format) whose answers hallucinate at `error_rate`
     (`yes_bias`: see `perceived_answer`).
 
