@@ -3,7 +3,7 @@
     uv run python benchmarks/families_table.py            # runs the matrix (about a minute), then writes
     uv run python benchmarks/families_table.py --junit r.xml   # from a report of an earlier run
     uv run python benchmarks/families_table.py --vllm     # also sample each family with vLLM (1-2 min each)
-    uv run python benchmarks/families_table.py --junit r.xml --keep-vllm   # the vLLM column of docs/families.md
+    uv run python benchmarks/families_table.py --junit r.xml --keep-vllm   # vLLM cells of docs/families.md
 
 Each cell is what was measured for that family and stage: "yes", or "no" with the failure's first
 line. The vLLM column comes from starting alignkit's vLLM backend on each tiny build and sampling
@@ -175,7 +175,11 @@ def main() -> None:
     parser.add_argument("--junit", type=Path, help="a JUnit report of tests/test_families.py (default: run it)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
     parser.add_argument("--vllm", action="store_true", help="add the vLLM sampling column")
-    parser.add_argument("--keep-vllm", action="store_true", help="keep the vLLM column of the table at --out")
+    parser.add_argument(
+        "--keep-vllm",
+        action="store_true",
+        help="keep the vLLM column of the table at --out (sample only families it lacks)",
+    )
     parser.add_argument("--vllm-one", metavar="FAMILY", help=argparse.SUPPRESS)  # one family, as JSON (internal)
     args = parser.parse_args()
     if args.vllm_one:
@@ -190,9 +194,11 @@ def main() -> None:
         if args.vllm:
             for family, cell in vllm_column(sorted(table)).items():
                 table[family]["sample (vLLM)"] = cell
-        elif args.keep_vllm:
-            for family, cell in earlier_column(args.out, "sample (vLLM)").items():
-                table.setdefault(family, {})["sample (vLLM)"] = cell
+        elif args.keep_vllm:  # the earlier table's cells; families new since then are sampled now
+            earlier = earlier_column(args.out, "sample (vLLM)")
+            fresh = vllm_column([f for f in sorted(table) if f not in earlier])
+            for family in table:
+                table[family]["sample (vLLM)"] = earlier.get(family) or fresh[family]
         write_atomic(args.out, markdown(table))
     print(f"wrote {args.out}")
 
