@@ -4,6 +4,8 @@ import json
 import random
 
 import pytest
+import torch
+import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from alignkit.models.inputs import collate, encode
@@ -148,3 +150,70 @@ def test_sft_image_paths_outside_the_data_directory_are_refused_unless_allowed(t
     with pytest.raises(RecordError, match=r"sft.jsonl:1: image path .* is outside .*sft.allow_outside_paths"):
         read_sft_file(f)
     assert read_sft_file(f, allow_outside_paths=True)[0]["images"] == [str((tmp_path / "outside.png").resolve())]
+
+
+def test_sft_phases_merge_over_the_section_and_bad_phases_name_their_key(tmp_path):
+    """`sft.phases`: each entry changes only its keys (`synthetic` key by key); a bad key names the
+    entry; a LoRA phase that another phase would continue from is refused."""
+    from alignkit.errors import RecipeError
+    from alignkit.recipe import load_recipe
+
+    section = {"synthetic": {"num_examples": 64, "tasks": ["exists"], "yes_bias": 0.0}, "max_steps": 30,
+               "phases": [{"synthetic": {"tasks": ["describe", "count"]}, "learning_rate": 3e-4}]}  # fmt: skip
+    first, second = SftConfig.model_validate(section).phase_configs()
+    assert (first.synthetic.tasks, first.learning_rate, first.max_steps) == (["exists"], 1e-3, 30)
+    assert (second.synthetic.tasks, second.learning_rate, second.max_steps) == (["describe", "count"], 3e-4, 30)
+    assert (second.synthetic.num_examples, second.synthetic.yes_bias) == (64, 0.0)  # kept from the section
+    assert SftConfig.model_validate({"synthetic": {}}).phase_configs()[0].phases == []
+
+    recipe = tmp_path / "recipe.yaml"
+    for phases, message in (
+        ([{"learning_rate": -1}], r"sft: .*phases\[0\]\.learning_rate: Input should be greater than 0"),
+        ([{}, {"max_step": 5}], r"phases\[1\]\.max_step: Extra inputs are not permitted"),
+        ([{"synthetic": {"tasks": ["shout"]}}], r"phases\[0\]\.synthetic\.tasks\.0: Input should be"),
+        ([{"phases": []}], r"phases\[0\]: a phase cannot have phases of its own"),
+    ):
+        recipe.write_text(yaml.safe_dump({"sft": section | {"phases": phases}}))
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(recipe)
+    with pytest.raises(ValueError, match=r"phases\[0\] trains a LoRA adapter, but the next phase starts from its model"):
+        SftConfig.model_validate(section | {"phases": [{"finetune": "lora"}, {}]})
+    SftConfig.model_validate(section | {"phases": [{"finetune": "lora"}]})  # the last phase may train an adapter
+
+
+def test_each_phase_starts_from_the_last_and_a_rerun_redoes_only_changed_phases(tiny_qwen_dir, tmp_path):
+    """Two SFT phases in the `sft` stage: the second trains the first's model (at a learning rate
+    too small to move it, its weights are the first phase's, not the base model's); changing only the
+    second phase re-runs only the second; sft/model is the last phase's."""
+    from safetensors.torch import load_file
+
+    from alignkit.recipe import Recipe
+    from alignkit.runner import Runner
+
+    def run(second_steps: int) -> Runner:
+        runner = Runner(Recipe.model_validate({
+            "output_dir": str(tmp_path / "run"), "policy": {"model": str(tiny_qwen_dir)}, "stages": ["sft"],
+            "data": {"synthetic": {"num_prompts": 4}}, "sft": {"synthetic": {"num_examples": 8, "tasks": ["exists"]}, "max_steps": 3, "batch_size": 4,
+                    "warmup_steps": 0, "phases": [{"synthetic": {"tasks": ["count"]}, "max_steps": second_steps,
+                                                   "learning_rate": 1e-12}]},
+        }))  # fmt: skip
+        runner.run(["sft"])
+        return runner
+
+    runner = run(2)
+    sft = runner.paths.sft
+    base, first, last = (load_file(d / "model.safetensors") for d in (tiny_qwen_dir, sft / "phase-1" / "model", sft / "model"))
+    name = "model.layers.0.mlp.up_proj.weight"  # the saved (hub) name
+    assert not torch.equal(base[name], first[name])  # phase 1 trained
+    assert torch.allclose(first[name], last[name], atol=1e-6)  # phase 2 started from phase 1's weights
+    assert "how many" in (sft / "data.jsonl").read_text().lower() and "how many" not in (
+        sft / "phase-1" / "data.jsonl").read_text().lower()  # fmt: skip
+    state = json.loads(runner.paths.state.read_text())
+    assert state["sft:phase-1"]["status"] == "done" and state["sft"]["summary"]["phases"] == 2
+
+    phase_one = (sft / "phase-1" / "model" / "model.safetensors").stat().st_mtime_ns
+    final = (sft / "model" / "model.safetensors").stat().st_mtime_ns
+    run(3)
+    assert (sft / "phase-1" / "model" / "model.safetensors").stat().st_mtime_ns == phase_one  # not redone
+    assert (sft / "model" / "model.safetensors").stat().st_mtime_ns != final
+    assert [json.loads(l)["step"] for l in (sft / "metrics.jsonl").read_text().splitlines()][-1] == 3

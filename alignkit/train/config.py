@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from alignkit.config import Section
 
@@ -258,9 +258,46 @@ class SftConfig(Section):
     overlong: Literal["stop", "skip"] = "stop"
     """An example longer than the model's context (image tokens counted) is never cut: `stop` stops
     the stage naming every such id, `skip` leaves them out (counted in the stage summary)."""
+    phases: list[dict[str, Any]] = []
+    """Further phases after the one this section describes (a curriculum), each fine-tuning the
+    previous phase's model: an entry holds the keys it changes (`synthetic` merged key by key), e.g.
+    `[{synthetic: {tasks: [describe, count, exists, color]}, learning_rate: 3.0e-4, max_steps: 1500}]`.
+    Phase n's model is kept in sft/phase-<n>/model, and a re-run does not redo a finished phase;
+    the last phase's model is sft/model. Every phase but the last trains full weights."""
+
+    def phase_configs(self) -> list[SftConfig]:
+        """This section and each of `phases` as a whole `sft` section, in training order."""
+        base = self.model_dump(exclude={"phases"})
+        return [SftConfig.model_validate(base), *(SftConfig.model_validate(_merged(base, c)) for c in self.phases)]
+
+    @model_validator(mode="after")
+    def _phases_valid(self) -> SftConfig:
+        base = self.model_dump(exclude={"phases"})
+        for n, change in enumerate(self.phases):
+            if "phases" in change:
+                raise ValueError(f"phases[{n}]: a phase cannot have phases of its own")
+            try:
+                SftConfig.model_validate(_merged(base, change))
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise ValueError(f"phases[{n}].{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        for n, change in enumerate([{}, *self.phases[:-1]]):
+            if self.phases and _merged(base, change)["finetune"] != "full":
+                where = "the section itself" if n == 0 else f"phases[{n - 1}]"
+                raise ValueError(f"{where} trains a LoRA adapter, but the next phase starts from its model: "
+                                 "every phase but the last trains full weights")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> "SftConfig":
         if (self.data is None) == (self.synthetic is None):
             raise ValueError("set exactly one of sft.data or sft.synthetic")
         return self
+
+
+def _merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """An `sft` section dump with a phase's changes: its keys replace the section's, `synthetic`'s key by key."""
+    merged = base | change
+    if isinstance(base.get("synthetic"), dict) and isinstance(change.get("synthetic"), dict):
+        merged["synthetic"] = base["synthetic"] | change["synthetic"]
+    return merged

@@ -61,7 +61,7 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit.errors import RecipeError
+from alignkit.errors import RecipeError, SetupError
 from alignkit.records import Prompt, Sample, sample_id
 from alignkit.sample.base import Request, derive_seed
 from alignkit.sample.config import SampleConfig
@@ -171,8 +171,8 @@ class ServerGeneration:
 
         k, rows = num_generations, self.batch
         if len(rows) != len(prompts) or any(rows[i] != rows[i - i % k] for i in range(len(rows))):
-            raise RuntimeError(f"grpo.rollout vllm_server: TRL's generation batch ({len(prompts)} rows) is not the "
-                               f"{len(rows)} dataset rows seen, K={k} in a row: this TRL version's rollout order differs")  # fmt: skip
+            raise SetupError(f"grpo.rollout vllm_server: TRL's generation batch ({len(prompts)} rows) is not the "
+                             f"{len(rows)} dataset rows seen, K={k} in a row: this TRL version's rollout order differs")  # fmt: skip
         # a request's id is its prompt's place in the step's global batch (the server seeds it by it)
         offset = self.trainer.accelerator.process_index * (len(rows) // k)
         requests = []
