@@ -217,6 +217,33 @@ def test_ppo_counts_the_prompt_with_its_image_and_the_answer_budget(qwen, tmp_pa
         fitting_prompts(prompts, processor, model.config, template, context, "stop")
 
 
+def test_rollouts_fit_the_started_vllm_engine_s_max_model_len(qwen, tmp_path):
+    """With vLLM rollouts that alignkit starts, a prompt must also fit `sample.vllm.max_model_len`
+    (here below the model's context): one that would exceed it by a token is named (stop), one that
+    fits exactly is kept; a server at a `url` keeps its own limit, transformers rollouts have none."""
+    from alignkit.models.inputs import encode
+    from alignkit.sample import to_request
+    from alignkit.sample.templates import load_template
+    from alignkit.train.ppo import fitting_prompts, rollout_limit
+
+    model_dir, context = qwen
+    model, processor = load_policy(model_dir, dtype=torch.float32)
+    prompt = Prompt("q56", QUESTION, [_image(tmp_path / "q56.png", "green", SMALL)])
+    template = load_template("cot")
+    request = to_request(prompt, template)
+    needed = len(encode(processor, request.messages, request.images)["input_ids"]) + 4
+    assert needed < context
+    kept, _ = fitting_prompts([prompt], processor, model.config, template, 4, "stop", engine_limit=needed)
+    assert [p.prompt_id for p in kept] == ["q56"]
+    with pytest.raises(StageInputError, match=rf"sample\.vllm\.max_model_len, with sample\.max_new_tokens \({needed - 1} tokens.*q56 \({needed} tokens"):
+        fitting_prompts([prompt], processor, model.config, template, 4, "stop", engine_limit=needed - 1)
+
+    options = {"max_model_len": 2048, "dtype": "auto"}
+    assert rollout_limit("vllm", None, options) == rollout_limit("vllm_server", None, options) == 2048
+    assert rollout_limit("vllm_server", "http://localhost:8000", options) is None
+    assert rollout_limit("transformers", None, options) is None
+
+
 def test_reward_model_training_and_scoring_count_image_tokens(qwen, tmp_path):
     """Training leaves out the pair whose image makes it too long; scoring skips that answer, writes
     a null score for it and null rm_* columns on its pair, and counts it."""

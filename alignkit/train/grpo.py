@@ -213,7 +213,7 @@ def grpo_trainer(
     from alignkit.models.lengths import write_skipped
     from alignkit.sample.templates import load_template
     from alignkit.train.common import MetricsJsonl, trainer_args
-    from alignkit.train.ppo import fitting_prompts, save_rollout_adapter
+    from alignkit.train.ppo import fitting_prompts, rollout_limit, save_rollout_adapter
     from alignkit.train.vllm_server import ServerRollouts, serve
 
     if train.method not in ("grpo", "rloo"):
@@ -239,7 +239,9 @@ def grpo_trainer(
         server, root, session = serve(stack, cfg.vllm_server, "grpo", model_path, sample.vllm.model_dump(exclude_none=True),
                                       train.lora_r, out_dir / "vllm_server.log", main)  # fmt: skip
     policy, processor = load_policy(model_path, dtype=compute.dtype(), **compute.load_options())
-    prompts, skipped = fitting_prompts(prompts, processor, policy.config, tmpl, sample.max_new_tokens, train.overlong)
+    limit = rollout_limit(cfg.rollout, cfg.vllm_server.url, sample.vllm.model_dump(exclude_none=True))
+    prompts, skipped = fitting_prompts(prompts, processor, policy.config, tmpl, sample.max_new_tokens, train.overlong,
+                                       limit)  # fmt: skip
     if main:
         write_skipped(out_dir, skipped)
     peft = None

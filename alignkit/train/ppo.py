@@ -445,9 +445,11 @@ def check_minibatches(answers: int, num_minibatches: int, world: int) -> int:
 
 
 def fitting_prompts(
-    prompts: Sequence[Prompt], processor: Any, config: Any, template: Any, max_new_tokens: int, overlong: Overlong
+    prompts: Sequence[Prompt], processor: Any, config: Any, template: Any, max_new_tokens: int, overlong: Overlong,
+    engine_limit: int | None = None,
 ) -> tuple[list[Prompt], set[str]]:
-    """The prompts whose request (image tokens counted) plus `max_new_tokens` fits the model's context,
+    """The prompts whose request (image tokens counted) plus `max_new_tokens` fits the model's context
+    and `engine_limit` (the max_model_len of the vLLM engine alignkit starts for rollouts: `rollout_limit`),
     and the ids of those left out under `overlong: skip`; under `stop` a `StageInputError` names them."""
     from alignkit.sample import to_request
 
@@ -456,8 +458,20 @@ def fitting_prompts(
         request = to_request(p, template)
         ids = encode(processor, request.messages, request.images)["input_ids"]
         lengths.append(example_length(p.prompt_id, ids, config, max_new_tokens))
-    skipped = over_limit(lengths, context_length(config), overlong, f"{CONTEXT}, with sample.max_new_tokens")
+    limit, what = context_length(config), CONTEXT
+    if engine_limit is not None and (limit is None or engine_limit < limit):
+        limit, what = engine_limit, "the rollout engine's sample.vllm.max_model_len"
+    skipped = over_limit(lengths, limit, overlong, f"{what}, with sample.max_new_tokens")
     return [p for p in prompts if p.prompt_id not in skipped], skipped
+
+
+def rollout_limit(rollout: str, server_url: str | None, engine_options: dict[str, Any]) -> int | None:
+    """The max_model_len a rollout must fit besides the model's context: that of the vLLM engine or
+    server alignkit starts; None for transformers rollouts and for a server at `url`, which keeps
+    its own limit (a prompt over it stops the run with the server's reason)."""
+    if rollout == "vllm" or (rollout == "vllm_server" and server_url is None):
+        return engine_options.get("max_model_len")
+    return None
 
 
 def train_ppo(
@@ -532,7 +546,8 @@ def _train_ppo(prompts: Sequence[Prompt], out_dir: Path, cfg: PpoConfig, model: 
     # set-up: policy (+ LoRA), reference, value head, optimizer, rollout engine; float32 weights,
     # placed by accelerate, which also runs the forward passes in its mixed precision
     policy, processor = load_policy(model_path, dtype=torch.float32, **compute.load_options())
-    prompts, skipped = fitting_prompts(prompts, processor, policy.config, tmpl, sample.max_new_tokens, t.overlong)
+    limit = rollout_limit(c.rollout, c.vllm_server.url, vllm_options)
+    prompts, skipped = fitting_prompts(prompts, processor, policy.config, tmpl, sample.max_new_tokens, t.overlong, limit)
     if main:
         write_skipped(out_dir, skipped)
     pad_id = processor.tokenizer.pad_token_id
