@@ -516,3 +516,20 @@ def test_a_sampled_image_placeholder_cuts_the_answer(tiny_qwen_dir, shapes):
 
     batch = collect(FixedAnswers(), processor, shapes[:1], load_template("plain"), 2, seed=0, placeholders=placeholders)
     assert batch.targets.tolist() == [[word, 0], [word, word]] and batch.mask.tolist() == [[1, 0], [1, 1]]
+
+
+def test_a_prompt_the_in_process_vllm_engine_refuses_is_a_clear_error():
+    """`ppo.rollout: vllm`: the engine's refusal (`RejectedPrompts`, raised by the vLLM backend with
+    vLLM's reason) reaches the user as a StageInputError naming the prompt, not a traceback."""
+    from alignkit.errors import StageInputError
+    from alignkit.sample.base import RejectedPrompts
+    from alignkit.train.ppo import VllmRollouts
+
+    class Refusing:  # the backend's side of the contract: it raises what vllm_backend raises
+        def generate(self, requests, num_samples, seed):
+            raise RejectedPrompts({"p7": "prompt (3000 tokens) is longer than max_model_len 2048"}, [])
+
+    rollouts = VllmRollouts.__new__(VllmRollouts)
+    rollouts.backend = Refusing()
+    with pytest.raises(StageInputError, match=r"refused 1 prompt\(s\): prompt p7: prompt \(3000 tokens\) is longer"):
+        rollouts.generate([], 2, 0)

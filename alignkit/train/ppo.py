@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from alignkit.console import progress
-from alignkit.errors import ModelError, RecipeError, finite
+from alignkit.errors import ModelError, RecipeError, StageInputError, finite
 from alignkit.models.inputs import collate, encode, extend, placeholder_ids
 from alignkit.models.lengths import CONTEXT, Overlong, context_length, example_length, over_limit, write_skipped
 from alignkit.records import Prompt, Sample, atomic_output
@@ -305,7 +305,15 @@ class VllmRollouts:
         self.backend.use_adapter(str(self._save(policy, step)))
 
     def generate(self, requests: list[Request], num_samples: int, seed: int) -> list[list[Generation]]:
-        return self.backend.generate(requests, num_samples, seed)
+        """The answers; a prompt the engine refuses (prompts over its max_model_len are left out up
+        front: `fitting_prompts`) stops the run with vLLM's reason and the prompt's id."""
+        from alignkit.sample.base import RejectedPrompts
+
+        try:
+            return self.backend.generate(requests, num_samples, seed)
+        except RejectedPrompts as e:
+            listed = "; ".join(f"prompt {rid}: {reason}" for rid, reason in e.errors.items())
+            raise StageInputError(f"ppo.rollout vllm: the vLLM engine refused {len(e.errors)} prompt(s): {listed}") from None
 
 
 def save_rollout_adapter(policy: nn.Module, adapter_dir: Path, step: int) -> Path:
