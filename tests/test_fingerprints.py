@@ -94,7 +94,7 @@ ALTERNATIVES = {
     "judge.rubric": "hallucination", "judge.model": "judge-n", "judge.base_url": "http://127.0.0.1:9/v1",
     "judge.api_key_env": "OTHER_KEY", "train.margin_key": "rm_margin", "train.target_modules": ["q_proj"],
     "reward_model.model": "tiny:llava", "reward_model.target_modules": ["q_proj"], "ppo.rewards": [{"source": "reference"}],
-    "ppo.target_kl": 6.0, "grpo.rewards": [{"source": "reference", "weight": 0.5}], "data.synthetic.tasks": ["describe"], "sft.synthetic.tasks": ["count"], "eval.synthetic.tasks": ["count"],
+    "ppo.target_kl": 6.0, "grpo.rewards": [{"source": "reference", "weight": 0.5}], "data.synthetic.tasks": ["describe"], "sft.synthetic.tasks": ["count"], "sft.phases": [{"max_steps": 2}], "eval.synthetic.tasks": ["count"],
     "sample.vllm.kv_cache_memory": 1.0, "judge.max_requests": 100, "judge.max_cost": 5.0,
     "eval.vocabulary": "coco", "train.gradient_checkpointing": True, "train.attn_implementation": "eager",
     "tracking.project": "other", "tracking.run_name": "named", "pairs.min_length_ratio": 0.5,
