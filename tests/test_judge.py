@@ -515,10 +515,11 @@ def test_pairwise_transient_failure_leaves_the_prompt_for_the_rerun(world, tmp_p
     prompts, samples = world
     with ChatServer(_winner_by_marker({"marker-p0-0": 1})) as srv:
         srv.inject("server_error", "server_error", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
+        # a generous timeout: a request that timed out and was retried would count twice below
         with pytest.raises(StageIncomplete, match=r"3 of 6 verdicts failed .*server_error: 3"):
-            judge(srv, tmp_path, prompts, samples, rubric="pairwise")
+            judge(srv, tmp_path, prompts, samples, rubric="pairwise", timeout=10.0)
         first = len(srv.chat_requests)
-        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise")  # the server is fine again
+        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise", timeout=10.0)  # the server is fine again
         assert summary["ok"] == 6 and summary["resumed"] == 3
         assert len(srv.chat_requests) - first == 1  # the failed order only: the rest come from the cache
 
