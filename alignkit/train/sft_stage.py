@@ -97,5 +97,6 @@ class SftStage:
 
 
 def _learning_keys(cfg: SftConfig) -> dict[str, Any]:
-    """A phase's settings that change what it learns (not how often it saves or logs)."""
-    return cfg.model_dump(mode="json", exclude={"save_steps", "logging_steps", "phases"})
+    """A phase's settings that change what it learns: the stage's `exclude` applies to each phase."""
+    ignored = {key.removeprefix("sft.") for key in SftStage.exclude if key.startswith("sft.")}
+    return cfg.model_dump(mode="json", exclude={"phases", *ignored})
