@@ -69,7 +69,9 @@ def api_key(monkeypatch):
 
 
 def judge(srv: ChatServer, tmp_path: Path, prompts, samples, out: str = "verdicts.jsonl", **kw) -> dict:
-    kw = {"model": "judge-m", "timeout": 0.5, "max_retries": 1, "image_max_side": 128, **kw}
+    """Judge through the fixture server. The timeout is generous (a request that timed out on a busy
+    machine and was retried would count twice where a test counts requests); a test of timeouts sets its own."""
+    kw = {"model": "judge-m", "timeout": 10.0, "max_retries": 1, "image_max_side": 128, **kw}
     cache = {"cache_path": kw.pop("cache_path")} if "cache_path" in kw else {}
     cfg = JudgeConfig(backend="openai", base_url=srv.url, api_key_env=KEY_ENV, **kw)
     return run_judge(prompts, samples, tmp_path / out, cfg, fingerprint="f", **cache)
@@ -154,7 +156,7 @@ def test_hung_request_times_out_and_is_retried_or_left_for_the_rerun(server, wor
     server.inject("hang", when="marker-p0-2:")
     server.inject("hang", "hang", when="marker-p1-0:")
     with pytest.raises(StageIncomplete, match=r"\(timeout: 1;"):
-        judge(server, tmp_path, prompts, samples)
+        judge(server, tmp_path, prompts, samples, timeout=0.5)  # the server hangs 1.5 s
     kept = verdicts(tmp_path / "verdicts.jsonl.partial")
     assert len(kept) == 5 and kept["p0#s2"]["status"] == "ok" and "p1#s0" not in kept
 
@@ -515,11 +517,10 @@ def test_pairwise_transient_failure_leaves_the_prompt_for_the_rerun(world, tmp_p
     prompts, samples = world
     with ChatServer(_winner_by_marker({"marker-p0-0": 1})) as srv:
         srv.inject("server_error", "server_error", when="<answer_a>\nmarker-p0-0: I see a red circle. Answer: 0\n</answer_a>\n<answer_b>\nmarker-p0-1")
-        # a generous timeout: a request that timed out and was retried would count twice below
         with pytest.raises(StageIncomplete, match=r"3 of 6 verdicts failed .*server_error: 3"):
-            judge(srv, tmp_path, prompts, samples, rubric="pairwise", timeout=10.0)
+            judge(srv, tmp_path, prompts, samples, rubric="pairwise")
         first = len(srv.chat_requests)
-        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise", timeout=10.0)  # the server is fine again
+        summary = judge(srv, tmp_path, prompts, samples, rubric="pairwise")  # the server is fine again
         assert summary["ok"] == 6 and summary["resumed"] == 3
         assert len(srv.chat_requests) - first == 1  # the failed order only: the rest come from the cache
 
