@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-from functools import partial
 from pathlib import Path
 
 from alignkit.errors import ModelError
@@ -531,9 +530,8 @@ BUILDERS = {
     "tiny:internvl": build_tiny_internvl,
     "tiny:mistral3": build_tiny_mistral3,
 }
-# Tiny models beyond the families: the CLIP of `levels.model`, and a 4-layer Qwen2-VL (the same
-# tokenizer and vision tower) for the shapes recipes whose task needs more depth than two layers.
-OTHER_BUILDERS = {"tiny:clip": build_tiny_clip, "tiny:qwen2-vl-4l": partial(build_tiny_qwen2_vl, num_layers=4)}
+# Tiny models that are not VLMs: the CLIP of `levels.model`.
+OTHER_BUILDERS = {"tiny:clip": build_tiny_clip}
 
 
 def default_cache_dir() -> Path:
