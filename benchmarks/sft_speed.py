@@ -1,4 +1,4 @@
-"""SFT steps per second: alignkit's loop (examples encoded once) vs TRL's SFTTrainer, one run.
+"""SFT steps per second: alignkit's loop (examples encoded once, to disk) vs TRL's SFTTrainer, one run.
 
 Both train the same tiny Qwen2-VL, from the same weights, on the same shapes-world SFT examples,
 with the same batch size, learning rate and optimizer (AdamW), for the same number of steps.

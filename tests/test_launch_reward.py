@@ -104,8 +104,11 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(one_process, two_p
     # over the global batch's tokens included) and the accuracy
     one = _metrics(one_process)
     print("per-step |loss diff| (rel):", [f"{abs(a['loss'] - b['loss']) / abs(a['loss']):.1e}" for a, b in zip(one, lines)])
+    # each part to REL_TOL of the step's whole loss: a small part (`center`, 2% of the loss) can differ by
+    # 1e-5 of itself where the processes sum in another order (measured on an AMD EPYC)
+    scale = REL_TOL * max(m["loss"] for m in one)
     for part in ("loss", "bradley_terry", "center", "critique_ce", "accuracy"):
-        assert [m[part] for m in lines] == pytest.approx([m[part] for m in one], rel=REL_TOL, abs=1e-7), part
+        assert [m[part] for m in lines] == pytest.approx([m[part] for m in one], rel=REL_TOL, abs=scale), part
     assert len({m["loss"] for m in one}) > 1 and one[0]["critique_ce"] > 0  # it trained, on critiques
     # the held-out evaluation, shared between the processes, saw all held-out prompts
     assert summary["held_out"]["num_prompts"] == one_summary["held_out"]["num_prompts"] == 2

@@ -144,7 +144,7 @@ def test_training_ranks_held_out_pairs(tiny_qwen_dir, pairs_dir, tmp_path):
     for p in train[1::2]:
         p.chosen_critique = p.rejected_critique = None
     held_out = read_rm_pairs(shapes_pairs(tmp_path, 24, seed=1))
-    history = fit(rm, train, steps=30, batch_size=4, learning_rate=1e-3, seed=0)
+    history = fit(rm, train, steps=30, batch_size=4, learning_rate=1e-3, seed=0, encoded_dir=tmp_path / "enc")
     after = evaluate_pairs(rm, held_out, num_critiques=0)
     assert history[-1]["critique_ce"] < history[0]["critique_ce"]
     assert after["acc"] >= 0.75, after
@@ -156,7 +156,7 @@ def test_save_load_round_trip_gives_the_same_scores(tiny_qwen_dir, pairs_dir, tm
     torch.manual_seed(0)
     rm = build_reward_model(str(tiny_qwen_dir), "lora")
     pairs = read_rm_pairs(pairs_dir / "pairs.jsonl")[:4]
-    fit(rm, pairs, steps=2, batch_size=2, learning_rate=1e-2)
+    fit(rm, pairs, steps=2, batch_size=2, learning_rate=1e-2, encoded_dir=tmp_path / "enc")
     answers = pair_answers(pairs[:2])
     options = {"num_critiques": 1, "max_new_tokens": 8}
     before = score_answers(rm, answers, **options)

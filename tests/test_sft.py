@@ -98,7 +98,7 @@ def test_train_saves_a_model_that_generates(tiny_qwen_dir, sft_file, tmp_path):
     processor = AutoProcessor.from_pretrained(out)
     ids = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "encoded").exists()
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     straight = [json.loads(l)["loss"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
 
     calls = {"n": 0}
-    real = sft_module.collate
+    real, real_encode = sft_module.collate, sft_module.encode
 
     def crash_on_fourth(batch, pad_id):
         calls["n"] += 1
@@ -129,11 +129,14 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_qwen_dir, sft_fi
     with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "lo')
     monkeypatch.setattr(sft_module, "collate", real)
+    encoded = []  # the re-run reads the encodings the killed run left (sft/encoded), encoding none again
+    monkeypatch.setattr(sft_module, "encode", lambda *a: encoded.append(a) or real_encode(*a))
     train_sft(sft_file, tmp_path / "resumed", cfg, **args)
+    assert encoded == []
     lines = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     assert [l["loss"] for l in lines] == pytest.approx(straight, abs=1e-5)
-    assert not (tmp_path / "resumed" / "checkpoints").exists()
+    assert not (tmp_path / "resumed" / "checkpoints").exists() and not (tmp_path / "resumed" / "encoded").exists()
 
 
 def test_sft_image_paths_outside_the_data_directory_are_refused_unless_allowed(tmp_path):

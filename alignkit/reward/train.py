@@ -14,6 +14,7 @@ Only the main process writes metrics, checkpoints and the model; the held-out ev
 between the processes (`alignkit.reward.score.score_shared`). The output directory:
 
     out_dir/metrics.jsonl  one line per step: loss, bradley_terry, tie, center, critique_ce, accuracy
+    out_dir/encoded/       the pairs' encodings (`alignkit.models.encoded`), kept for a resume; removed with the checkpoints
     out_dir/checkpoints/   every `reward_model.save_steps` steps (`alignkit.models.checkpoint`); a re-run with the same
                            pairs and settings resumes from the last one; removed once the model is saved
     out_dir/model/         the reward model (see model.py), written last and atomically
@@ -25,6 +26,7 @@ import contextlib
 import math
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +36,7 @@ from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator, process_state
+from alignkit.models.encoded import encode_to_disk, encoding_key
 from alignkit.models.inputs import IGNORE, collate
 from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, skipped_summary
 from alignkit.records import load_image
@@ -70,6 +73,7 @@ def fit(
     use_critiques: bool = True,
     seed: int = 0,
     log: StepLog | None = None,
+    encoded_dir: Path,
     checkpoint_dir: Path | None = None,
     save_steps: int = 50,
     resume_from: str | Path | None = None,
@@ -78,8 +82,9 @@ def fit(
     """Train `rm` in place for `steps` AdamW steps; returns the metrics of the steps it ran (in every process).
 
     A step takes a global batch of batch_size × grad_accum × num_processes pairs (see the module
-    docstring). The main process writes each step to `log` (metrics.jsonl and the trackers). With
-    `checkpoint_dir` the main process saves the loop state every `save_steps`;
+    docstring). The pairs are encoded into `encoded_dir` (`alignkit.models.encoded`; shared by the
+    processes) and read from there. The main process writes each step to `log` (metrics.jsonl and the
+    trackers). With `checkpoint_dir` the main process saves the loop state every `save_steps`;
     `resume_from` (a checkpoint of the same pairs and settings) continues from there. `compute` holds
     the `train` section's precision and memory keys.
     """
@@ -88,9 +93,12 @@ def fit(
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     global_batch = batch_size * grad_accum * world
     torch.manual_seed(seed)
-    # every process encodes every pair: the loss is normalised by the global batch's counts
-    features = [pair_features(rm.processor, p, use_critiques) for p in progress(pairs, desc="encode", leave=False, disable=not main)]
-    tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in pair) for pair in features]  # critique tokens
+    # encode to disk (each process a share; each reads every pair's counts: the loss is normalised by the
+    # global batch's)
+    features = encode_to_disk(encoded_dir, pairs, lambda p: pair_features(rm.processor, p, use_critiques),
+                              encoding_key([asdict(p) for p in pairs], use_critiques, type(rm.processor).__name__))
+    tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in features.get(i, ("labels",)))
+              for i in range(len(pairs))]  # critique tokens  # fmt: skip
     pad_id = rm.processor.tokenizer.pad_token_id
     params = [p for p in rm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
@@ -217,7 +225,7 @@ def train_reward_model(
     log = StepLog(metrics, tracking) if state.is_main_process else None
     history = fit(rm, train_pairs, steps=cfg.max_steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                   learning_rate=cfg.learning_rate, weights=weights, use_critiques=cfg.use_critiques, seed=seed,
-                  log=log, checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=box[0],
+                  log=log, encoded_dir=out_dir / "encoded", checkpoint_dir=checkpoints, save_steps=cfg.save_steps, resume_from=box[0],
                   compute=compute)  # fmt: skip
     if log:
         log.close()
@@ -226,6 +234,7 @@ def train_reward_model(
     if state.is_main_process:
         rm.save(out_dir / "model")
         shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(out_dir / "encoded", ignore_errors=True)
     state.wait_for_everyone()
     summary: dict[str, Any] = {"model": str(out_dir / "model"), "train_pairs": len(train_pairs),
                                "final": history[-1] if history else {}, "num_processes": state.num_processes,

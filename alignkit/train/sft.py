@@ -1,9 +1,11 @@
 """Supervised fine-tuning of a VLM on image+text prompt/completion conversations.
 
 The usual step before preference training, and how the shapes recipes make a base policy from
-random weights. It is a compact loop rather than TRL's `SFTTrainer`: SFTTrainer runs the image
-processor in its collator on every step, which on a CPU costs more than the tiny model's forward
-pass (see benchmarks/sft_speed.py); here every example is encoded once, up front.
+random weights. It is a compact loop rather than TRL's `SFTTrainer`, for a loss normalised by the
+global batch's tokens whatever its split into processes, a context check before the first step, and
+a resume that keeps the data order. Every example is encoded once, up front, to disk
+(`out_dir/encoded`, memory-mapped while training, kept for a resume; `alignkit.models.encoded`);
+SFTTrainer runs the processor in its collator on every step (benchmarks/sft_speed.py compares them).
 
 Reads top to bottom: encode, set-up, resume, loop, save. The loss is on completion tokens only.
 Checkpoints (model, optimizer, scheduler, step, RNG) go to `out_dir/checkpoints/checkpoint-N`
@@ -38,6 +40,7 @@ from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator
+from alignkit.models.encoded import encode_to_disk, encoding_key
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, write_skipped
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
@@ -110,17 +113,22 @@ def train_sft(
     global_batch = cfg.batch_size * cfg.grad_accum * world
     torch.manual_seed(seed)  # the same LoRA initialisation in every process and every split
 
-    # encode (every process encodes all examples: the loss is normalised by the global batch's tokens)
+    # encode to disk (each process a share; each reads every example's tokens: the loss is normalised by
+    # the global batch's)
     rows = read_sft_file(data_path, cfg.allow_outside_paths)
     # float32 weights; accelerate runs the compute in its mixed precision and places the model
     policy, processor = load_policy(resolve_model(model), dtype=torch.float32, **compute.load_options())
-    examples = [encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"])
-                for r in progress(rows, desc="encode", leave=False, disable=not main)]  # fmt: skip
+    encoded = encode_to_disk(
+        out_dir / "encoded", rows,
+        lambda r: (encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"]),),
+        encoding_key(file_digest(data_path), model, type(processor).__name__),
+    )  # fmt: skip
+    tokens = [encoded.get(i, ("input_ids", "labels"))[0] for i in range(len(rows))]
     # never cut: an example over the model's context stops the run or is skipped (`sft.overlong`)
-    lengths = [example_length(r["id"], e["input_ids"], policy.config) for r, e in zip(rows, examples)]
+    lengths = [example_length(r["id"], e["input_ids"], policy.config) for r, e in zip(rows, tokens)]
     skipped = over_limit(lengths, context_length(policy.config), cfg.overlong, CONTEXT)
-    examples = [e for r, e in zip(rows, examples) if r["id"] not in skipped]
-    targets = [int((e["labels"][1:] != IGNORE).sum()) for e in examples]  # tokens the loss counts
+    kept = [i for i, r in enumerate(rows) if r["id"] not in skipped]  # the examples, as places in `encoded`
+    targets = [int((tokens[i]["labels"][1:] != IGNORE).sum()) for i in kept]  # tokens the loss counts
     pad_id = processor.tokenizer.pad_token_id
 
     # set-up
@@ -159,14 +167,14 @@ def train_sft(
     running = 0.0
     while step < cfg.max_steps:
         if len(order) < global_batch:  # a fresh shuffled epoch once the current one runs out
-            order += rng.sample(range(len(examples)), len(examples))
+            order += rng.sample(range(len(kept)), len(kept))
         idx, order = order[:global_batch], order[global_batch:]
         n_tokens = sum(targets[i] for i in idx)
         loss_sum = torch.zeros((), device=accelerator.device)
         for m in range(cfg.grad_accum):
             # micro-batch m of process r: slice m * world + r of the global batch
             part = idx[(m * world + rank) * cfg.batch_size:][:cfg.batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in part], pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate([encoded[kept[i]][0] for i in part], pad_id).items()}
             sync = m == cfg.grad_accum - 1  # all-reduce the gradients once, after the last micro-batch
             with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
                 loss = wrapped(**batch, num_items_in_batch=n_tokens).loss
@@ -206,5 +214,6 @@ def train_sft(
             if cfg.finetune == "full":
                 unwrapped.generation_config.save_pretrained(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(out_dir / "encoded", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
