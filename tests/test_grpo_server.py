@@ -198,9 +198,8 @@ def test_grpo_trains_on_the_server_s_samples_with_each_step_s_adapter(tiny_qwen_
 
     prompts = make_shapes_prompts(tmp_path / "prompts", 4, seed=0)
     cfg = GrpoConfig(rollout="vllm_server", steps=3, prompts_per_step=2)
-    # the engine in float32, as the trainer on CPU (vLLM's CPU default is bfloat16: its log-probs were ~3e-3 off)
-    sample = SampleConfig(template="plain", num_samples=2, max_new_tokens=8, temperature=0.7,
-                          vllm=ENGINE | {"dtype": "float32"})  # fmt: skip
+    # the engine in float32 (ENGINE), as the trainer on CPU
+    sample = SampleConfig(template="plain", num_samples=2, max_new_tokens=8, temperature=0.7, vllm=ENGINE)
     train = TrainConfig(method="grpo", learning_rate=5e-2)
     reward = RewardFn("length", lambda ps, ss: [float(len(s.text)) for s in ss])
     out = tmp_path / "run"

@@ -24,7 +24,9 @@ from alignkit.sample.config import SampleConfig
 from alignkit.train.config import PpoConfig, TrainConfig, VllmServerConfig
 from tests.test_launch import alignkit_run
 
-ENGINE = {"max_model_len": 512, "kv_cache_memory": 0.25}  # sample.vllm: a small KV cache on CPU
+# sample.vllm: a small KV cache on CPU, and float32 as transformers runs (with `dtype: auto` vLLM
+# downcasts the float32 checkpoint to bf16 on a CPU with AVX512-BF16, and log-probs then differ by 2e-3)
+ENGINE = {"max_model_len": 512, "kv_cache_memory": 0.25, "dtype": "float32"}
 # vLLM (its CPU kernels) against transformers (float32 eager) on the same tokens: log-probs agree to
 # ~1e-5 here; a wrong token, prompt or adapter moves them by ~0.1 or more.
 LOGP_TOL = 2e-3

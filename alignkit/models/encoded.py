@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from alignkit.console import progress
 from alignkit.models.inputs import Features
 from alignkit.records import atomic_output, write_atomic
 
@@ -91,13 +90,14 @@ def encode_to_disk(
     encode_one: Callable[[Any], tuple[Features, ...]],
     key: str,
     *,
-    desc: str = "encode",
+    progress: Callable[[int], Any] | None = None,
     shard_size: int = SHARD_SIZE,
 ) -> EncodedExamples:
     """Encode `items` with `encode_one` into `directory` (or keep what a run with the same `key` left
     there) and return them memory-mapped. Run it in every process of a launch: each encodes its
     share of the shards, and all return once every shard is written. `directory` must be shared by
-    the processes (the stage's output directory)."""
+    the processes (the stage's output directory). `progress(n)` makes the bar (`update`, `close`)
+    for this process's n examples still to encode."""
     from alignkit.models.device import process_state
 
     state = process_state()
@@ -112,16 +112,17 @@ def encode_to_disk(
     state.wait_for_everyone()
     shards = range(state.process_index, -(-len(items) // shard_size), state.num_processes)
     todo = [s for s in shards if not _shard_path(directory, s).is_file()]
-    bar = progress(total=sum(len(items[s * shard_size:][:shard_size]) for s in todo), desc=desc, leave=False,
-                   disable=not state.is_main_process)  # fmt: skip
+    bar = progress(sum(len(items[s * shard_size :][:shard_size]) for s in todo)) if progress else None
     for s in todo:
         tensors = {}
-        for j, item in enumerate(items[s * shard_size:][:shard_size]):
+        for j, item in enumerate(items[s * shard_size :][:shard_size]):
             for part, features in enumerate(encode_one(item)):
                 tensors.update({f"{j}/{part}/{k}": v.contiguous().clone() for k, v in features.items()})
-            bar.update(1)
+            if bar:
+                bar.update(1)
         _write_shard(_shard_path(directory, s), tensors)
-    bar.close()
+    if bar:
+        bar.close()
     state.wait_for_everyone()
     return EncodedExamples(directory, len(items), shard_size)
 

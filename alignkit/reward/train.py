@@ -95,8 +95,11 @@ def fit(
     torch.manual_seed(seed)
     # encode to disk (each process a share; each reads every pair's counts: the loss is normalised by the
     # global batch's)
-    features = encode_to_disk(encoded_dir, pairs, lambda p: pair_features(rm.processor, p, use_critiques),
-                              encoding_key([asdict(p) for p in pairs], use_critiques, type(rm.processor).__name__))
+    features = encode_to_disk(
+        encoded_dir, pairs, lambda p: pair_features(rm.processor, p, use_critiques),
+        encoding_key([asdict(p) for p in pairs], use_critiques, type(rm.processor).__name__),
+        progress=lambda n: progress(total=n, desc="encode", leave=False, disable=not main),
+    )  # fmt: skip
     tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in features.get(i, ("labels",)))
               for i in range(len(pairs))]  # critique tokens  # fmt: skip
     pad_id = rm.processor.tokenizer.pad_token_id

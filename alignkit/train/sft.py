@@ -122,6 +122,7 @@ def train_sft(
         out_dir / "encoded", rows,
         lambda r: (encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"]),),
         encoding_key(file_digest(data_path), model, type(processor).__name__),
+        progress=lambda n: progress(total=n, desc="encode", leave=False, disable=not main),
     )  # fmt: skip
     tokens = [encoded.get(i, ("input_ids", "labels"))[0] for i in range(len(rows))]
     # never cut: an example over the model's context stops the run or is skipped (`sft.overlong`)
