@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from alignkit.models.encoded import encode_to_disk, encoding_key
+from alignkit.models.encoded import encode_to_disk
 
 
 def _features(item: int) -> tuple[dict[str, torch.Tensor], ...]:
@@ -27,7 +27,7 @@ def _features(item: int) -> tuple[dict[str, torch.Tensor], ...]:
 def test_examples_read_back_exactly_as_encoded(tmp_path, monkeypatch):
     monkeypatch.setattr("alignkit.models.encoded.OPEN_SHARDS", 1)  # reading also closes and reopens shards
     items = list(range(7))
-    store = encode_to_disk(tmp_path / "enc", items, _features, encoding_key("data", 1), shard_size=3)
+    store = encode_to_disk(tmp_path / "enc", items, _features, ["data", 1], shard_size=3)
     assert len(store) == 7 and len(list((tmp_path / "enc").glob("shard-*.safetensors"))) == 3
     for i in [*items, 0]:
         got, want = store[i], _features(i)
@@ -49,22 +49,22 @@ def test_a_rerun_encodes_only_missing_shards_and_another_key_starts_over(tmp_pat
         seen.append(item)
         return _features(item)
 
-    directory, key = tmp_path / "enc", encoding_key("data", 1)
-    encode_to_disk(directory, list(range(7)), counted, key, shard_size=3)
+    directory, settings = tmp_path / "enc", ["data", 1]
+    encode_to_disk(directory, list(range(7)), counted, settings, shard_size=3)
     assert seen == list(range(7))
 
     seen.clear()  # the same key, every shard there: nothing is encoded again
-    encode_to_disk(directory, list(range(7)), counted, key, shard_size=3)
+    encode_to_disk(directory, list(range(7)), counted, settings, shard_size=3)
     assert seen == []
 
     seen.clear()  # a kill during shard 1: its file never appeared under its name (only a temporary)
     (directory / "shard-000001.safetensors").rename(directory / "shard-000001.safetensors.tmp")
-    store = encode_to_disk(directory, list(range(7)), counted, key, shard_size=3)
+    store = encode_to_disk(directory, list(range(7)), counted, settings, shard_size=3)
     assert seen == [3, 4, 5]
     assert torch.equal(store[4][1]["pixel_values"], _features(4)[1]["pixel_values"])
 
     seen.clear()  # other data (another key): the old encodings are not reused
-    store = encode_to_disk(directory, [10, 11], counted, encoding_key("other data", 1), shard_size=3)
+    store = encode_to_disk(directory, [10, 11], counted, ["other data", 1], shard_size=3)
     assert seen == [10, 11] and len(store) == 2
     assert sorted(p.name for p in directory.iterdir()) == ["key.json", "shard-000000.safetensors"]
 
@@ -79,7 +79,7 @@ def test_examples_read_back_live_in_the_mapped_file_not_on_the_heap(tmp_path):
     in every process; read back from the store, even all at once, they are pages of the shard files
     (shared between processes, dropped by the OS under pressure), and the heap does not grow."""
     big = lambda i: ({"pixel_values": torch.full((2048, 1024), float(i))},)  # noqa: E731
-    store = encode_to_disk(tmp_path / "enc", list(range(20)), big, encoding_key("big"), shard_size=4)
+    store = encode_to_disk(tmp_path / "enc", list(range(20)), big, ["big"], shard_size=4)
     before = _anonymous_memory_kb()
     in_memory = [big(i) for i in range(20)]
     assert _anonymous_memory_kb() - before > 150_000  # the measure sees what encoding up front costs

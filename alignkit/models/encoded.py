@@ -7,13 +7,12 @@ batch at a time. Held in memory, that is every example's pixel values in every p
 encode shards of examples in turn (shard s by process s mod N) into safetensors files, written
 atomically, and every process reads examples back through safetensors' memory map, so the
 operating system's page cache holds them once for all processes and only a batch is in memory.
-A re-run with the same key (data and processor) keeps the finished shards: a killed encode
+A re-run with the same settings (data and processor) keeps the finished shards: a killed encode
 resumes where it stopped. The directory is for one run; its owner removes it when training ends.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from alignkit.models.checkpoint import run_key
 from alignkit.models.inputs import Features
 from alignkit.records import atomic_output, write_atomic
 
@@ -79,22 +79,17 @@ def _shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard:06d}.safetensors"
 
 
-def encoding_key(*parts: Any) -> str:
-    """A key for `encode_to_disk` from JSON-able parts (data digest, processor, options)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def encode_to_disk(
     directory: Path,
     items: Sequence[Any],
     encode_one: Callable[[Any], tuple[Features, ...]],
-    key: str,
+    settings: Any,
     *,
     progress: Callable[[int], Any] | None = None,
     shard_size: int = SHARD_SIZE,
 ) -> EncodedExamples:
-    """Encode `items` with `encode_one` into `directory` (or keep what a run with the same `key` left
-    there) and return them memory-mapped. Run it in every process of a launch: each encodes its
+    """Encode `items` with `encode_one` into `directory` (or keep what a run with the same `settings`,
+    JSON-able: data digest, processor, options, left there) and return them memory-mapped. Run it in every process of a launch: each encodes its
     share of the shards, and all return once every shard is written. `directory` must be shared by
     the processes (the stage's output directory). `progress(n)` makes the bar (`update`, `close`)
     for this process's n examples still to encode."""
@@ -102,13 +97,13 @@ def encode_to_disk(
 
     state = process_state()
     directory = Path(directory)
-    key_file = directory / "key.json"
+    key_file, key = directory / "key.json", {"key": run_key(settings), "count": len(items), "shard_size": shard_size}
     if state.is_main_process:
         found = json.loads(key_file.read_text(encoding="utf-8")) if key_file.is_file() else None
-        if found != {"key": key, "count": len(items), "shard_size": shard_size}:
+        if found != key:
             shutil.rmtree(directory, ignore_errors=True)  # another run's encodings: start over
             directory.mkdir(parents=True)
-            write_atomic(key_file, json.dumps({"key": key, "count": len(items), "shard_size": shard_size}))
+            write_atomic(key_file, json.dumps(key))
     state.wait_for_everyone()
     shards = range(state.process_index, -(-len(items) // shard_size), state.num_processes)
     todo = [s for s in shards if not _shard_path(directory, s).is_file()]

@@ -36,7 +36,7 @@ from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator, process_state
-from alignkit.models.encoded import encode_to_disk, encoding_key
+from alignkit.models.encoded import encode_to_disk
 from alignkit.models.inputs import IGNORE, collate
 from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, skipped_summary
 from alignkit.records import load_image
@@ -97,7 +97,7 @@ def fit(
     # global batch's)
     features = encode_to_disk(
         encoded_dir, pairs, lambda p: pair_features(rm.processor, p, use_critiques),
-        encoding_key([asdict(p) for p in pairs], use_critiques, type(rm.processor).__name__),
+        [[asdict(p) for p in pairs], use_critiques, type(rm.processor).__name__],
         progress=lambda n: progress(total=n, desc="encode", leave=False, disable=not main),
     )  # fmt: skip
     tokens = [sum(int((f["labels"][1:] != IGNORE).sum()) for f in features.get(i, ("labels",)))

@@ -40,7 +40,7 @@ from alignkit.console import progress
 from alignkit.errors import finite
 from alignkit.models.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.models.device import ComputeSettings, make_accelerator
-from alignkit.models.encoded import encode_to_disk, encoding_key
+from alignkit.models.encoded import encode_to_disk
 from alignkit.models.inputs import IGNORE, collate, encode
 from alignkit.models.lengths import CONTEXT, context_length, example_length, over_limit, write_skipped
 from alignkit.records import RecordError, atomic_output, file_digest, iter_jsonl, load_image
@@ -121,7 +121,7 @@ def train_sft(
     encoded = encode_to_disk(
         out_dir / "encoded", rows,
         lambda r: (encode(processor, r["prompt"], [load_image(p) for p in r["images"]], r["completion"]),),
-        encoding_key(file_digest(data_path), model, type(processor).__name__),
+        [file_digest(data_path), model, type(processor).__name__],
         progress=lambda n: progress(total=n, desc="encode", leave=False, disable=not main),
     )  # fmt: skip
     tokens = [encoded.get(i, ("input_ids", "labels"))[0] for i in range(len(rows))]
