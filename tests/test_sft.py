@@ -36,6 +36,19 @@ def test_perceived_answer_error_model():
     assert "green circle" not in perceived_answer(absent, random.Random(0), 1.0, yes_bias=0.0)[0]
 
 
+def test_exists_answer_first_opens_with_the_asked_object_and_its_answer():
+    """The answer-first reasoning names the asked object and the answer of the listed scene before
+    the list (a hallucinated object included); other question kinds are unchanged."""
+    present = Prompt("p", "Is there a red square in the image?", [], "exists", "yes", ["red square", "blue circle"])
+    r, a, _ = perceived_answer(present, random.Random(0), 0.0, exists_answer_first=True)
+    assert (r, a) == ("A red square: yes. I see 2 shapes: a red square and a blue circle.", "yes")
+    absent = Prompt("q", "Is there a green circle in the image?", [], "exists", "no", ["red square"])
+    r, a, h = perceived_answer(absent, random.Random(0), 1.0, exists_answer_first=True)  # sees a green circle
+    assert h and a == "yes" and r.startswith("A green circle: yes. I see 2 shapes: ")
+    count = Prompt("c", "How many shapes are in the image?", [], "count", "1", ["red square"])
+    assert perceived_answer(count, random.Random(0), 0.0, exists_answer_first=True)[0] == "I see 1 shape: a red square."
+
+
 def test_yes_bias_sets_the_share_of_yes_answers(tmp_path):
     """Existence answers say "yes" to half the questions (present objects) plus, of the absent half,
     the hallucinated share that sees the asked object: 0.5 + 0.5 * error_rate * yes_bias. The answer

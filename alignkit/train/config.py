@@ -227,6 +227,10 @@ class SftSyntheticConfig(Section):
     object, so the answer says "yes" (1: POPE's yes-bias, 80% of existence answers "yes" at
     error_rate 0.6); 0: another absent object, answers half "yes", half "no", each following the
     listed scene (a base that looks the asked object up in its list; README, shapes-grpo)."""
+    exists_answer_first: bool = False
+    """Existence reasonings open with the asked object and the answer, then list the scene ("A red
+    circle: no. I see 2 shapes: ..."): a small model learns to check the image for the asked object
+    there, next to the question, and not from a list of varying length (README, shapes-grpo)."""
 
 
 class SftConfig(Section):

@@ -83,6 +83,7 @@ class SftStage:
                     syn.error_rate,
                     seed=syn.seed,
                     yes_bias=syn.yes_bias,
+                    exists_answer_first=syn.exists_answer_first,
                 )
                 write_jsonl(data_file, rows)
                 summary["hallucinated_share"] = sum(r["hallucinated"] for r in rows) / len(rows)

@@ -151,7 +151,7 @@ def corpus(num: int = 400, seed: int = 0) -> list[str]:
 
 
 def perceived_answer(
-    prompt: Prompt, rng: random.Random, error_rate: float, yes_bias: float = 1.0
+    prompt: Prompt, rng: random.Random, error_rate: float, yes_bias: float = 1.0, exists_answer_first: bool = False
 ) -> tuple[str, str, bool]:
     """(reasoning, answer, hallucinated) as a policy that sometimes sees an extra object would say.
 
@@ -162,6 +162,9 @@ def perceived_answer(
     extra object, counts are one too high, existence answers say "yes". With `yes_bias` 0 an
     existence answer still follows the listed scene, but "yes" and "no" are equally common, so
     "always yes" no longer fits the data and the answer has to look the asked object up.
+    `exists_answer_first` opens an existence reasoning with the asked object and its answer ("A red
+    circle: no. I see 2 shapes: ..."): the lookup is then made next to the question, where the asked
+    object sits at a fixed distance, instead of after a list of varying length.
     """
     objects = list(prompt.objects or [])
     hallucinated = rng.random() < error_rate
@@ -180,16 +183,23 @@ def perceived_answer(
     elif prompt.task == "exists":
         asked = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
         answer = "yes" if asked in objects else "no"
+        if exists_answer_first:
+            reasoning = f"A {asked}: {answer}. {reasoning}"
     else:
         answer = prompt.reference_answer or ""
     return reasoning, answer, hallucinated
 
 
 def sft_examples(
-    prompts: list[Prompt], template, error_rate: float, seed: int = 0, yes_bias: float = 1.0
+    prompts: list[Prompt],
+    template,
+    error_rate: float,
+    seed: int = 0,
+    yes_bias: float = 1.0,
+    exists_answer_first: bool = False,
 ) -> list[dict]:
     """SFT examples (TRL prompt-completion format) whose answers hallucinate at `error_rate`
-    (`yes_bias`: see `perceived_answer`).
+    (`yes_bias`, `exists_answer_first`: see `perceived_answer`).
 
     `template` is a `sample.templates.Template`: the prompt is asked and the answer written the
     way the policy will later be sampled, so SFT teaches the chain-of-thought format too.
@@ -197,7 +207,7 @@ def sft_examples(
     rng = random.Random(f"sft-{seed}")
     rows = []
     for p in prompts:
-        reasoning, answer, hallucinated = perceived_answer(p, rng, error_rate, yes_bias)
+        reasoning, answer, hallucinated = perceived_answer(p, rng, error_rate, yes_bias, exists_answer_first)
         rows.append({
             "prompt": template.messages(p.question, len(p.images)),
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": template.format_output(reasoning, answer)}]}],
