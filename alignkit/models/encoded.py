@@ -89,10 +89,10 @@ def encode_to_disk(
     shard_size: int = SHARD_SIZE,
 ) -> EncodedExamples:
     """Encode `items` with `encode_one` into `directory` (or keep what a run with the same `settings`,
-    JSON-able: data digest, processor, options, left there) and return them memory-mapped. Run it in every process of a launch: each encodes its
-    share of the shards, and all return once every shard is written. `directory` must be shared by
-    the processes (the stage's output directory). `progress(n)` makes the bar (`update`, `close`)
-    for this process's n examples still to encode."""
+    JSON-able: data digest, processor, options, left there) and return them memory-mapped. Run it
+    in every process of a launch: each encodes its share of the shards, and all return once every
+    shard is written. `directory` must be shared by the processes (the stage's output directory).
+    `progress(n)` makes the bar (`update`, `close`) for this process's n examples still to encode."""
     from alignkit.models.device import process_state
 
     state = process_state()
