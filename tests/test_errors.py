@@ -127,6 +127,11 @@ def test_unknown_tiny_model(recipe):
           expect=["tiny:nope", "tiny:qwen2-vl"])  # fmt: skip
 
 
+def test_missing_local_model(recipe, tmp_path):
+    fails("run", recipe, "--stages", "prompts,sample", f"policy.model={tmp_path / 'no-model'}",
+          expect=[f"model {tmp_path / 'no-model'}: no such directory"])  # fmt: skip
+
+
 def test_missing_api_key(recipe, monkeypatch):
     monkeypatch.delenv("ALIGNKIT_TEST_NO_KEY", raising=False)
     fails("run", recipe, "--stages", "prompts,sample", "sample.backend=openai", "sample.api_key_env=ALIGNKIT_TEST_NO_KEY",

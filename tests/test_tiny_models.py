@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,14 @@ def test_failed_build_leaves_no_directory(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_names_and_passthrough():
+def test_unknown_names_and_passthrough(tmp_path):
     with pytest.raises(ModelError, match="tiny:llava.*tiny:qwen2-vl"):
         tiny_model("tiny:gpt")
     assert resolve_model("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"
-    assert resolve_model("/some/local/dir") == "/some/local/dir"
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "runs/x/sft/model"])
+def test_a_missing_local_model_is_an_error_naming_it(path):
+    with pytest.raises(ModelError, match=f"model {re.escape(path)}: no such directory"):
+        resolve_model(path)

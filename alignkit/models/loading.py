@@ -29,11 +29,19 @@ LANGUAGE_MODEL = r"(language_model|text_model)"
 
 
 def resolve_model(name_or_path: str) -> str:
-    """"tiny:..." names become a built directory; hub ids and local paths pass through unchanged."""
+    """Names "tiny:..." become a built directory; hub ids and local paths pass through unchanged.
+
+    A local path (absolute, relative with `./` or `../`, or of more than two parts, which no hub id
+    has) that does not exist is a ModelError naming it, not the hub client's complaint about a
+    malformed repository id.
+    """
     if name_or_path.startswith("tiny:"):
         from alignkit.models.tiny import tiny_model
 
         return str(tiny_model(name_or_path))
+    local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if local and not Path(name_or_path).exists():
+        raise ModelError(f"model {name_or_path}: no such directory (a hub id is 'namespace/name')")
     return name_or_path
 
 
