@@ -167,13 +167,14 @@ def perceived_answer(
     object sits at a fixed distance, instead of after a list of varying length.
     """
     objects = list(prompt.objects or [])
+    asked = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")  # (existence questions)
     hallucinated = rng.random() < error_rate
     if hallucinated:
         absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in objects]
         extra = rng.choice(absent)
         # (yes_bias 1 draws nothing more, so the default keeps the data of earlier versions)
         if prompt.task == "exists" and prompt.reference_answer == "no" and (yes_bias >= 1 or rng.random() < yes_bias):
-            extra = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
+            extra = asked
         objects.insert(rng.randint(0, len(objects)), extra)
     reasoning = f"I see {len(objects)} shape{'s' if len(objects) != 1 else ''}: " + describe_objects(objects)[9:]
     if prompt.task == "describe":
@@ -181,7 +182,6 @@ def perceived_answer(
     elif prompt.task == "count":
         answer = str(len(objects))
     elif prompt.task == "exists":
-        asked = prompt.question.removeprefix("Is there a ").removesuffix(" in the image?")
         answer = "yes" if asked in objects else "no"
         if exists_answer_first:
             reasoning = f"A {asked}: {answer}. {reasoning}"
