@@ -1,5 +1,5 @@
 """Many processes (`launch.num_processes`): the sft stage and the train stage (DPO, MM-DPO) as 2 real
-gloo processes train like 1 process with the same global batch; sft resumes across process counts,
+gloo processes train like 1 process with the same global batch (sft's phases too); sft resumes across process counts,
 a killed 2-process train run resumes from its checkpoint, and a failing launch is a clear error.
 Device and precision come from accelerate's state."""
 
@@ -168,6 +168,28 @@ def test_a_run_resumes_with_another_process_count_and_the_same_global_batch(one_
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [(l["step"], l.get("before", False)) for l in lines] == [(1, True), (2, True), (3, False), (4, False)]
     assert [l["loss"] for l in lines] == pytest.approx(_losses(one_process), rel=REL_TOL)
+
+
+@pytest.mark.slow
+def test_sft_phases_as_two_processes_train_like_one(tmp_path):
+    """A curriculum (`sft.phases`) under a launch: every phase runs in both processes, the second
+    from the first's model, and each ends where one process with the same global batch ends."""
+    phase = "sft.phases=[{synthetic: {tasks: [exists], seed: 5}, max_steps: 2}]"
+    one = _cli(_recipe(tmp_path, "one", batch=4), phase)
+    two = _cli(_recipe(tmp_path, "two", batch=2), phase, "launch.num_processes=2")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    from safetensors.torch import load_file
+
+    stages = json.loads((tmp_path / "two" / "stages.json").read_text())
+    assert stages["sft:phase-1"]["summary"]["num_processes"] == stages["sft"]["summary"]["num_processes"] == 2
+    assert stages["sft"]["summary"]["phases"] == 2
+    for sub, steps in (("sft/phase-1", 4), ("sft", 2)):
+        losses = [[json.loads(line)["loss"] for line in (tmp_path / run / sub / "metrics.jsonl").read_text().splitlines()]
+                  for run in ("one", "two")]  # fmt: skip
+        assert len(losses[0]) == steps and losses[1] == pytest.approx(losses[0], rel=REL_TOL)
+        w1, w2 = (load_file(tmp_path / run / sub / "model" / "model.safetensors") for run in ("one", "two"))
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
 @pytest.mark.slow
