@@ -69,10 +69,10 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPProcessor]:
     from alignkit.models.device import process_state
     from alignkit.models.loading import resolve_model
 
-    path = resolve_model(name)
     try:
+        path = resolve_model(name)
         model_type = AutoConfig.from_pretrained(path).model_type
-    except (OSError, ValueError) as e:
+    except (ModelError, OSError, ValueError) as e:
         raise ModelError(f"levels.model: cannot load a CLIP model from {name!r}: {str(e).splitlines()[0]}") from None
     if model_type != "clip":
         raise ModelError(f"levels.model: {name!r} is a {model_type!r} model, not CLIP")

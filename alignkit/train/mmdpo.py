@@ -166,12 +166,12 @@ def train_mmdpo(
     if finetune == "qlora":
         quantization_4bit(compute.dtype())  # where QLoRA cannot run, say so before loading data or a model
     pairs_path, out_dir = Path(pairs_path), Path(out_dir)
-    model_path = resolve_model(model)
 
     # set-up
     dataset = load_preference_dataset(pairs_path, keep={"pair_id": str, margin_key: (int, float)})
     for pair_id, m in zip(dataset["pair_id"], dataset[margin_key]):  # a NaN margin would make beta NaN
         finite(float(m), f"{pairs_path}: pair {pair_id}: {margin_key}")
+    model_path = resolve_model(model)
     policy, processor = load_policy(model_path, dtype=compute.dtype(), load_in_4bit=finetune == "qlora",
                                     **compute.load_options())
     dataset = drop_overlong(dataset, list(dataset["pair_id"]), processor, policy.config, cfg, out_dir)
